@@ -1,0 +1,214 @@
+"""Record-level DP training of the fusion model at a site, with Opacus.
+
+The site's (epsilon, delta) budget covers the whole federation: the noise multiplier is planned
+once, for every round, before the first one (:func:`plan_site_privacy`), and each round appends
+one :class:`DpSgdEvent` to the site's history, from which epsilon is recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import RunConfig
+from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+
+# Opacus' ghost clipping runs two backward passes through hooks that warn on every step, and its
+# engine warns that secure RNG is off (fedfuse seeds noise on purpose in simulation). Neither is
+# actionable for a site; silence exactly those messages.
+for _msg in (
+    ".*Full backward hook is firing.*",
+    ".*Secure RNG turned off.*",
+    ".*Optimal order is the largest alpha.*",
+):
+    warnings.filterwarnings("ignore", message=_msg)
+
+
+def pick_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def limit_threads() -> None:
+    """Respect the CPUs the simulation backend gave this worker (OMP_NUM_THREADS)."""
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        torch.set_num_threads(int(n))
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a site fixes before its first round and keeps for the whole federation."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    num_rounds: int
+
+    @property
+    def planned_steps(self) -> int:
+        return self.steps_per_round * self.num_rounds
+
+
+def batches_per_epoch(num_train: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_train / batch_size))
+
+
+def plan_site_privacy(
+    *, cfg: RunConfig, num_train: int, prior_events: list[DpSgdEvent] | None = None
+) -> PrivacyPlan:
+    """Plan the noise multiplier so that ALL rounds together spend at most the target epsilon.
+
+    Poisson sampling at rate 1/batches-per-epoch (what Opacus' DPDataLoader uses), and
+    ``local_epochs * batches_per_epoch`` steps in each of ``num_rounds`` rounds.
+    """
+    if num_train < 1:
+        raise ValueError("the site has no training records (split 'train' is empty)")
+    per_epoch = batches_per_epoch(num_train, cfg.batch_size)
+    sample_rate = 1.0 / per_epoch
+    steps_per_round = per_epoch * cfg.local_epochs
+    sigma = plan_noise_multiplier(
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        sample_rate=sample_rate,
+        steps=steps_per_round * cfg.num_rounds,
+        accountant=cfg.accountant,
+        prior_events=prior_events or (),
+    )
+    return PrivacyPlan(sigma, sample_rate, steps_per_round, cfg.num_rounds)
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    # Momentum averages the DP noise over steps (De et al. 2022, arXiv:2204.13650).
+    return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    train_loss: float
+    num_examples: int
+    event: DpSgdEvent | None
+    epsilon: float
+
+
+def train_round(
+    model: nn.Module,
+    train_set: Dataset,
+    *,
+    cfg: RunConfig,
+    plan: PrivacyPlan | None,
+    history: list[DpSgdEvent],
+    seed: int,
+    device: torch.device,
+) -> RoundResult:
+    """Train ``model`` in place for ``cfg.local_epochs`` epochs.
+
+    With ``plan`` (DP on), uses Opacus DP-SGD with Poisson sampling and the planned noise; the
+    returned event covers every planned step of this round, and ``epsilon`` composes it with
+    ``history`` (all earlier rounds). With ``plan=None`` trains without privacy (baseline only):
+    epsilon is infinite.
+    """
+    model.to(device).train()
+    data_gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=plan is None, generator=data_gen
+    )
+    optimizer = make_optimizer(model, cfg)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    if plan is None:
+        return _train_plain(model, loader, optimizer, criterion, cfg=cfg, device=device)
+
+    engine = PrivacyEngine(accountant=cfg.accountant)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    made = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=cfg.grad_sample_mode,
+        noise_generator=noise_gen,
+    )
+    if cfg.grad_sample_mode == "ghost":
+        private_model, dp_optimizer, criterion, dp_loader = made
+    else:
+        private_model, dp_optimizer, dp_loader = made
+    if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:  # type: ignore[attr-defined]
+        raise RuntimeError(
+            f"sampling rate {dp_loader.sample_rate} differs from the planned {plan.sample_rate}: "  # type: ignore[attr-defined]
+            "the site's training set changed since the privacy plan was made"
+        )
+    try:
+        total, count = _dp_epochs(
+            private_model, dp_optimizer, criterion, dp_loader, cfg=cfg, device=device
+        )
+    finally:
+        # Leave the caller's model as it was given: no Opacus hooks or per-sample state.
+        private_model.remove_hooks()  # type: ignore[operator]
+        for p in model.parameters():
+            for attr in ("grad_sample", "_forward_counter", "_current_grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+    accounted = sum(steps for _, _, steps in engine.accountant.history)
+    if accounted > plan.steps_per_round:
+        raise RuntimeError(
+            f"Opacus accounted {accounted} steps but only {plan.steps_per_round} were planned"
+        )
+    event = DpSgdEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    epsilon = epsilon_from_events(
+        [*history, event], delta=cfg.target_delta, accountant=cfg.accountant
+    )
+    return RoundResult(total / max(count, 1), len(train_set), event, epsilon)  # type: ignore[arg-type]
+
+
+def _dp_epochs(private_model, dp_optimizer, criterion, dp_loader, *, cfg, device):  # noqa: ANN001
+    total, count = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        for *inputs, labels in dp_loader:
+            if labels.numel() == 0:
+                # An empty Poisson batch: nothing to learn. The step is still accounted
+                # (the event below covers every planned step), which only over-counts.
+                continue
+            inputs = [x.to(device) for x in inputs]
+            labels = labels.to(device)
+            dp_optimizer.zero_grad(set_to_none=True)
+            loss = criterion(private_model(*inputs), labels)
+            loss.backward()
+            dp_optimizer.step()
+            total += float(loss.detach()) * len(labels)
+            count += len(labels)
+    return total, count
+
+
+def _train_plain(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    *,
+    cfg: RunConfig,
+    device: torch.device,
+) -> RoundResult:
+    total, count = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        for *inputs, labels in loader:
+            inputs = [x.to(device) for x in inputs]
+            labels = labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(*inputs), labels)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(labels)
+            count += len(labels)
+    return RoundResult(total / max(count, 1), len(loader.dataset), None, math.inf)  # type: ignore[arg-type]

@@ -1,0 +1,168 @@
+"""The run configuration: parsed once, at the edge, into a frozen and validated dataclass.
+
+Keys are Flower-style kebab-case (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
+``flwr run . --run-config "key=value"``). Unknown keys are rejected with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one federated run.
+
+    Defaults are the CPU demo: 3 rounds over small synthetic sites, finishing in minutes on two
+    cores while still reaching a useful AUROC.
+    """
+
+    num_rounds: int = 3
+    # Fraction of sites asked to train each round (1.0 = all of them).
+    fraction_train: float = 1.0
+    # The run stops if fewer sites than this can take part in a round.
+    min_sites: int = 2
+    local_epochs: int = 3
+    # Large batches: DP noise is added once per batch, so its share of the update falls as 1/B.
+    batch_size: int = 256
+    learning_rate: float = 0.01
+    # Adam reached a higher AUROC than SGD+momentum under DP on the synthetic task (see
+    # docs/BENCHMARKS.md); "sgd" is kept for users who prefer it.
+    optimizer: str = "adam"
+    # The site's (epsilon, delta) budget covers the WHOLE federation, all rounds together.
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    # PRV is the tightest of Opacus' accountants that is still an upper bound.
+    accountant: str = "prv"
+    # Ghost clipping computes per-sample gradient norms without materialising per-sample grads.
+    grad_sample_mode: str = "ghost"
+    fusion: str = "concat"
+    image_encoder: str = "cnn"
+    text_encoder: str = "hash-mean"
+    # Comma-separated class names; every site's labels must be among them.
+    classes: str = "no_finding,pneumonia"
+    image_size: int = 32
+    text_buckets: int = 1024
+    max_tokens: int = 64
+    embed_dim: int = 16
+    seed: int = 0
+    # Simulation: folder of site folders (one per virtual site, in sorted order).
+    data_dir: str = "data/synthetic"
+    out_dir: str = "runs"
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_int("num-rounds", self.num_rounds, low=1)
+        _check_range("fraction-train", self.fraction_train, low=0.0, high=1.0, low_open=True)
+        _check_int("min-sites", self.min_sites, low=1)
+        _check_int("local-epochs", self.local_epochs, low=1)
+        _check_int("batch-size", self.batch_size, low=1)
+        _check_range("learning-rate", self.learning_rate, low=0.0, high=math.inf, low_open=True)
+        _check_range(
+            "target-epsilon",
+            self.target_epsilon,
+            low=0.0,
+            high=math.inf,
+            low_open=True,
+            allow_inf=True,
+        )
+        _check_range(
+            "target-delta", self.target_delta, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        _check_range("max-grad-norm", self.max_grad_norm, low=0.0, high=math.inf, low_open=True)
+        _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
+        _check_choice("accountant", self.accountant, ("prv", "rdp"))
+        _check_choice("grad-sample-mode", self.grad_sample_mode, ("ghost", "hooks", "functorch"))
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(
+                f"'classes' must name at least two distinct classes; found {self.classes!r}"
+            )
+        _check_int("image-size", self.image_size, low=8)
+        _check_int("text-buckets", self.text_buckets, low=16)
+        _check_int("max-tokens", self.max_tokens, low=1)
+        _check_int("embed-dim", self.embed_dim, low=1)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.classes.split(",") if c.strip())
+
+    @property
+    def private(self) -> bool:
+        """False when ``target-epsilon`` is infinite: training without DP (a baseline only)."""
+        return math.isfinite(self.target_epsilon)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (Flower's ``context.run_config``); reject unknown keys."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"Unknown config key(s) {unknown}. Known keys: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            f = known[key]
+            kwargs[f.name] = _coerce(key, value, f.type)
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case dict, the inverse of :meth:`from_mapping` (JSON- and Flower-friendly)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    t = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    try:
+        if t == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if t == "float":
+            return float(value)
+        if t == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Config key '{key}' must be a {t}; found {value!r}") from None
+    return value
+
+
+def _check_int(name: str, value: int, *, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ConfigError(f"'{name}' must be an integer >= {low}; found {value!r}")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    *,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float)) and not math.isnan(value)
+    if ok and math.isinf(value):
+        ok = allow_inf and value > 0
+    elif ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ConfigError(f"'{name}' must be in range {lo}{low}, {high}{hi}; found {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"'{name}' must be one of {list(choices)}; found {value!r}")

@@ -1,0 +1,1 @@
+"""The fedfuse coordinator: the Flower ServerApp, its strategy, and the run directory."""

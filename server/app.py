@@ -1,0 +1,88 @@
+"""The fedfuse ServerApp: wiring only; the logic is in server.strategy and server.rundir."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.models import build_model
+from server.rundir import RoundCallback, RunDirectory
+from server.strategy import FedfuseFedAvg
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, *, run_dir: RunDirectory, on_round: RoundCallback | None = None
+) -> RunDirectory:
+    """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    strategy = FedfuseFedAvg(
+        run_dir=run_dir,
+        on_round=on_round,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_sites,
+        min_evaluate_nodes=cfg.min_sites,
+        min_available_nodes=cfg.min_sites,
+    )
+    # The whole run config travels with every message: sites build the same model and plan.
+    config = ConfigRecord(dict(cfg.to_mapping()))
+    status, reason = "completed", ""
+    result = None
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_rounds,
+            train_config=config,
+            evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
+        )
+    except Exception as exc:
+        status, reason = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        arrays = result.arrays if result is not None else None
+        if len(run_dir.rounds) < cfg.num_rounds and status == "completed":
+            status, reason = (
+                "incomplete",
+                (f"{len(run_dir.rounds)} of {cfg.num_rounds} rounds finished"),
+            )
+        run_dir.finish(
+            state_dict=arrays.to_torch_state_dict() if arrays is not None else None,
+            status=status,
+            reason=reason,
+        )
+    return run_dir
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    on_round: RoundCallback | None = None,
+    run_id: str | None = None,
+) -> ServerApp:
+    """A ServerApp whose run config is the Flower run config with ``overrides`` on top.
+
+    ``fedfuse simulate`` passes its resolved config here (Flower's in-process simulation has no
+    run config of its own); ``flwr run .`` uses the module-level :data:`app`.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        raw = dict(context.run_config)
+        raw.update(overrides or {})
+        cfg = RunConfig.from_mapping(raw)
+        run_dir = RunDirectory(Path(cfg.out_dir), cfg, run_id=run_id)
+        run_federation(grid, cfg, run_dir=run_dir, on_round=on_round)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,139 @@
+"""The run directory ``<out-dir>/<run-id>/``: config, per-round metrics, model, privacy, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import RunConfig
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def _jsonable(x: Any) -> Any:
+    """JSON has no inf/nan: write them as strings so files stay strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def new_run_id(cfg: RunConfig) -> str:
+    return cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+
+
+class RunDirectory:
+    """Writes the files of one run as it progresses (one JSONL line per finished round)."""
+
+    def __init__(self, root: str | Path, cfg: RunConfig, *, run_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.run_id = run_id or new_run_id(cfg)
+        self.path = Path(root) / self.run_id
+        if (self.path / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"run directory {self.path} already holds a run; choose another run-name"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+        self.write_json("config.json", cfg.to_mapping())
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        p = self.path / name
+        p.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+        return p
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        self.rounds.append(record)
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+    def save_model(self, state_dict: dict[str, torch.Tensor]) -> Path:
+        p = self.path / "model.pt"
+        torch.save(state_dict, p)
+        return p
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """Per site: the last epsilon it reported, its delta and target, and its mechanism."""
+        sites: dict[str, Any] = {}
+        for rec in self.rounds:
+            for name, s in rec.get("sites", {}).items():
+                if "epsilon" not in s:
+                    continue
+                prev = sites.get(name, {"rounds": 0})
+                sites[name] = {
+                    "epsilon": s["epsilon"],
+                    "delta": s.get("delta", self.cfg.target_delta),
+                    "target_epsilon": self.cfg.target_epsilon,
+                    "noise_multiplier": s.get("noise-multiplier"),
+                    "steps": s.get("steps"),
+                    "rounds": prev["rounds"] + 1,
+                    "last_round": rec["round"],
+                }
+        return {
+            "accountant": self.cfg.accountant,
+            "level": "record",
+            "mechanism": "DP-SGD (Opacus), Poisson sampling, Gaussian noise",
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "sites": dict(sorted(sites.items())),
+        }
+
+    def finish(
+        self, *, state_dict: dict[str, torch.Tensor] | None, status: str, reason: str = ""
+    ) -> None:
+        if state_dict is not None:
+            self.save_model(state_dict)
+        privacy = self.privacy_summary()
+        self.write_json("privacy.json", privacy)
+        (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
+
+    def _summary(self, privacy: dict[str, Any], status: str, reason: str) -> str:
+        cfg = self.cfg
+        lines = [
+            f"# fedfuse run {self.run_id}",
+            "",
+            f"Status: **{status}**" + (f" ({reason})" if reason else ""),
+            "",
+            f"{cfg.num_rounds} rounds, fusion `{cfg.fusion}`, target (epsilon, delta) = "
+            f"({cfg.target_epsilon}, {cfg.target_delta}) per site, accountant `{cfg.accountant}`.",
+            "",
+            "## Rounds",
+            "",
+            "| round | train loss | test loss | test accuracy | test AUROC | max epsilon |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.rounds:
+            lines.append(
+                f"| {r['round']} | {_f(r.get('train-loss'))} | {_f(r.get('eval-loss'))} | "
+                f"{_f(r.get('eval-accuracy'))} | {_f(r.get('eval-auroc'))} | "
+                f"{_f(r.get('max-epsilon'))} |"
+            )
+        lines += [
+            "",
+            "## Privacy spent per site",
+            "",
+            "| site | epsilon | delta | target | noise multiplier | rounds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, s in privacy["sites"].items():
+            lines.append(
+                f"| {name} | {_f(s['epsilon'])} | {s['delta']:g} | {s['target_epsilon']:g} | "
+                f"{_f(s['noise_multiplier'])} | {s['rounds']} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _f(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4f}" if math.isfinite(x) else str(x)
+    return str(x)

@@ -1,0 +1,162 @@
+"""FedAvg that records every site's metrics and privacy spend, and rejects bad updates.
+
+Flower's FedAvg aggregates metrics into one weighted mean; a privacy tool must also keep each
+site's own epsilon. Updates with NaN/Inf or the wrong shape are dropped, with the site named,
+before they can poison the average.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp.strategy import FedAvg
+
+from server.rundir import RoundCallback, RunDirectory
+
+
+def site_name(msg: Message) -> str:
+    """The site's self-declared name, else its node id."""
+    if msg.has_content() and "site" in msg.content.config_records:
+        return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def check_update(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
+    """Why an update must be rejected (wrong keys/shapes, non-finite values), or None."""
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference.keys()))
+        return f"parameter names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, arr in arrays.items():
+        a = arr.numpy()
+        if tuple(a.shape) != tuple(reference[key].shape):
+            return f"'{key}' has shape {tuple(a.shape)}, expected {tuple(reference[key].shape)}"
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            return f"'{key}' contains NaN or Inf"
+    return None
+
+
+def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Weighted mean of every metric over the sites where it is finite (a site whose test split
+    has one class only reports AUROC NaN; it must not turn the mean into NaN)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for rd in records:
+        rec = next(iter(rd.metric_records.values()))
+        w = float(rec[weighting_key])  # type: ignore[arg-type]
+        for k, v in rec.items():
+            if k == weighting_key or not isinstance(v, (int, float)):
+                continue
+            if math.isfinite(float(v)):
+                sums[k] = sums.get(k, 0.0) + w * float(v)
+                weights[k] = weights.get(k, 0.0) + w
+    out: dict[str, Any] = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+    out[weighting_key] = sum(
+        float(next(iter(rd.metric_records.values()))[weighting_key])  # type: ignore[arg-type]
+        for rd in records
+    )
+    return MetricRecord(out)
+
+
+class FedfuseFedAvg(FedAvg):
+    """FedAvg (McMahan et al. 2017, arXiv:1602.05629) with per-site records and update checks."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: RunDirectory,
+        on_round: RoundCallback | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_finite)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_finite)
+        super().__init__(**kwargs)
+        self.run_dir = run_dir
+        self.on_round = on_round
+        self.current: dict[str, Any] = {}
+        self.global_arrays: ArrayRecord | None = None
+        self._t0 = time.time()
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self.global_arrays = arrays
+        self.current = {"round": server_round, "sites": {}, "rejected": {}, "failed": {}}
+        self._t0 = time.time()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good: list[Message] = []
+        for msg in replies:
+            name = site_name(msg)
+            if msg.has_error():
+                self.current["failed"][name] = msg.error.reason
+                log(WARNING, "Round %s: site %s failed: %s", server_round, name, msg.error.reason)
+                continue
+            arrays = msg.content.array_records.get("arrays")
+            reason = (
+                "no 'arrays' record in the reply"
+                if arrays is None
+                else check_update(arrays, self.global_arrays)
+                if self.global_arrays is not None
+                else None
+            )
+            if reason:
+                self.current["rejected"][name] = reason
+                log(WARNING, "Round %s: update of site %s rejected: %s", server_round, name, reason)
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            self.current["sites"].setdefault(name, {}).update(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            )
+            good.append(msg)
+        arrays, metrics = super().aggregate_train(server_round, good)
+        if metrics is not None:
+            self.current["train-loss"] = metrics.get("train-loss")
+        eps = [s["epsilon"] for s in self.current["sites"].values() if "epsilon" in s]
+        self.current["max-epsilon"] = max(eps) if eps else None
+        self.current["num-sites"] = len(good)
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            site = self.current.setdefault("sites", {}).setdefault(site_name(msg), {})
+            site.update(
+                {
+                    k: v
+                    for k, v in metrics.items()
+                    if k.startswith("eval-") and isinstance(v, (int, float))
+                }
+            )
+        agg = super().aggregate_evaluate(server_round, replies)
+        if agg is not None:
+            for k in ("eval-loss", "eval-accuracy", "eval-auroc"):
+                if k in agg:
+                    self.current[k] = agg[k]
+        self.current["round"] = server_round
+        self.current["seconds"] = round(time.time() - self._t0, 3)
+        self.run_dir.add_round(dict(self.current))
+        log(
+            INFO,
+            "Round %s/%s done: test AUROC %s, max epsilon %s",
+            server_round,
+            self.run_dir.cfg.num_rounds,
+            self.current.get("eval-auroc"),
+            self.current.get("max-epsilon"),
+        )
+        if self.on_round is not None:
+            self.on_round(dict(self.current))
+        return agg

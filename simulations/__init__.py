@@ -1,0 +1,1 @@
+"""Local federations over Flower's simulation engine: the runner, scenarios, experiments."""

@@ -1,0 +1,108 @@
+"""Run a whole federation on one machine with Flower's simulation engine (in-process, Ray).
+
+Same ServerApp and ClientApp as a deployment; only the transport differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from common.config import RunConfig
+from common.data.manifest import load_manifest
+from common.errors import ConfigError, DataValidationError
+from server.rundir import RoundCallback, new_run_id
+
+
+def quiet_flower() -> None:
+    """No telemetry (a privacy tool must not phone home) and no INFO flood."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
+    """Validate every site folder before anything trains; one error lists every problem."""
+    problems: list[str] = []
+    for d in site_dirs:
+        try:
+            load_manifest(d, classes=cfg.class_names, split_seed=cfg.seed)
+        except DataValidationError as exc:
+            problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
+    if problems:
+        raise DataValidationError(problems, source=str(site_dirs[0].parent))
+
+
+def backend_config(*, cpus_per_site: float = 1.0, gpus_per_site: float | None = None) -> dict:
+    import torch
+
+    if gpus_per_site is None:
+        gpus_per_site = 0.5 if torch.cuda.is_available() else 0.0
+    return {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
+        "init_args": {"include_dashboard": False, "logging_level": "error", "log_to_driver": True},
+    }
+
+
+def simulate(
+    cfg: RunConfig,
+    *,
+    num_sites: int,
+    on_round: RoundCallback | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Run the federation described by ``cfg`` over ``num_sites`` virtual sites.
+
+    Returns the run directory. Leaves no process behind (Ray is shut down at the end).
+    """
+    from client.site import simulation_site_dirs
+    from common.data.dataset import load_site  # noqa: F401  (import errors surface early)
+
+    quiet_flower()
+    dirs = simulation_site_dirs(cfg.data_dir)
+    if num_sites > len(dirs):
+        raise ConfigError(
+            f"--sites {num_sites} but data folder '{cfg.data_dir}' holds {len(dirs)} site folders"
+        )
+    validate_sites(dirs[:num_sites], cfg)
+    if num_sites < cfg.min_sites:
+        cfg = cfg.replace(min_sites=num_sites)
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    run_id = new_run_id(cfg)
+    run_dir = Path(cfg.out_dir) / run_id
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run; choose another run name")
+    server_app = make_server_app(cfg.to_mapping(), on_round=on_round, run_id=run_id)
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_sites,
+                backend_config=backend_config(),  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+    finally:
+        flwr_logger.setLevel(old_level)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except ImportError:
+            pass
+    if not (run_dir / "privacy.json").exists():
+        raise RuntimeError(f"the federation did not finish; see the log and {run_dir}")
+    return run_dir
