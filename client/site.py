@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context
 
 from client.training import PrivacyPlan
 from common.config import RunConfig
-from common.data.dataset import SiteDataset, load_site
+from common.data.dataset import SiteDataset, data_signature, load_site
 from common.data.manifest import Manifest
 from common.errors import ConfigError
 from common.privacy.accounting import DpSgdEvent
@@ -78,11 +78,7 @@ def site_data(site: SiteInfo, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteD
     key = (
         str(site.data_path.resolve()),
         mtime,
-        cfg.classes,
-        cfg.image_size,
-        cfg.text_buckets,
-        cfg.max_tokens,
-        cfg.seed,
+        data_signature(cfg),
     )
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = load_site(site.data_path, cfg)

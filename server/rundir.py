@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
+from common.explain import contribution_markdown
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -128,6 +129,8 @@ class RunDirectory:
                 f"| {name} | {_f(s['epsilon'])} | {s['delta']:g} | {s['target_epsilon']:g} | "
                 f"{_f(s['noise_multiplier'])} | {s['rounds']} |"
             )
+        if self.rounds:
+            lines += contribution_markdown(self.rounds[-1], cfg.modality_names)
         return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.data.audio import check_audio
 from common.data.images import check_image
 from common.errors import DataValidationError
 
@@ -104,9 +105,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]],
                 for k in obj:
                     if k not in columns:
                         columns.append(k)
-                rows.append(
-                    (lineno, {k: "" if v is None else str(v) for k, v in obj.items()})
-                )
+                rows.append((lineno, {k: _cell(v) for k, v in obj.items()}))
         return columns, rows, problems
     try:
         with open(path, encoding="utf-8", newline="") as fh:
@@ -121,6 +120,15 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]],
         problems.append(f"{path.name}: not UTF-8 text ({exc.reason})")
         return [], [], problems
     return columns, rows, problems
+
+
+def _cell(v: object) -> str:
+    """A JSONL value as a CSV-like cell (a list of labels becomes ``a|b``)."""
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return "|".join(str(x) for x in v)
+    return str(v).strip()
 
 
 def stable_split(record_id: str, seed: int) -> str:
@@ -139,7 +147,8 @@ def load_manifest(
     classes: tuple[str, ...] | None = None,
     split_seed: int = 0,
     check_files: bool = True,
-    extra_checks: Callable[[Path, str], str | None] | None = None,
+    multi_label: bool | None = None,
+    dicom_frame: int = 0,
 ) -> Manifest:
     """Read and validate a site's manifest; report every problem at once.
 
@@ -147,10 +156,10 @@ def load_manifest(
         site_dir: the site folder.
         classes: the label names the run knows; any other label is an error. None accepts all.
         split_seed: seed of the split for records without a ``split`` value.
-        check_files: decode every image (and read every report file) to catch corrupt files
-            before training starts.
-        extra_checks: optional ``(path, kind) -> reason | None`` for further file kinds
-            (e.g. audio), so modality loaders can plug in their own decoders.
+        check_files: decode every image and WAV (and read every report file) to catch corrupt
+            files before training starts.
+        multi_label: False rejects records with several labels (``a|b``); None accepts both.
+        dicom_frame: the frame a multi-frame DICOM must have (checked with ``check_files``).
 
     Raises:
         DataValidationError: with one line per problem (file:line: field: reason).
@@ -168,13 +177,16 @@ def load_manifest(
     modality_cols = [c for c in ("image", "report", "audio") if c in columns] + list(tab_cols)
     if columns and not modality_cols:
         problems.append(
-            f"{name}:1: no modality column; expected at least one of image, report, audio, tab.<name>"
+            f"{name}:1: no modality column; expected at least one of image, report, audio, "
+            "tab.<name>"
         )
     known_cols = {"id", "label", "split", "image", "report", "audio", *tab_cols}
     for c in columns:
         if c not in known_cols:
-            problems.append(f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
-                            "tab.<name>, label, split)")
+            problems.append(
+                f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
+                "tab.<name>, label, split)"
+            )
     if problems and not rows:
         raise DataValidationError(problems, source=str(path))
 
@@ -191,9 +203,14 @@ def load_manifest(
         else:
             seen[rid] = lineno
         label_raw = raw.get("label", "")
-        labels = tuple(lab.strip() for lab in label_raw.split("|") if lab.strip())
+        labels = tuple(dict.fromkeys(lab.strip() for lab in label_raw.split("|") if lab.strip()))
         if not labels:
             row_problems.append(f"{where}: label: empty label")
+        elif multi_label is False and len(labels) > 1:
+            row_problems.append(
+                f"{where}: label: '{label_raw}' has several labels but the task is single-label "
+                "(set task=multi-label for a|b labels)"
+            )
         elif classes is not None:
             for lab in labels:
                 if lab not in classes:
@@ -203,11 +220,18 @@ def load_manifest(
         split = raw.get("split", "").lower()
         if split and split not in SPLITS:
             row_problems.append(f"{where}: split: '{split}' is not one of {', '.join(SPLITS)}")
-        image = _resolve_file(site_dir, raw.get("image", ""), where, "image", row_problems,
-                              check=check_image if check_files else None)
-        audio_check = (lambda p: extra_checks(p, "audio")) if extra_checks else None
-        audio = _resolve_file(site_dir, raw.get("audio", ""), where, "audio", row_problems,
-                              check=audio_check if check_files else None)
+        image_check = (lambda p: check_image(p, frame=dicom_frame)) if check_files else None
+        image = _resolve_file(
+            site_dir, raw.get("image", ""), where, "image", row_problems, check=image_check
+        )
+        audio = _resolve_file(
+            site_dir,
+            raw.get("audio", ""),
+            where,
+            "audio",
+            row_problems,
+            check=check_audio if check_files else None,
+        )
         report = _resolve_report(site_dir, raw.get("report", ""), where, row_problems)
         tabular: dict[str, float] = {}
         for col in tab_cols:
@@ -229,14 +253,24 @@ def load_manifest(
         if not row_problems:
             records.append(
                 Record(
-                    id=rid, labels=labels, split=split or stable_split(rid, split_seed),
-                    image=image, report=report, audio=audio, tabular=tabular, row=lineno,
+                    id=rid,
+                    labels=labels,
+                    split=split or stable_split(rid, split_seed),
+                    image=image,
+                    report=report,
+                    audio=audio,
+                    tabular=tabular,
+                    row=lineno,
                 )
             )
     if problems:
         raise DataValidationError(problems, source=str(path))
-    return Manifest(site_dir=site_dir, path=path, records=tuple(records),
-                    tabular_columns=tuple(c[4:] for c in tab_cols))
+    return Manifest(
+        site_dir=site_dir,
+        path=path,
+        records=tuple(records),
+        tabular_columns=tuple(c[4:] for c in tab_cols),
+    )
 
 
 def _resolve_file(
