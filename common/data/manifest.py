@@ -206,12 +206,12 @@ def load_manifest(
         labels = tuple(dict.fromkeys(lab.strip() for lab in label_raw.split("|") if lab.strip()))
         if not labels:
             row_problems.append(f"{where}: label: empty label")
-        elif multi_label is False and len(labels) > 1:
+        if multi_label is False and len(labels) > 1:
             row_problems.append(
                 f"{where}: label: '{label_raw}' has several labels but the task is single-label "
                 "(set task=multi-label for a|b labels)"
             )
-        elif classes is not None:
+        if classes is not None:
             for lab in labels:
                 if lab not in classes:
                     row_problems.append(

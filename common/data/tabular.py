@@ -57,9 +57,12 @@ class TabularScaler:
                 scale.append(1.0)
                 continue
             mean = math.fsum(vals) / len(vals)
-            var = math.fsum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)
             center.append(mean)
-            # Floor: a constant column (or a single value) must not divide by ~0.
+            if len(vals) < 2:  # no spread to estimate: scale relative to the value itself
+                scale.append(max(1.0, abs(mean)))
+                continue
+            var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+            # Floor: a constant column must not divide by ~0.
             scale.append(max(math.sqrt(var), 1e-6 * max(1.0, abs(mean))))
         return cls(tuple(columns), tuple(center), tuple(scale))
 

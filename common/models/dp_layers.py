@@ -55,6 +55,66 @@ def ghost_embedding_norm_sample(
     return {layer.weight: sq.sqrt()}
 
 
+class DPConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (groups=1, zero padding) with a faster per-sample gradient on the CPU.
+
+    Opacus' conv grad sampler unfolds the input (im2col) and multiplies per sample. For layers
+    with several input channels, asking the convolution backward kernel for the weight
+    gradient of a grouped convolution in which every sample is its own group gives the same
+    per-sample gradients about twice as fast here (Rochette et al. 2019, arXiv:1912.06015).
+    Tested against Opacus' sampler.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("DPConv2d supports groups=1 and numeric zero padding only")
+
+
+@register_grad_sampler(DPConv2d)
+def dp_conv2d_grad_sample(
+    layer: DPConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        if n == 0:
+            ret[layer.weight] = torch.zeros_like(layer.weight).unsqueeze(0)
+        elif layer.in_channels == 1:
+            # One input channel: im2col is small, and a batched matmul beats the grouped conv.
+            cols = nn.functional.unfold(
+                x,
+                layer.kernel_size,
+                dilation=layer.dilation,
+                padding=layer.padding,
+                stride=layer.stride,
+            )
+            g = backprops.reshape(n, layer.out_channels, -1)
+            ret[layer.weight] = torch.bmm(g, cols.transpose(1, 2)).view(n, *layer.weight.shape)
+        else:
+            grouped_x = x.reshape(1, n * layer.in_channels, *x.shape[2:])
+            grouped_g = backprops.reshape(1, n * layer.out_channels, *backprops.shape[2:])
+            weight = layer.weight.detach().repeat(n, 1, 1, 1)
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                grouped_g,
+                grouped_x,
+                weight,
+                None,
+                list(layer.stride),
+                list(layer.padding),
+                list(layer.dilation),
+                False,
+                [0, 0],
+                n,
+                [False, True, False],
+            )
+            ret[layer.weight] = gw.view(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.sum(dim=(2, 3)) if n else torch.zeros_like(layer.bias)[None]
+    return ret
+
+
 def ghost_coverage(model: nn.Module) -> dict[str, list[str]]:
     """Trainable layer types of ``model`` by how ghost clipping handles them.
 

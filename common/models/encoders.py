@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from common.data.tokenizer import PAD_ID
 from common.errors import ConfigError
-from common.models.dp_layers import GhostEmbedding
+from common.models.dp_layers import DPConv2d, GhostEmbedding
 from common.registry import Registry
 
 IMAGE_ENCODERS: Registry[nn.Module] = Registry("image encoder")
@@ -28,7 +29,7 @@ NEG = -1e4
 
 def _conv_block(c_in: int, c_out: int, groups: int, stride: int = 1) -> list[nn.Module]:
     return [
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=stride),
+        DPConv2d(c_in, c_out, kernel_size=3, padding=1, stride=stride),
         nn.GroupNorm(groups, c_out),
         nn.ReLU(),
     ]
@@ -104,6 +105,16 @@ class SmallCNN(nn.Module):
         return torch.relu(self.proj(self.tower(x)))
 
 
+class _BasicBlockNoInplace(BasicBlock):
+    """torchvision's ResNet BasicBlock with an out-of-place residual addition."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
 @IMAGE_ENCODERS.register("resnet18")
 class ResNet18Encoder(nn.Module):
     """torchvision ResNet-18 with GroupNorm instead of BatchNorm, one input channel.
@@ -144,6 +155,13 @@ class ResNet18Encoder(nn.Module):
                 if name in bns and isinstance(gn, nn.GroupNorm):
                     gn.weight.copy_(bns[name].weight)
                     gn.bias.copy_(bns[name].bias)
+        for m in fixed.modules():
+            # In-place ops (ReLU(inplace=True), the residual "out += identity") would edit the
+            # outputs of Opacus' backward hooks, which autograd forbids.
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+            if type(m) is BasicBlock:
+                m.__class__ = _BasicBlockNoInplace
         self.net = fixed
         self.proj = nn.Linear(512, dim)
         self.out_dim = dim

@@ -49,20 +49,31 @@ class GatedHead(nn.Module):
     """Gated fusion: learned per-record modality weights, renormalised over present modalities.
 
     The gate sees every present modality's features (and the mask), so it can trust the image
-    more when the report is uninformative; the fused feature is the weighted sum, then an MLP.
+    more when the report is uninformative. Each modality keeps its own slots: the MLP reads
+    ``[n_present * w_m * f_m for each m]`` (uniform weights leave features at their scale), so
+    down-weighting a modality scales it rather than mixing it into the others.
     """
 
     def __init__(self, *, dim: int, num_modalities: int, num_classes: int) -> None:
         super().__init__()
         self.gate = nn.Linear(num_modalities * dim + num_modalities, num_modalities)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_classes))
+        # Start from equal weights: a gate that favours the modality that helps first would
+        # starve the others of gradient (and, under DP, of signal above the noise).
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(num_modalities * dim + num_modalities, dim),
+            nn.ReLU(),
+            nn.Linear(dim, num_classes),
+        )
         self.last_weights: torch.Tensor | None = None
 
     def forward(self, feats: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack(feats, dim=1) * mask.unsqueeze(-1)  # (B, M, D)
         w = masked_softmax(self.gate(torch.cat([stacked.flatten(1), mask], dim=1)), mask)
         self.last_weights = w.detach()
-        return self.mlp((w.unsqueeze(-1) * stacked).sum(dim=1))
+        scaled = stacked * (w * mask.sum(dim=1, keepdim=True)).unsqueeze(-1)
+        return self.mlp(torch.cat([scaled.flatten(1), mask], dim=1))
 
 
 @FUSION_HEADS.register("attention")
