@@ -1,0 +1,1 @@
+"""Site data: the on-disk format, loaders per modality, validation, synthetic data."""

@@ -1,0 +1,288 @@
+"""The site manifest: read, validate every row at once, and resolve records.
+
+A site folder holds ``manifest.csv`` (or ``manifest.jsonl``) and the files it names, paths
+relative to the folder. Columns (see DESIGN.md): ``id``, ``image``, ``report``, ``audio``,
+``tab.<name>``, ``label`` (``a|b`` for multi-label), ``split``. Empty cells mean "this record lacks
+that modality", which is normal. Validation never modifies anything on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.data.images import check_image
+from common.errors import DataValidationError
+
+MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
+MODALITIES = ("image", "report", "audio", "tabular")
+SPLITS = ("train", "val", "test")
+# Seeded split when the manifest has no split column: fractions of train / val / test.
+DEFAULT_SPLIT = (0.7, 0.15, 0.15)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated row. Paths are absolute; missing modalities are None."""
+
+    id: str
+    labels: tuple[str, ...]
+    split: str
+    image: Path | None = None
+    report: str | None = None
+    audio: Path | None = None
+    tabular: dict[str, float] = field(default_factory=dict)
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    site_dir: Path
+    path: Path
+    records: tuple[Record, ...]
+    tabular_columns: tuple[str, ...]
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+    def modalities_present(self) -> dict[str, int]:
+        counts = dict.fromkeys(MODALITIES, 0)
+        for r in self.records:
+            counts["image"] += r.image is not None
+            counts["report"] += r.report is not None
+            counts["audio"] += r.audio is not None
+            counts["tabular"] += bool(r.tabular)
+        return counts
+
+    def label_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.records:
+            for lab in r.labels:
+                counts[lab] = counts.get(lab, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def find_manifest(site_dir: Path) -> Path:
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise DataValidationError(
+            [f"{site_dir}: site folder does not exist (give the folder holding manifest.csv)"],
+            source=str(site_dir),
+        )
+    for name in MANIFEST_NAMES:
+        if (site_dir / name).is_file():
+            return site_dir / name
+    raise DataValidationError(
+        [f"{site_dir}: no {' or '.join(MANIFEST_NAMES)} found in the site folder"],
+        source=str(site_dir),
+    )
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[str]]:
+    """Rows as (line number, raw dict of strings); problems that stop reading entirely."""
+    problems: list[str] = []
+    rows: list[tuple[int, dict[str, str]]] = []
+    if path.suffix == ".jsonl":
+        columns: list[str] = []
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{path.name}:{lineno}: not valid JSON ({exc.msg})")
+                    continue
+                if not isinstance(obj, dict):
+                    problems.append(f"{path.name}:{lineno}: expected a JSON object per line")
+                    continue
+                for k in obj:
+                    if k not in columns:
+                        columns.append(k)
+                rows.append(
+                    (lineno, {k: "" if v is None else str(v) for k, v in obj.items()})
+                )
+        return columns, rows, problems
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            for i, raw in enumerate(reader, start=2):  # line 1 is the header
+                if None in raw:
+                    problems.append(f"{path.name}:{i}: more cells than header columns")
+                    raw.pop(None)  # type: ignore[call-overload]
+                rows.append((i, {(k or "").strip(): (v or "").strip() for k, v in raw.items()}))
+    except UnicodeDecodeError as exc:
+        problems.append(f"{path.name}: not UTF-8 text ({exc.reason})")
+        return [], [], problems
+    return columns, rows, problems
+
+
+def stable_split(record_id: str, seed: int) -> str:
+    """Seeded split from a hash of the id: stable under reordering and adding records."""
+    u = (zlib.crc32(f"{seed}:{record_id}".encode()) % 10_000) / 10_000
+    if u < DEFAULT_SPLIT[0]:
+        return "train"
+    if u < DEFAULT_SPLIT[0] + DEFAULT_SPLIT[1]:
+        return "val"
+    return "test"
+
+
+def load_manifest(
+    site_dir: str | Path,
+    *,
+    classes: tuple[str, ...] | None = None,
+    split_seed: int = 0,
+    check_files: bool = True,
+    extra_checks: Callable[[Path, str], str | None] | None = None,
+) -> Manifest:
+    """Read and validate a site's manifest; report every problem at once.
+
+    Args:
+        site_dir: the site folder.
+        classes: the label names the run knows; any other label is an error. None accepts all.
+        split_seed: seed of the split for records without a ``split`` value.
+        check_files: decode every image (and read every report file) to catch corrupt files
+            before training starts.
+        extra_checks: optional ``(path, kind) -> reason | None`` for further file kinds
+            (e.g. audio), so modality loaders can plug in their own decoders.
+
+    Raises:
+        DataValidationError: with one line per problem (file:line: field: reason).
+    """
+    site_dir = Path(site_dir).resolve()
+    path = find_manifest(site_dir)
+    columns, rows, problems = _read_rows(path)
+    name = path.name
+    if not problems and not rows:
+        problems.append(f"{name}: the manifest has no records")
+    for required in ("id", "label"):
+        if columns and required not in columns:
+            problems.append(f"{name}:1: required column '{required}' is missing")
+    tab_cols = tuple(c for c in columns if c.startswith("tab."))
+    modality_cols = [c for c in ("image", "report", "audio") if c in columns] + list(tab_cols)
+    if columns and not modality_cols:
+        problems.append(
+            f"{name}:1: no modality column; expected at least one of image, report, audio, tab.<name>"
+        )
+    known_cols = {"id", "label", "split", "image", "report", "audio", *tab_cols}
+    for c in columns:
+        if c not in known_cols:
+            problems.append(f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
+                            "tab.<name>, label, split)")
+    if problems and not rows:
+        raise DataValidationError(problems, source=str(path))
+
+    seen: dict[str, int] = {}
+    records: list[Record] = []
+    for lineno, raw in rows:
+        where = f"{name}:{lineno}"
+        row_problems: list[str] = []
+        rid = raw.get("id", "")
+        if not rid:
+            row_problems.append(f"{where}: id: empty record id")
+        elif rid in seen:
+            row_problems.append(f"{where}: id: duplicate id '{rid}' (first on line {seen[rid]})")
+        else:
+            seen[rid] = lineno
+        label_raw = raw.get("label", "")
+        labels = tuple(lab.strip() for lab in label_raw.split("|") if lab.strip())
+        if not labels:
+            row_problems.append(f"{where}: label: empty label")
+        elif classes is not None:
+            for lab in labels:
+                if lab not in classes:
+                    row_problems.append(
+                        f"{where}: label: unknown label '{lab}' (known: {', '.join(classes)})"
+                    )
+        split = raw.get("split", "").lower()
+        if split and split not in SPLITS:
+            row_problems.append(f"{where}: split: '{split}' is not one of {', '.join(SPLITS)}")
+        image = _resolve_file(site_dir, raw.get("image", ""), where, "image", row_problems,
+                              check=check_image if check_files else None)
+        audio_check = (lambda p: extra_checks(p, "audio")) if extra_checks else None
+        audio = _resolve_file(site_dir, raw.get("audio", ""), where, "audio", row_problems,
+                              check=audio_check if check_files else None)
+        report = _resolve_report(site_dir, raw.get("report", ""), where, row_problems)
+        tabular: dict[str, float] = {}
+        for col in tab_cols:
+            cell = raw.get(col, "")
+            if cell == "":
+                continue
+            try:
+                value = float(cell)
+            except ValueError:
+                row_problems.append(f"{where}: {col}: '{cell}' is not a number")
+                continue
+            if not math.isfinite(value):
+                row_problems.append(f"{where}: {col}: '{cell}' is not a finite number")
+                continue
+            tabular[col[4:]] = value
+        if not row_problems and image is None and report is None and audio is None and not tabular:
+            row_problems.append(f"{where}: record '{rid}' has no modality at all")
+        problems.extend(row_problems)
+        if not row_problems:
+            records.append(
+                Record(
+                    id=rid, labels=labels, split=split or stable_split(rid, split_seed),
+                    image=image, report=report, audio=audio, tabular=tabular, row=lineno,
+                )
+            )
+    if problems:
+        raise DataValidationError(problems, source=str(path))
+    return Manifest(site_dir=site_dir, path=path, records=tuple(records),
+                    tabular_columns=tuple(c[4:] for c in tab_cols))
+
+
+def _resolve_file(
+    site_dir: Path,
+    cell: str,
+    where: str,
+    column: str,
+    problems: list[str],
+    *,
+    check: Callable[[Path], str | None] | None,
+) -> Path | None:
+    if not cell:
+        return None
+    p = (site_dir / cell).resolve()
+    if not p.is_relative_to(site_dir):
+        problems.append(f"{where}: {column}: '{cell}' points outside the site folder")
+        return None
+    if not p.is_file():
+        problems.append(f"{where}: {column}: file '{cell}' does not exist")
+        return None
+    if check is not None:
+        reason = check(p)
+        if reason:
+            problems.append(f"{where}: {column}: '{cell}': {reason}")
+            return None
+    return p
+
+
+def _resolve_report(site_dir: Path, cell: str, where: str, problems: list[str]) -> str | None:
+    if not cell:
+        return None
+    if cell.lower().endswith(".txt"):
+        p = (site_dir / cell).resolve()
+        if not p.is_relative_to(site_dir):
+            problems.append(f"{where}: report: '{cell}' points outside the site folder")
+            return None
+        if not p.is_file():
+            problems.append(f"{where}: report: file '{cell}' does not exist")
+            return None
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{where}: report: cannot read '{cell}' as UTF-8 text ({exc})")
+            return None
+        if not text.strip():
+            problems.append(f"{where}: report: '{cell}' is empty")
+            return None
+        return text
+    return cell
