@@ -206,14 +206,14 @@ def audit_empirical(
     ),
     no_dp: bool = typer.Option(False, "--no-dp", help="Control: train without DP."),
     data: Path | None = typer.Option(
-        None, "--data", help="Folder of site folders [default: make synthetic]."
+        None, "--data", help="Folder of site folders (default: make synthetic)."
     ),
     records: int = typer.Option(
         200, "--records", min=10, help="Records per synthetic site (without --data)."
     ),
     audit_site: int = typer.Option(0, "--audit-site", min=0, help="Index of the audit site."),
     out: Path | None = typer.Option(
-        None, "--out", help="Output folder [default: runs/audit-<time>]."
+        None, "--out", help="Output folder (default: runs/audit-<time>)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of data, canaries, model and noise."),
     overrides: list[str] = typer.Option(

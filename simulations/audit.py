@@ -270,25 +270,42 @@ def loss_scores(model: nn.Module, dataset: SiteDataset, *, batch_size: int = 256
 
 
 def gradient_alignment_scores(
-    model_before: nn.Module, model_after: nn.Module, dataset: SiteDataset
+    model_before: nn.Module,
+    model_after: nn.Module,
+    dataset: SiteDataset,
+    *,
+    batch_size: int = 100,
 ) -> np.ndarray:
-    """White-box scores: cosine between each canary's descent direction at the initial model
-    and the model's total update (after - before). Training on a canary moves the parameters
-    along its negative gradient, so included canaries align with the update."""
+    """White-box scores: cosine between each canary's descent direction (minus its loss
+    gradient) at the final model and the model's total update (after - before).
+
+    Training on a canary moves the parameters along its negative gradient, so included canaries
+    point the way the model moved. The gradient at the final model separated members better
+    than the one at the initial model in our measurements (docs/BENCHMARKS.md). Per-canary
+    gradients come from ``torch.func`` (vmap over grad): one batched pass, not m backward passes.
+    """
+    from torch.func import functional_call, grad, vmap
+
     before = dict(model_before.named_parameters())
-    after = dict(model_after.named_parameters())
-    update = torch.cat([(after[n] - before[n]).detach().flatten() for n in before])
+    params = {n: p.detach() for n, p in model_after.named_parameters()}
+    update = torch.cat([(params[n] - before[n].detach()).flatten() for n in params])
     update = update / update.norm().clamp_min(1e-12)
-    model_before.eval()
-    loss_fn = nn.CrossEntropyLoss()
-    params = list(before.values())
-    scores = np.empty(len(dataset))
-    for i in range(len(dataset)):
-        *inputs, label = (t.unsqueeze(0) for t in dataset[i])
-        grads = torch.autograd.grad(loss_fn(model_before(*inputs), label), params)
-        g = -torch.cat([x.flatten() for x in grads])
-        scores[i] = float(g @ update / g.norm().clamp_min(1e-12))
-    return scores
+    model_after.eval()
+
+    def loss_of_one(p: dict[str, torch.Tensor], *sample: torch.Tensor) -> torch.Tensor:
+        *inputs, label = (t.unsqueeze(0) for t in sample)
+        logits = functional_call(model_after, p, tuple(inputs))
+        return nn.functional.cross_entropy(logits, label)
+
+    per_sample_grad = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0))
+    scores = []
+    for start in range(0, len(dataset), batch_size):
+        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        tensors = [torch.stack(t) for t in zip(*batch, strict=True)]
+        grads = per_sample_grad(params, *tensors)
+        g = -torch.cat([grads[n].flatten(1) for n in params], dim=1)
+        scores.append((g @ update) / g.norm(dim=1).clamp_min(1e-12))
+    return torch.cat(scores).numpy().astype(np.float64)
 
 
 def claimed_epsilon(run_dir: Path, site: str) -> float:
@@ -439,15 +456,22 @@ def run_empirical_audit(
     final = build_model(cfg)
     final.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     dataset = canary_dataset(canaries, images, cfg)
-    if s.white_box:
-        # The server's initial model, rebuilt exactly as run_federation builds it.
-        torch.manual_seed(cfg.seed)
-        initial = build_model(cfg)
-        scores = gradient_alignment_scores(initial, final, dataset)
-        score_name = "white-box: canary gradient alignment with the total model update"
-    else:
-        scores = loss_scores(final, dataset)
-        score_name = "black-box: minus the canary's loss under the final model"
+    # One thread: small per-canary work, and measured 10x faster than two on a busy 2-core
+    # machine (threads spinning against each other); restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if s.white_box:
+            # The server's initial model, rebuilt exactly as run_federation builds it.
+            torch.manual_seed(cfg.seed)
+            initial = build_model(cfg)
+            scores = gradient_alignment_scores(initial, final, dataset)
+            score_name = "white-box: canary gradient alignment with the total model update"
+        else:
+            scores = loss_scores(final, dataset)
+            score_name = "black-box: minus the canary's loss under the final model"
+    finally:
+        torch.set_num_threads(threads)
     k_pos, k_neg = s.guesses_in, s.guesses - s.guesses_in
     claim = claimed_epsilon(run_dir, site)
     audit = audit_from_scores(

@@ -231,3 +231,28 @@ def test_planted_bug_dropping_the_noise_is_caught(tmp_path):
     # The site really did report its planned, noisy mechanism: the bug is silent there.
     privacy = json.loads((Path(d["run_dir"]) / "privacy.json").read_text())
     assert privacy["sites"][d["audit_site"]]["noise_multiplier"] > 1.0
+
+
+def test_audit_group_routes_a_path_to_the_default_ledger_command():
+    """`fedfuse audit PATH` and `fedfuse audit empirical` can coexist: a first argument that
+    names no sub-command goes to `ledger` (the ledger audit, registered on merge)."""
+    import typer
+
+    from common.cli import _DefaultCommandGroup
+
+    seen: list[str] = []
+    group = typer.Typer(cls=_DefaultCommandGroup)
+
+    @group.command("ledger")
+    def ledger(path: str) -> None:
+        seen.append(f"ledger {path}")
+
+    @group.command("empirical")
+    def empirical(canaries: int = 10) -> None:
+        seen.append(f"empirical {canaries}")
+
+    runner = CliRunner()
+    assert runner.invoke(group, ["runs/x/ledger.sqlite"]).exit_code == 0
+    assert runner.invoke(group, ["empirical", "--canaries", "5"]).exit_code == 0
+    assert runner.invoke(group, ["ledger", "other"]).exit_code == 0
+    assert seen == ["ledger runs/x/ledger.sqlite", "empirical 5", "ledger other"]
