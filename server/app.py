@@ -26,7 +26,7 @@ def run_federation(
         run_dir=run_dir,
         on_round=on_round,
         fraction_train=cfg.fraction_train,
-        fraction_evaluate=1.0,
+        fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_sites,
         min_evaluate_nodes=cfg.min_sites,
         min_available_nodes=cfg.min_sites,
