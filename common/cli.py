@@ -93,7 +93,7 @@ def simulate(
         )
     from dataclasses import replace
 
-    from simulations.scenarios import ensure_data, load_scenario
+    from simulations.scenarios import load_scenario
 
     try:
         scen = load_scenario(scenario)
@@ -112,16 +112,7 @@ def simulate(
         )
     except FedfuseError as exc:
         _fail(str(exc))
-    if data is None:
-        console.print(f"Synthetic data for {spec.sites} sites (scenario {scen.name}) ...")
-        data = ensure_data(spec, seed=seed)
-        sites = spec.sites
-    elif not data.is_dir():
-        _fail(f"--data '{data}' is not a folder (give a folder of site folders)")
-    if sites is None:
-        sites = sum(1 for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if sites == 0:
-            _fail(f"--data '{data}' holds no site folders")
+    data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
     cfg = cfg.replace(data_dir=str(data))
     _run_simulation(
         cfg,
@@ -130,6 +121,24 @@ def simulate(
         cpus_per_site=cpus_per_site if cpus_per_site is not None else scen.cpus_per_site,
         gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
     )
+
+
+def _resolve_data(
+    spec: Any, *, data: Path | None, sites: int | None, seed: int, name: str
+) -> tuple[Path, int]:
+    """The folder of site folders to use (synthetic data made once when none is given)."""
+    from simulations.scenarios import ensure_data
+
+    if data is None:
+        console.print(f"Synthetic data for {spec.sites} sites (scenario {name}) ...")
+        return ensure_data(spec, seed=seed), spec.sites
+    if not data.is_dir():
+        _fail(f"--data '{data}' is not a folder (give a folder of site folders)")
+    if sites is None:
+        sites = sum(1 for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if sites == 0:
+            _fail(f"--data '{data}' holds no site folders")
+    return data, sites
 
 
 def _run_simulation(
@@ -197,6 +206,81 @@ def _print_privacy(run_dir: Path) -> None:
             str(s["rounds"]),
         )
     console.print(table)
+
+
+experiment_app = typer.Typer(
+    help="Sweeps of simulated federations, with CSV and plots.", no_args_is_help=True
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{flag} must be a comma-separated list of numbers (inf allowed); found {text!r}")
+    if not vals:
+        _fail(f"{flag} is empty")
+    return vals
+
+
+def _experiment_setup(
+    scenario: str, sites: int | None, data: Path | None, seed: int, overrides: list[str]
+) -> tuple[Any, Path, int]:
+    from dataclasses import replace
+
+    from simulations.scenarios import load_scenario
+
+    try:
+        scen = load_scenario(scenario)
+        cfg = scen.run_config(**_parse_overrides(overrides))
+    except FedfuseError as exc:
+        _fail(str(exc))
+    spec = replace(scen.data, sites=sites or scen.data.sites)
+    data_dir, n = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    return cfg.replace(data_dir=str(data_dir)), data_dir, n
+
+
+@experiment_app.command("utility-vs-epsilon")
+def experiment_utility(
+    epsilons: str = typer.Option("1,2,4,8,inf", "--epsilons", help="Comma-separated; inf = no DP."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    scenario: str = typer.Option("hospitals-3", "--scenario"),
+    sites: int | None = typer.Option(None, "--sites", min=1),
+    data: Path | None = typer.Option(None, "--data"),
+    out: Path = typer.Option(Path("runs/utility-vs-epsilon"), "--out"),
+    overrides: list[str] = typer.Option([], "--set"),
+) -> None:
+    """Test AUROC against epsilon (with a centralised non-private ceiling): CSV + PNG."""
+    eps = _floats(epsilons, "--epsilons")
+    for e in eps:
+        check_privacy_args(epsilon=e, delta=0.5)
+    seed_list = [int(x) for x in _floats(seeds, "--seeds")]
+    cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    from simulations.experiments import utility_vs_epsilon
+
+    csv_path = utility_vs_epsilon(
+        cfg, num_sites=n, epsilons=eps, seeds=seed_list, out=out, progress=console.print
+    )
+    console.print(f"Results: {csv_path} and {csv_path.with_suffix('.png')}")
+
+
+@experiment_app.command("fusion")
+def experiment_fusion(
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+    scenario: str = typer.Option("hospitals-3", "--scenario"),
+    sites: int | None = typer.Option(None, "--sites", min=1),
+    data: Path | None = typer.Option(None, "--data"),
+    out: Path = typer.Option(Path("runs/fusion"), "--out"),
+    overrides: list[str] = typer.Option([], "--set"),
+) -> None:
+    """Test AUROC of each fusion head (and each single modality): CSV + PNG."""
+    seed_list = [int(x) for x in _floats(seeds, "--seeds")]
+    cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    from simulations.experiments import fusion_comparison
+
+    csv_path = fusion_comparison(cfg, num_sites=n, seeds=seed_list, out=out, progress=console.print)
+    console.print(f"Results: {csv_path} and {csv_path.with_suffix('.png')}")
 
 
 @data_app.command("synth")
