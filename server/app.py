@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.models import build_model
 from server.rundir import RoundCallback, RunDirectory
-from server.strategy import FedfuseFedAvg
+from server.strategy import make_strategy
 
 
 def run_federation(
@@ -22,7 +22,8 @@ def run_federation(
     """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
-    strategy = FedfuseFedAvg(
+    strategy = make_strategy(
+        cfg,
         run_dir=run_dir,
         on_round=on_round,
         fraction_train=cfg.fraction_train,

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_scenario_parses():
     names = list_scenarios()
-    assert {"smoke", "hospitals-3", "hospitals-10-noniid", "missing-modality",
-            "large-100"} <= set(names)
+    assert {"smoke", "hospitals-3", "hospitals-10-noniid", "missing-modality", "large-100"} <= set(
+        names
+    )
     for name in names:
         scen = load_scenario(name)
         cfg = scen.run_config()
@@ -56,12 +57,33 @@ def test_site_lacks_writes_sites_without_that_modality(tmp_path):
 def test_utility_vs_epsilon_tiny_grid_on_the_smoke_scenario(tmp_path):
     """Runs the smoke scenario end to end twice (epsilon 2 and no DP) plus the baseline."""
     out = tmp_path / "exp"
-    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path),
-           "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
+    env = {
+        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
     res = subprocess.run(
-        [sys.executable, "-m", "common.cli", "experiment", "utility-vs-epsilon",
-         "--scenario", "smoke", "--epsilons", "2,inf", "--seeds", "0", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "experiment",
+            "utility-vs-epsilon",
+            "--scenario",
+            "smoke",
+            "--epsilons",
+            "2,inf",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = list(csv.DictReader((out / "utility_vs_epsilon.csv").open()))
