@@ -123,6 +123,14 @@ def train_round(
     epsilon is infinite.
     """
     model.to(device).train()
+    # FedProx: the proximal pull towards the global weights is applied as a separate,
+    # data-independent step after each optimizer step, so it never passes through per-sample
+    # clipping and costs no privacy (post-processing).
+    anchor = (
+        [p.detach().clone() for p in model.parameters()]
+        if cfg.strategy == "fedprox" and cfg.proximal_mu > 0
+        else None
+    )
     data_gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=plan is None, generator=data_gen
@@ -130,7 +138,9 @@ def train_round(
     optimizer = make_optimizer(model, cfg)
     criterion: nn.Module = nn.CrossEntropyLoss()
     if plan is None:
-        return _train_plain(model, loader, optimizer, criterion, cfg=cfg, device=device)
+        return _train_plain(
+            model, loader, optimizer, criterion, cfg=cfg, device=device, anchor=anchor
+        )
 
     engine = PrivacyEngine(accountant=cfg.accountant)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -158,7 +168,14 @@ def train_round(
         )
     try:
         total, count = _dp_epochs(
-            private_model, dp_optimizer, criterion, dp_loader, cfg=cfg, device=device
+            private_model,
+            dp_optimizer,
+            criterion,
+            dp_loader,
+            cfg=cfg,
+            device=device,
+            anchor=anchor,
+            params=list(model.parameters()),
         )
     finally:
         # Leave the caller's model as it was given: no Opacus hooks or per-sample state.
@@ -179,7 +196,28 @@ def train_round(
     return RoundResult(total / max(count, 1), len(train_set), event, epsilon)  # type: ignore[arg-type]
 
 
-def _dp_epochs(private_model, dp_optimizer, criterion, dp_loader, *, cfg, device):  # noqa: ANN001
+def proximal_step(
+    params: list[torch.Tensor], anchor: list[torch.Tensor] | None, *, lr: float, mu: float
+) -> None:
+    """FedProx's proximal term as its own step: w <- w - lr * mu * (w - w_global)."""
+    if anchor is None:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, anchor, strict=True):
+            p.sub_(lr * mu * (p - a))
+
+
+def _dp_epochs(
+    private_model,
+    dp_optimizer,
+    criterion,
+    dp_loader,
+    *,
+    cfg,
+    device,  # noqa: ANN001
+    anchor=None,
+    params=None,
+):  # noqa: ANN001
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
         for *inputs, labels in dp_loader:
@@ -193,6 +231,7 @@ def _dp_epochs(private_model, dp_optimizer, criterion, dp_loader, *, cfg, device
             loss = criterion(private_model(*inputs), labels)
             loss.backward()
             dp_optimizer.step()
+            proximal_step(params or [], anchor, lr=cfg.learning_rate, mu=cfg.proximal_mu)
             total += float(loss.detach()) * len(labels)
             count += len(labels)
     return total, count
@@ -206,6 +245,7 @@ def _train_plain(
     *,
     cfg: RunConfig,
     device: torch.device,
+    anchor: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -216,6 +256,9 @@ def _train_plain(
             loss = criterion(model(*inputs), labels)
             loss.backward()
             optimizer.step()
+            proximal_step(
+                list(model.parameters()), anchor, lr=cfg.learning_rate, mu=cfg.proximal_mu
+            )
             total += float(loss.detach()) * len(labels)
             count += len(labels)
     return RoundResult(total / max(count, 1), len(loader.dataset), None, math.inf)  # type: ignore[arg-type]

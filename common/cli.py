@@ -80,64 +80,102 @@ def check_privacy_args(*, epsilon: float, delta: float) -> None:
 
 @app.command()
 def simulate(
+    scenario: str = typer.Option(
+        "hospitals-3",
+        "--scenario",
+        help="Built-in scenario name or a scenario .toml file (flags override its values).",
+    ),
     sites: int | None = typer.Option(
-        None, "--sites", min=1, help="Virtual sites [default: 3, or all in --data]."
+        None, "--sites", min=1, help="Virtual sites [scenario's, or all in --data]."
     ),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
-    epsilon: float = typer.Option(
-        8.0, "--epsilon", help="Each site's epsilon for the whole run (inf = no DP)."
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds."),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="Each site's epsilon for the whole run (inf = no DP) [8]."
     ),
-    delta: float = typer.Option(1e-5, "--delta", help="Each site's delta."),
+    delta: float | None = typer.Option(None, "--delta", help="Each site's delta [1e-5]."),
     data: Path | None = typer.Option(
         None, "--data", help="Folder of site folders [default: make synthetic]."
     ),
     out: Path = typer.Option(Path("runs"), "--out", help="Where run directories go."),
     seed: int = typer.Option(0, "--seed", help="Seed of data, model and DP noise."),
-    records: int = typer.Option(
-        1000, "--records", min=10, help="Records per synthetic site (without --data)."
+    records: int | None = typer.Option(
+        None, "--records", min=10, help="Records per synthetic site (without --data)."
     ),
     run_name: str = typer.Option("", "--run-name", help="Run directory name [default: time]."),
+    cpus_per_site: float | None = typer.Option(
+        None, "--cpus-per-site", min=0.1, help="CPUs reserved per virtual site."
+    ),
+    gpus_per_site: float | None = typer.Option(
+        None, "--gpus-per-site", min=0.0, help="GPU share per virtual site [0.5 if CUDA, else 0]."
+    ),
     overrides: list[str] = typer.Option(
         [], "--set", help="Any run-config key, e.g. --set fusion=concat."
     ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a whole federation on this machine (Flower simulation engine)."""
-    check_privacy_args(epsilon=epsilon, delta=delta)
-    from common.config import RunConfig
+    if epsilon is not None or delta is not None:
+        check_privacy_args(
+            epsilon=8.0 if epsilon is None else epsilon, delta=1e-5 if delta is None else delta
+        )
+    from dataclasses import replace
 
-    raw: dict[str, Any] = {
-        "num-rounds": rounds,
-        "target-epsilon": epsilon,
-        "target-delta": delta,
-        "seed": seed,
-        "out-dir": str(out),
-        "run-name": run_name,
-    }
-    raw.update(_parse_overrides(overrides))
+    from simulations.scenarios import load_scenario
+
     try:
-        cfg = RunConfig.from_mapping(raw)
+        scen = load_scenario(scenario)
+        raw: dict[str, Any] = {"seed": seed, "out-dir": str(out), "run-name": run_name}
+        for key, value in (
+            ("num-rounds", rounds),
+            ("target-epsilon", epsilon),
+            ("target-delta", delta),
+        ):
+            if value is not None:
+                raw[key] = value
+        raw.update(_parse_overrides(overrides))
+        cfg = scen.run_config(**raw)
+        spec = replace(
+            scen.data, sites=sites or scen.data.sites, records=records or scen.data.records
+        )
     except FedfuseError as exc:
         _fail(str(exc))
-    if data is None:
-        n = sites or 3
-        data = Path("data") / f"synthetic-{n}x{records}-seed{seed}"
-        if not (data / f"site-{n - 1}" / "manifest.csv").exists():
-            from common.data.synthetic import generate
+    data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    cfg = cfg.replace(data_dir=str(data))
+    _run_simulation(
+        cfg,
+        sites,
+        verbose=verbose,
+        cpus_per_site=cpus_per_site if cpus_per_site is not None else scen.cpus_per_site,
+        gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
+    )
 
-            console.print(f"Making synthetic data for {n} sites in {data} ...")
-            generate(data, sites=n, records=records, seed=seed)
-    elif not data.is_dir():
+
+def _resolve_data(
+    spec: Any, *, data: Path | None, sites: int | None, seed: int, name: str
+) -> tuple[Path, int]:
+    """The folder of site folders to use (synthetic data made once when none is given)."""
+    from simulations.scenarios import ensure_data
+
+    if data is None:
+        console.print(f"Synthetic data for {spec.sites} sites (scenario {name}) ...")
+        return ensure_data(spec, seed=seed), spec.sites
+    if not data.is_dir():
         _fail(f"--data '{data}' is not a folder (give a folder of site folders)")
     if sites is None:
         sites = sum(1 for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
         if sites == 0:
             _fail(f"--data '{data}' holds no site folders")
-    cfg = cfg.replace(data_dir=str(data))
-    _run_simulation(cfg, sites, verbose=verbose)
+    return data, sites
 
 
-def _run_simulation(cfg: Any, sites: int, *, verbose: bool) -> None:
+def _run_simulation(
+    cfg: Any,
+    sites: int,
+    *,
+    verbose: bool,
+    cpus_per_site: float = 1.0,
+    gpus_per_site: float | None = None,
+) -> None:
     from simulations.runner import simulate as run
 
     eps_text = "no DP" if not cfg.private else f"epsilon {cfg.target_epsilon:g}"
@@ -160,7 +198,14 @@ def _run_simulation(cfg: Any, sites: int, *, verbose: bool) -> None:
             console.print(f"    [yellow]site {name} left out:[/] {reason}")
 
     try:
-        run_dir = run(cfg, num_sites=sites, on_round=on_round, verbose=verbose)
+        run_dir = run(
+            cfg,
+            num_sites=sites,
+            on_round=on_round,
+            verbose=verbose,
+            cpus_per_site=cpus_per_site,
+            gpus_per_site=gpus_per_site,
+        )
     except FedfuseError as exc:
         _fail(str(exc))
     _print_privacy(run_dir)
@@ -250,6 +295,81 @@ def audit_empirical(
     print_audit(result, console)
     if result.verdict == "VIOLATION":
         raise typer.Exit(3)
+
+
+experiment_app = typer.Typer(
+    help="Sweeps of simulated federations, with CSV and plots.", no_args_is_help=True
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{flag} must be a comma-separated list of numbers (inf allowed); found {text!r}")
+    if not vals:
+        _fail(f"{flag} is empty")
+    return vals
+
+
+def _experiment_setup(
+    scenario: str, sites: int | None, data: Path | None, seed: int, overrides: list[str]
+) -> tuple[Any, Path, int]:
+    from dataclasses import replace
+
+    from simulations.scenarios import load_scenario
+
+    try:
+        scen = load_scenario(scenario)
+        cfg = scen.run_config(**_parse_overrides(overrides))
+    except FedfuseError as exc:
+        _fail(str(exc))
+    spec = replace(scen.data, sites=sites or scen.data.sites)
+    data_dir, n = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    return cfg.replace(data_dir=str(data_dir)), data_dir, n
+
+
+@experiment_app.command("utility-vs-epsilon")
+def experiment_utility(
+    epsilons: str = typer.Option("1,2,4,8,inf", "--epsilons", help="Comma-separated; inf = no DP."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    scenario: str = typer.Option("hospitals-3", "--scenario"),
+    sites: int | None = typer.Option(None, "--sites", min=1),
+    data: Path | None = typer.Option(None, "--data"),
+    out: Path = typer.Option(Path("runs/utility-vs-epsilon"), "--out"),
+    overrides: list[str] = typer.Option([], "--set"),
+) -> None:
+    """Test AUROC against epsilon (with a centralised non-private ceiling): CSV + PNG."""
+    eps = _floats(epsilons, "--epsilons")
+    for e in eps:
+        check_privacy_args(epsilon=e, delta=0.5)
+    seed_list = [int(x) for x in _floats(seeds, "--seeds")]
+    cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    from simulations.experiments import utility_vs_epsilon
+
+    csv_path = utility_vs_epsilon(
+        cfg, num_sites=n, epsilons=eps, seeds=seed_list, out=out, progress=console.print
+    )
+    console.print(f"Results: {csv_path} and {csv_path.with_suffix('.png')}")
+
+
+@experiment_app.command("fusion")
+def experiment_fusion(
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+    scenario: str = typer.Option("hospitals-3", "--scenario"),
+    sites: int | None = typer.Option(None, "--sites", min=1),
+    data: Path | None = typer.Option(None, "--data"),
+    out: Path = typer.Option(Path("runs/fusion"), "--out"),
+    overrides: list[str] = typer.Option([], "--set"),
+) -> None:
+    """Test AUROC of each fusion head (and each single modality): CSV + PNG."""
+    seed_list = [int(x) for x in _floats(seeds, "--seeds")]
+    cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    from simulations.experiments import fusion_comparison
+
+    csv_path = fusion_comparison(cfg, num_sites=n, seeds=seed_list, out=out, progress=console.print)
+    console.print(f"Results: {csv_path} and {csv_path.with_suffix('.png')}")
 
 
 @data_app.command("synth")

@@ -24,8 +24,16 @@ class RunConfig:
     """
 
     num_rounds: int = 3
+    # Server strategy: fedavg, fedprox (sites add a proximal step) or fedadam (server Adam).
+    strategy: str = "fedavg"
+    # FedProx's mu; 0 makes FedProx FedAvg.
+    proximal_mu: float = 0.01
+    # FedAdam's server learning rate (eta).
+    server_learning_rate: float = 0.01
     # Fraction of sites asked to train each round (1.0 = all of them).
     fraction_train: float = 1.0
+    # Fraction of sites asked to evaluate the global model each round.
+    fraction_evaluate: float = 1.0
     # The run stops if fewer sites than this can take part in a round.
     min_sites: int = 2
     local_epochs: int = 3
@@ -60,7 +68,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_int("num-rounds", self.num_rounds, low=1)
+        _check_choice("strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
+        _check_range("proximal-mu", self.proximal_mu, low=0.0, high=math.inf)
+        _check_range(
+            "server-learning-rate", self.server_learning_rate, low=0.0, high=math.inf, low_open=True
+        )
         _check_range("fraction-train", self.fraction_train, low=0.0, high=1.0, low_open=True)
+        _check_range("fraction-evaluate", self.fraction_evaluate, low=0.0, high=1.0, low_open=True)
         _check_int("min-sites", self.min_sites, low=1)
         _check_int("local-epochs", self.local_epochs, low=1)
         _check_int("batch-size", self.batch_size, low=1)

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.models import build_model
 from server.rundir import RoundCallback, RunDirectory
-from server.strategy import FedfuseFedAvg
+from server.strategy import make_strategy
 
 
 def run_federation(
@@ -22,11 +22,12 @@ def run_federation(
     """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
-    strategy = FedfuseFedAvg(
+    strategy = make_strategy(
+        cfg,
         run_dir=run_dir,
         on_round=on_round,
         fraction_train=cfg.fraction_train,
-        fraction_evaluate=1.0,
+        fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_sites,
         min_evaluate_nodes=cfg.min_sites,
         min_available_nodes=cfg.min_sites,

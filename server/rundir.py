@@ -93,7 +93,24 @@ class RunDirectory:
             self.save_model(state_dict)
         privacy = self.privacy_summary()
         self.write_json("privacy.json", privacy)
+        self._plots()
         (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
+
+    def _plots(self) -> None:
+        from common import plots
+
+        if not self.rounds:
+            return
+        plots.learning_curve(self.rounds, self.path / "learning_curve.png")
+        per_site: dict[str, list[tuple[int, float]]] = {}
+        for rec in self.rounds:
+            for name, s in rec.get("sites", {}).items():
+                if "epsilon" in s:
+                    per_site.setdefault(name, []).append((rec["round"], s["epsilon"]))
+        if per_site and self.cfg.private:
+            plots.epsilon_curves(
+                per_site, self.path / "epsilon.png", budget=self.cfg.target_epsilon
+            )
 
     def _summary(self, privacy: dict[str, Any], status: str, reason: str) -> str:
         cfg = self.cfg
@@ -128,6 +145,8 @@ class RunDirectory:
                 f"| {name} | {_f(s['epsilon'])} | {s['delta']:g} | {s['target_epsilon']:g} | "
                 f"{_f(s['noise_multiplier'])} | {s['rounds']} |"
             )
+        if (self.path / "epsilon.png").exists():
+            lines += ["", "![epsilon per site](epsilon.png)"]
         return "\n".join(lines) + "\n"
 
 

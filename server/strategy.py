@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from server.rundir import RoundCallback, RunDirectory
 
@@ -65,8 +65,8 @@ def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRec
     return MetricRecord(out)
 
 
-class FedfuseFedAvg(FedAvg):
-    """FedAvg (McMahan et al. 2017, arXiv:1602.05629) with per-site records and update checks."""
+class SiteRecordingMixin:
+    """Put in front of a Flower strategy: per-site records, update checks, run directory rows."""
 
     def __init__(
         self,
@@ -77,7 +77,7 @@ class FedfuseFedAvg(FedAvg):
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_finite)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_finite)
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self.run_dir = run_dir
         self.on_round = on_round
         self.current: dict[str, Any] = {}
@@ -160,3 +160,34 @@ class FedfuseFedAvg(FedAvg):
         if self.on_round is not None:
             self.on_round(dict(self.current))
         return agg
+
+
+class FedfuseFedAvg(SiteRecordingMixin, FedAvg):
+    """FedAvg (McMahan et al. 2017, arXiv:1602.05629)."""
+
+
+class FedfuseFedProx(SiteRecordingMixin, FedProx):
+    """FedProx (Li et al. 2020, arXiv:1812.06127): sites pull towards the global model."""
+
+
+class FedfuseFedAdam(SiteRecordingMixin, FedAdam):
+    """FedAdam (Reddi et al. 2021, arXiv:2003.00295): Adam on the server over the mean update."""
+
+
+STRATEGIES: dict[str, type] = {
+    "fedavg": FedfuseFedAvg,
+    "fedprox": FedfuseFedProx,
+    "fedadam": FedfuseFedAdam,
+}
+
+
+def make_strategy(
+    cfg: Any, *, run_dir: RunDirectory, on_round: RoundCallback | None, **common: Any
+) -> FedAvg:
+    """The strategy the run config names, with its own hyper-parameters from the config."""
+    extra: dict[str, Any] = {}
+    if cfg.strategy == "fedprox":
+        extra["proximal_mu"] = cfg.proximal_mu
+    elif cfg.strategy == "fedadam":
+        extra["eta"] = cfg.server_learning_rate
+    return STRATEGIES[cfg.strategy](run_dir=run_dir, on_round=on_round, **common, **extra)

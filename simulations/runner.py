@@ -52,6 +52,8 @@ def simulate(
     num_sites: int,
     on_round: RoundCallback | None = None,
     verbose: bool = False,
+    cpus_per_site: float = 1.0,
+    gpus_per_site: float | None = None,
 ) -> Path:
     """Run the federation described by ``cfg`` over ``num_sites`` virtual sites.
 
@@ -67,6 +69,7 @@ def simulate(
             f"--sites {num_sites} but data folder '{cfg.data_dir}' holds {len(dirs)} site folders"
         )
     validate_sites(dirs[:num_sites], cfg)
+    bconf = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)
 
@@ -91,7 +94,7 @@ def simulate(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_sites,
-                backend_config=backend_config(),  # type: ignore[arg-type]
+                backend_config=bconf,  # type: ignore[arg-type]
                 verbose_logging=verbose,
             )
     finally:

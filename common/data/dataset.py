@@ -87,4 +87,6 @@ class SiteDataset(Dataset):
 def load_site(site_dir: str | Path, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteDataset]]:
     """Validate a site folder and return its manifest and one dataset per split."""
     manifest = load_manifest(site_dir, classes=cfg.class_names, split_seed=cfg.seed)
-    return manifest, {s: SiteDataset.from_manifest(manifest, s, cfg) for s in ("train", "val", "test")}
+    return manifest, {
+        s: SiteDataset.from_manifest(manifest, s, cfg) for s in ("train", "val", "test")
+    }

@@ -104,9 +104,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]],
                 for k in obj:
                     if k not in columns:
                         columns.append(k)
-                rows.append(
-                    (lineno, {k: "" if v is None else str(v) for k, v in obj.items()})
-                )
+                rows.append((lineno, {k: "" if v is None else str(v) for k, v in obj.items()}))
         return columns, rows, problems
     try:
         with open(path, encoding="utf-8", newline="") as fh:
@@ -168,13 +166,16 @@ def load_manifest(
     modality_cols = [c for c in ("image", "report", "audio") if c in columns] + list(tab_cols)
     if columns and not modality_cols:
         problems.append(
-            f"{name}:1: no modality column; expected at least one of image, report, audio, tab.<name>"
+            f"{name}:1: no modality column; expected at least one of "
+            "image, report, audio, tab.<name>"
         )
     known_cols = {"id", "label", "split", "image", "report", "audio", *tab_cols}
     for c in columns:
         if c not in known_cols:
-            problems.append(f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
-                            "tab.<name>, label, split)")
+            problems.append(
+                f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
+                "tab.<name>, label, split)"
+            )
     if problems and not rows:
         raise DataValidationError(problems, source=str(path))
 
@@ -203,11 +204,23 @@ def load_manifest(
         split = raw.get("split", "").lower()
         if split and split not in SPLITS:
             row_problems.append(f"{where}: split: '{split}' is not one of {', '.join(SPLITS)}")
-        image = _resolve_file(site_dir, raw.get("image", ""), where, "image", row_problems,
-                              check=check_image if check_files else None)
+        image = _resolve_file(
+            site_dir,
+            raw.get("image", ""),
+            where,
+            "image",
+            row_problems,
+            check=check_image if check_files else None,
+        )
         audio_check = (lambda p: extra_checks(p, "audio")) if extra_checks else None
-        audio = _resolve_file(site_dir, raw.get("audio", ""), where, "audio", row_problems,
-                              check=audio_check if check_files else None)
+        audio = _resolve_file(
+            site_dir,
+            raw.get("audio", ""),
+            where,
+            "audio",
+            row_problems,
+            check=audio_check if check_files else None,
+        )
         report = _resolve_report(site_dir, raw.get("report", ""), where, row_problems)
         tabular: dict[str, float] = {}
         for col in tab_cols:
@@ -229,14 +242,24 @@ def load_manifest(
         if not row_problems:
             records.append(
                 Record(
-                    id=rid, labels=labels, split=split or stable_split(rid, split_seed),
-                    image=image, report=report, audio=audio, tabular=tabular, row=lineno,
+                    id=rid,
+                    labels=labels,
+                    split=split or stable_split(rid, split_seed),
+                    image=image,
+                    report=report,
+                    audio=audio,
+                    tabular=tabular,
+                    row=lineno,
                 )
             )
     if problems:
         raise DataValidationError(problems, source=str(path))
-    return Manifest(site_dir=site_dir, path=path, records=tuple(records),
-                    tabular_columns=tuple(c[4:] for c in tab_cols))
+    return Manifest(
+        site_dir=site_dir,
+        path=path,
+        records=tuple(records),
+        tabular_columns=tuple(c[4:] for c in tab_cols),
+    )
 
 
 def _resolve_file(

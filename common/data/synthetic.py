@@ -58,7 +58,9 @@ class SiteSpec:
     positive_rate: float
 
 
-def plan_sites(*, sites: int, records: int, alpha: float, rng: np.random.Generator) -> list[SiteSpec]:
+def plan_sites(
+    *, sites: int, records: int, alpha: float, rng: np.random.Generator
+) -> list[SiteSpec]:
     """Sizes vary between 0.5x and 1.5x ``records``; positive rates follow Dirichlet(alpha)."""
     if sites < 1:
         raise ValueError(f"sites must be >= 1; found {sites}")
@@ -71,7 +73,10 @@ def plan_sites(*, sites: int, records: int, alpha: float, rng: np.random.Generat
     # Dirichlet over the two classes; clipped so every site keeps a few of each class and its
     # test split has a defined AUROC.
     rates = np.clip(rng.dirichlet([alpha, alpha], size=sites)[:, 1], 0.1, 0.9)
-    return [SiteSpec(f"site-{i}", int(n), float(p)) for i, (n, p) in enumerate(zip(sizes, rates, strict=True))]
+    return [
+        SiteSpec(f"site-{i}", int(n), float(p))
+        for i, (n, p) in enumerate(zip(sizes, rates, strict=True))
+    ]
 
 
 def _lung_background(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -109,9 +114,10 @@ def make_report(*, symptomatic: bool, rng: np.random.Generator) -> str:
 
 
 def write_site(
-    out: Path, spec: SiteSpec, *, rng: np.random.Generator, image_size: int = 64
+    out: Path, spec: SiteSpec, *, rng: np.random.Generator, image_size: int = 64, lacks: str = ""
 ) -> Path:
-    """Write one site folder; returns its path."""
+    """Write one site folder; returns its path. ``lacks`` names a modality the site has none of
+    (``"image"`` or ``"report"``): those cells are left empty, as at a real site without it."""
     site = out / spec.name
     (site / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -123,12 +129,16 @@ def write_site(
             lesion, symptomatic = [(False, False), (True, False), (False, True)][rng.integers(3)]
         rid = f"{spec.name}-{i:05d}"
         img = make_image(lesion=lesion, size=image_size, rng=rng)
-        Image.fromarray((img * 255).astype(np.uint8), mode="L").save(site / "images" / f"{rid}.png")
+        if lacks != "image":
+            Image.fromarray((img * 255).astype(np.uint8), mode="L").save(
+                site / "images" / f"{rid}.png"
+            )
+        report = make_report(symptomatic=symptomatic, rng=rng)
         rows.append(
             {
                 "id": rid,
-                "image": f"images/{rid}.png",
-                "report": make_report(symptomatic=symptomatic, rng=rng),
+                "image": "" if lacks == "image" else f"images/{rid}.png",
+                "report": "" if lacks == "report" else report,
                 "label": CLASSES[int(positive)],
             }
         )
@@ -140,12 +150,25 @@ def write_site(
 
 
 def generate(
-    out: str | Path, *, sites: int = 3, records: int = 600, seed: int = 0, alpha: float = 1.0,
+    out: str | Path,
+    *,
+    sites: int = 3,
+    records: int = 600,
+    seed: int = 0,
+    alpha: float = 1.0,
     image_size: int = 64,
+    site_lacks: tuple[str, ...] | list[str] = (),
 ) -> list[Path]:
-    """Write ``sites`` site folders under ``out``; returns their paths in order."""
+    """Write ``sites`` site folders under ``out``; returns their paths in order.
+
+    ``site_lacks[i]`` (optional) is the modality site i lacks entirely ("" for none).
+    """
     out = Path(out)
     rng = np.random.default_rng(seed)
     specs = plan_sites(sites=sites, records=records, alpha=alpha, rng=rng)
+    lacks = list(site_lacks) + [""] * (len(specs) - len(site_lacks))
     out.mkdir(parents=True, exist_ok=True)
-    return [write_site(out, spec, rng=rng, image_size=image_size) for spec in specs]
+    return [
+        write_site(out, spec, rng=rng, image_size=image_size, lacks=lack)
+        for spec, lack in zip(specs, lacks, strict=False)
+    ]
