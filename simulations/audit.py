@@ -20,6 +20,7 @@ included canaries than on excluded ones.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -27,7 +28,7 @@ import shutil
 import string
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,7 +257,20 @@ def canary_dataset(
     )
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Score on one thread: the per-canary work is small, and one thread measured 10x faster
+    than two on a busy 2-core machine (threads spinning against each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
+@one_thread()
 def loss_scores(model: nn.Module, dataset: SiteDataset, *, batch_size: int = 256) -> np.ndarray:
     """Black-box scores: minus each canary's loss under the final model (high = memorised)."""
     model.eval()
@@ -269,6 +283,7 @@ def loss_scores(model: nn.Module, dataset: SiteDataset, *, batch_size: int = 256
     return torch.cat(out).numpy().astype(np.float64)
 
 
+@one_thread()
 def gradient_alignment_scores(
     model_before: nn.Module,
     model_after: nn.Module,
@@ -456,22 +471,15 @@ def run_empirical_audit(
     final = build_model(cfg)
     final.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     dataset = canary_dataset(canaries, images, cfg)
-    # One thread: small per-canary work, and measured 10x faster than two on a busy 2-core
-    # machine (threads spinning against each other); restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if s.white_box:
-            # The server's initial model, rebuilt exactly as run_federation builds it.
-            torch.manual_seed(cfg.seed)
-            initial = build_model(cfg)
-            scores = gradient_alignment_scores(initial, final, dataset)
-            score_name = "white-box: canary gradient alignment with the total model update"
-        else:
-            scores = loss_scores(final, dataset)
-            score_name = "black-box: minus the canary's loss under the final model"
-    finally:
-        torch.set_num_threads(threads)
+    if s.white_box:
+        # The server's initial model, rebuilt exactly as run_federation builds it.
+        torch.manual_seed(cfg.seed)
+        initial = build_model(cfg)
+        scores = gradient_alignment_scores(initial, final, dataset)
+        score_name = "white-box: canary gradient alignment with the total model update"
+    else:
+        scores = loss_scores(final, dataset)
+        score_name = "black-box: minus the canary's loss under the final model"
     k_pos, k_neg = s.guesses_in, s.guesses - s.guesses_in
     claim = claimed_epsilon(run_dir, site)
     audit = audit_from_scores(

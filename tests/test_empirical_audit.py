@@ -27,6 +27,7 @@ from simulations.audit import (
     gradient_alignment_scores,
     loss_scores,
     make_canaries,
+    one_thread,
     prepare_audit_data,
     run_empirical_audit,
 )
@@ -108,10 +109,11 @@ def test_scores_rank_a_memorised_canary_first(tmp_path):
     opt = torch.optim.Adam(after.parameters(), lr=0.01)
     batch = [ds[i] for i in seen]
     *inputs, labels = (torch.stack(t) for t in zip(*batch, strict=True))
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(after(*inputs), labels).backward()
-        opt.step()
+    with one_thread():
+        for _ in range(40):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(after(*inputs), labels).backward()
+            opt.step()
     black = loss_scores(after, ds)
     white = gradient_alignment_scores(before, after, ds)
     assert black.shape == white.shape == (16,)
