@@ -7,13 +7,15 @@ run on the user's own setup through the real Flower simulation engine:
    split independently with probability 1/2 (the rest are never shown to the federation);
 2. train the federation once (:func:`simulations.runner.simulate`, same code as deployment);
 3. score every canary against the final global model -- black-box: minus its loss; white-box:
-   alignment of its gradient with the model's total update -- and guess "in" for the ``k+``
-   highest scores, "out" for the ``k-`` lowest;
+   alignment of its gradient with the global model's total update (final minus initial: what a
+   server sees even under secure aggregation; the audit site's own update is a share of it) --
+   and guess "in" for the ``k+`` highest scores, "out" for the ``k-`` lowest;
 4. turn the number of correct guesses into an epsilon lower bound
    (:mod:`common.privacy.empirical`) and compare it with the epsilon the audit site claims.
 
 Canaries are built to be memorable: a random-noise image, a report made of random nonsense
-words (hashed to buckets no ordinary report uses), and a random label. A model that memorises its
+words (hashed to random buckets, unlike the recurring words of real reports), and a random
+label. A model that memorises its
 training records fits their random labels; one trained with correct DP cannot do so much better on
 included canaries than on excluded ones.
 """
@@ -186,13 +188,14 @@ def prepare_audit_data(
         if i != audit_site:
             (sites_dir / d.name).symlink_to(d.resolve(), target_is_directory=True)
     site_src = dirs[audit_site]
-    site_dst = sites_dir / site_src.name
-    shutil.copytree(site_src, site_dst, symlinks=False)
-    if (site_dst / CANARY_DIR).exists():
+    if (site_src / CANARY_DIR).exists():
         raise ConfigError(
             f"site folder '{site_src}' already has a '{CANARY_DIR}' folder; the audit needs that "
             "name for its canaries (choose another --audit-site or rename the folder)"
         )
+    site_dst = sites_dir / site_src.name
+    # A real copy: the manifest's paths must resolve inside the site folder.
+    shutil.copytree(site_src, site_dst, symlinks=False)
     all_images = write_canary_images(canaries, dest / "all-canaries")
     (site_dst / CANARY_DIR).mkdir()
     rows = []

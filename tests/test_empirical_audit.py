@@ -156,7 +156,8 @@ def test_cli_refuses_bad_flags_before_training(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-# --- Real federations (Flower simulation engine). Each costs ~45 s here: three in all. ---
+# --- Real federations (Flower simulation engine): three in all, 27-45 s each here at load
+# average 7, up to 97 s at load 12 (docs/BENCHMARKS.md). ---
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +195,15 @@ def test_dp_at_epsilon_two_stays_below_the_claim(private):
 
 
 @pytest.mark.e2e
-def test_results_hold_the_required_fields(control, private):
-    for res in (control, private):
-        for key in ("claimed_epsilon", "lower_bound", "canaries", "guesses", "accuracy"):
-            assert key in res
-        assert res["seconds"] > 0 and res["guesses"] == 200
-        summary = (res["out"] / "summary.md").read_text()
-        assert "empirical lower bound" in summary and res["verdict"] in summary
-        rows = (res["out"] / "canaries.csv").read_text().splitlines()
-        assert len(rows) == 1001
+def test_results_hold_the_required_fields(control):
+    for key in ("claimed_epsilon", "lower_bound", "canaries", "guesses", "accuracy", "seconds"):
+        assert key in control
+    assert control["seconds"] > 0 and control["guesses"] == 200
+    assert control["correct_guesses"] / control["guesses"] == control["accuracy"]
+    summary = (control["out"] / "summary.md").read_text()
+    assert "empirical lower bound" in summary and control["verdict"] in summary
+    rows = (control["out"] / "canaries.csv").read_text().splitlines()
+    assert len(rows) == 1001
 
 
 @pytest.mark.e2e
