@@ -326,13 +326,12 @@ def gradient_alignment_scores(
     return torch.cat(scores).numpy().astype(np.float64)
 
 
+# LEDGER HOOK (for the merge with the ledger branch): read the claim from the audit site's ledger
+# instead -- the cumulative epsilon of this run's last entry -- keeping this signature. Until
+# then the claim is what the site's client reported in its last round (computed by the
+# accountant from its DP events), as the server wrote it to the run's privacy.json.
 def claimed_epsilon(run_dir: Path, site: str) -> float:
-    """The epsilon the audit site claims for the whole run.
-
-    # LEDGER HOOK: on merge, read the claim from the audit site's ledger instead (the ledger
-    # records the same accountant output the client reports). Today it is the epsilon the site
-    # reported in its last round, as written to the run directory's privacy.json.
-    """
+    """The epsilon the audit site claims for the whole run (``inf`` when trained without DP)."""
     privacy = json.loads((run_dir / "privacy.json").read_text())
     site_rec = privacy["sites"].get(site)
     if site_rec is None:
