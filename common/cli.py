@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.deploy.cli import register as register_deploy_commands
 from common.errors import FedfuseError
 
 app = typer.Typer(
@@ -322,6 +323,10 @@ def data_check(site: Path = typer.Argument(..., help="A site folder (holding man
     console.print(
         "splits: " + ", ".join(f"{s} {len(m.split(s))}" for s in ("train", "val", "test"))
     )
+
+
+# Deployment: fedfuse certs / server run / server connect / site run (common/deploy/cli.py).
+register_deploy_commands(app)
 
 
 def main() -> None:
