@@ -4,7 +4,12 @@ One folder holds everything a small federation needs::
 
     ca.crt ca.key                     certificate authority (ca.key never leaves the coordinator)
     superlink.crt superlink.key       the SuperLink's TLS certificate, signed by the CA
+    superexec.secret                  shared secret of the SuperLink and a separate ServerApp
+                                      container (process isolation, docker/compose.yml)
     supernodes/site-0.key (.pub) ...  one ECDSA P-384 key pair per site, OpenSSH format
+    supernodes/site-0-runtime.crt/.key  TLS for the SuperNode's own Runtime API, where a
+                                      separate ClientApp container connects (names
+                                      localhost, 127.0.0.1, ::1, supernode-0)
 
 Flower's SuperNode authentication accepts only EC keys on NIST curves (it checks this in
 ``flwr supernode register``); P-384 is the strongest of them that every OpenSSH reads.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +35,7 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "superlink.crt"
 SERVER_KEY = "superlink.key"
+SUPEREXEC_SECRET = "superexec.secret"
 NODE_DIR = "supernodes"
 # Always in the SuperLink certificate: a SuperLink on this machine is reachable by these names.
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -46,11 +53,30 @@ class CertBundle:
     ca_key: Path
     server_cert: Path
     server_key: Path
+    superexec_secret: Path
     node_keys: tuple[Path, ...]
 
     @property
     def node_public_keys(self) -> tuple[Path, ...]:
         return tuple(public_key_path(p) for p in self.node_keys)
+
+    def runtime_cert(self, site: int) -> Path:
+        return self.root / NODE_DIR / f"{site_key_name(site)}-runtime.crt"
+
+    def runtime_key(self, site: int) -> Path:
+        return self.root / NODE_DIR / f"{site_key_name(site)}-runtime.key"
+
+    def all_files(self) -> list[Path]:
+        files = [self.ca_cert, self.ca_key, self.server_cert, self.server_key]
+        files.append(self.superexec_secret)
+        for i, k in enumerate(self.node_keys):
+            files += [k, public_key_path(k), self.runtime_cert(i), self.runtime_key(i)]
+        return files
+
+
+def supernode_host(index: int) -> str:
+    """The SuperNode's host name in docker/compose.yml (its Runtime API certificate names it)."""
+    return f"supernode-{index}"
 
 
 def site_key_name(index: int) -> str:
@@ -64,7 +90,15 @@ def public_key_path(private_key: Path) -> Path:
 
 def bundle_paths(out: Path, sites: int) -> CertBundle:
     nodes = tuple(out / NODE_DIR / f"{site_key_name(i)}.key" for i in range(sites))
-    return CertBundle(out, out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY, nodes)
+    return CertBundle(
+        root=out,
+        ca_cert=out / CA_CERT,
+        ca_key=out / CA_KEY,
+        server_cert=out / SERVER_CERT,
+        server_key=out / SERVER_KEY,
+        superexec_secret=out / SUPEREXEC_SECRET,
+        node_keys=nodes,
+    )
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
@@ -215,16 +249,14 @@ def make_certs(out: str | Path, *, server_host: str, sites: int, force: bool = F
         raise ConfigError(f"--sites must be an integer >= 0; found {sites}")
     _check_host(server_host)
     paths = bundle_paths(Path(out), sites)
-    targets = [paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key]
-    targets += [p for k in paths.node_keys for p in (k, public_key_path(k))]
-    existing = [str(p) for p in targets if p.exists()]
+    existing = [str(p) for p in paths.all_files() if p.exists()]
     if existing and not force:
         raise ConfigError(
             f"{len(existing)} file(s) already exist, e.g. {existing[0]}; refusing to overwrite "
             "keys (sites registered with them would be locked out). Use another --out, or "
             "--force to replace them all"
         )
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, ca_cert = make_ca(now=now)
     srv_key, srv_cert = make_server_cert(
         ca_key=ca_key, ca_cert=ca_cert, hosts=[*LOCAL_NAMES, server_host], now=now
@@ -233,8 +265,17 @@ def make_certs(out: str | Path, *, server_host: str, sites: int, force: bool = F
     _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(paths.server_key, _pem_key(srv_key), private=True)
     _write(paths.server_cert, srv_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    # 32 random bytes as hex: Flower reads the file's exact bytes, and text survives copying.
+    _write(paths.superexec_secret, secrets.token_hex(32).encode(), private=True)
     for i, key_path in enumerate(paths.node_keys):
         private, public = make_node_key(f"fedfuse-{site_key_name(i)}")
         _write(key_path, private, private=True)
         _write(public_key_path(key_path), public, private=False)
+        rt_key, rt_cert = make_server_cert(
+            ca_key=ca_key, ca_cert=ca_cert, hosts=[*LOCAL_NAMES, supernode_host(i)], now=now
+        )
+        _write(paths.runtime_key(i), _pem_key(rt_key), private=True)
+        _write(
+            paths.runtime_cert(i), rt_cert.public_bytes(serialization.Encoding.PEM), private=False
+        )
     return paths

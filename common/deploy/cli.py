@@ -106,10 +106,13 @@ def server_connect(
     certs_dir: Path | None = typer.Option(None, "--certs", help="Folder holding ca.crt."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS. Local tests only."),
     default: bool = typer.Option(False, "--default", help="Make it `flwr`'s default."),
+    wait: float = typer.Option(
+        30.0, "--wait", min=0, help="Seconds to wait for the SuperLink to answer (0: no check)."
+    ),
 ) -> None:
-    """Add the SuperLink to `flwr`'s connections ($FLWR_HOME/config.toml)."""
+    """Add the SuperLink to `flwr`'s connections ($FLWR_HOME/config.toml), after checking it."""
     from common.deploy.certs import CA_CERT
-    from common.deploy.flower import write_connection
+    from common.deploy.flower import wait_for_superlink, write_connection
 
     ca = certs_dir / CA_CERT if certs_dir is not None else None
 
@@ -120,6 +123,13 @@ def server_connect(
 
     path = _build(write)
     console.print(f"connection '{name}' -> {superlink} written to {path}")
+    if wait > 0:
+        try:
+            wait_for_superlink(superlink, ca_cert=None if insecure else ca, timeout=wait)
+        except FedfuseError as exc:
+            _fail(str(exc))
+        how = "answers (no TLS)" if insecure else "answers with a certificate the CA vouches for"
+        console.print(f"SuperLink at {superlink} {how}")
 
 
 @site_app.command("run")

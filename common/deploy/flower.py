@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
+import ssl
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -305,3 +308,34 @@ def write_connection(
     tmp.write_text(tomli_w.dumps(data))
     os.replace(tmp, path)
     return path
+
+
+def wait_for_superlink(address: str, *, ca_cert: Path | None, timeout: float) -> None:
+    """Wait until the SuperLink at ``address`` accepts a TLS handshake verified by ``ca_cert``.
+
+    Fails at once (ConfigError) if the certificate is not valid for the host name: sites would
+    be refused the same way. ``ca_cert=None`` only checks that the port accepts connections.
+    """
+    host, port = parse_address(address)
+    ctx = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=5) as sock:
+                if ctx is None:
+                    return
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    return
+        except ssl.SSLCertVerificationError as exc:
+            raise ConfigError(
+                f"the SuperLink at {address} presents a certificate that {ca_cert} does not "
+                f"vouch for as '{host}' ({exc.verify_message}); use the ca.crt of the same "
+                "`fedfuse certs` folder, and a host name the certificate names"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"no SuperLink answered at {address} within {timeout:g} s ({exc}); "
+                    "is `fedfuse server run` running there?"
+                ) from None
+            time.sleep(0.5)
