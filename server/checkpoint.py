@@ -65,7 +65,7 @@ def _to_tensors(value: Any) -> Any:
 
 def _from_tensors(value: Any) -> Any:
     if isinstance(value, dict) and "__arrayrecord__" in value:
-        return ArrayRecord({k: v.numpy() for k, v in value["__arrayrecord__"].items()})
+        return ArrayRecord(dict(value["__arrayrecord__"]))  # a torch state dict
     if isinstance(value, dict):
         return {k: v.numpy() for k, v in value.items()}
     return [v.numpy() for v in value]
