@@ -175,6 +175,19 @@ class ProcessTracker:
         self._stop.set()
         return self.alive()
 
+    def running_named(self, needle: str) -> set[int]:
+        """PIDs of live processes started through this tracker whose command line has needle."""
+        self._record()
+        out = set()
+        for pid in self.alive():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if needle.encode() in cmdline:
+                out.add(pid)
+        return out
+
     def check_running(self) -> None:
         """Fail at once, with its log, if a process that should serve has exited."""
         for m in self.procs:

@@ -395,9 +395,24 @@ def test_deploy_resume_continues_at_next_round(federation, dp_run):
         timeout=RUN_TIMEOUT,
         what="round 1 of the run to be resumed",
     )
+    # Interrupt while both sites train round 2, i.e. once every message of round 2 has been
+    # delivered. (Flower 1.42: a message of a stopped run that reaches a SuperNode AFTER the
+    # stop is ignored, yet can leave a ClientApp process retrying and the node stuck.)
+    before = fed.tracker.running_named("flwr-clientapp")
+    wait_until(
+        lambda: len(fed.tracker.running_named("flwr-clientapp") - before) >= 2,
+        timeout=120,
+        what="both sites training round 2",
+        interval=0.2,
+    )
     fed.sh(f"flwr stop {run_id} fedfuse")
     stopped = fed.wait_run(run_id, timeout=120)
     assert stopped["status"] == "finished:stopped", stopped
+    wait_until(
+        lambda: not fed.tracker.running_named("flwr-clientapp"),
+        timeout=180,
+        what="the sites to finish the stopped run's last task",
+    )
     first = metrics.read_text().splitlines()
     assert len(first) == 1, "the run was not interrupted after round 1"
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"] == 1
@@ -420,6 +435,14 @@ def test_deploy_resume_continues_at_next_round(federation, dp_run):
     assert json.loads((run_dir / "resumes.json").read_text()) == [1]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"] == 2
     assert "Resumed from a checkpoint after round(s) [1]" in (run_dir / "summary.md").read_text()
+    if ledger_merged():
+        # LEDGER HOOK: a resumed run must account the rounds before the interruption. Without
+        # the ledger the sites' Context.state is new in the resumed Flower run, and round 2's
+        # epsilon covers round 2 alone.
+        for site in ("site-0", "site-1"):
+            assert rounds[1]["sites"][site]["epsilon"] == pytest.approx(
+                uninterrupted[1]["sites"][site]["epsilon"], rel=1e-6
+            )
     # Same seeds, same data, same model after round 1: the resumed run ends where the
     # uninterrupted one did (up to the order in which the two sites' updates were summed).
     a = torch.load(run_dir / "model.pt", weights_only=True)

@@ -279,8 +279,9 @@ def write_connection(
     ``flwr run . <name>`` and ``flwr supernode register KEY.pub <name>`` then reach the
     SuperLink at ``address`` over TLS, trusting ``root_certificates``.
     """
-    import tomli  # Python 3.10 has no tomllib; Flower depends on tomli
-    import tomli_w
+    import tomllib
+
+    import tomli_w  # a dependency of Flower's own CLI, which writes this file too
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
     if not name or not name.replace("-", "").replace("_", "").isalnum():
@@ -289,7 +290,7 @@ def write_connection(
     path = (home or flwr_home()) / "config.toml"
     # A new file starts from Flower's own default (its local simulation connection stays).
     text = path.read_text() if path.exists() else DEFAULT_FLOWER_CONFIG_TOML
-    data: dict[str, Any] = tomli.loads(text)
+    data: dict[str, Any] = tomllib.loads(text)
     links = data.setdefault("superlink", {})
     entry: dict[str, Any] = {"address": address}
     if insecure:
