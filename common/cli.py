@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from common.deploy.cli import register as register_deploy_commands
 from common.errors import FedfuseError
 
 app = typer.Typer(
@@ -411,6 +412,10 @@ def data_check(site: Path = typer.Argument(..., help="A site folder (holding man
     console.print(
         "splits: " + ", ".join(f"{s} {len(m.split(s))}" for s in ("train", "val", "test"))
     )
+
+
+# Deployment: fedfuse certs / server run / server connect / site run (common/deploy/cli.py).
+register_deploy_commands(app)
 
 
 def main() -> None:
