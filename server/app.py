@@ -41,6 +41,7 @@ def run_federation(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=cfg.num_rounds,
+            timeout=cfg.timeout,
             train_config=config,
             evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
         )
@@ -48,7 +49,8 @@ def run_federation(
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        arrays = result.arrays if result is not None else None
+        # A failed run keeps the last global model that was sent out (the previous round's).
+        arrays = result.arrays if result is not None else strategy.global_arrays
         if len(run_dir.rounds) < cfg.num_rounds and status == "completed":
             status, reason = (
                 "incomplete",
