@@ -26,7 +26,11 @@ def fixed_update_app(
     def train(msg: Message, ctxt: Context) -> Message:
         i = int(ctxt.node_config["partition-id"])
         glob = msg.content["arrays"]
-        trained = {k: Array(glob[k].numpy() + updates[i][k]) for k in updates[i]}
+        trained = {
+            # A wrong-shaped 'update' is returned as the trained array itself.
+            k: Array(glob[k].numpy() + u if glob[k].numpy().shape == u.shape else u)
+            for k, u in updates[i].items()
+        }
         content = RecordDict(
             {
                 "arrays": ArrayRecord(trained),  # type: ignore[arg-type]
