@@ -84,6 +84,8 @@ class SiteState:
     nbr_ids: list[int] = field(default_factory=list)
     nbr_pk1: list[bytes] = field(default_factory=list)
     nbr_pk2: list[bytes] = field(default_factory=list)
+    # The symmetric keys (ECDH of sk2 with each neighbour's pk2) sealing the key shares.
+    enc_keys: list[bytes] = field(default_factory=list)
     # Neighbours whose shares this site holds (they finished share-keys), self included.
     holder_ids: list[int] = field(default_factory=list)
     seed_shares: list[bytes] = field(default_factory=list)
@@ -118,7 +120,7 @@ class SiteState:
     def forget_secrets(self) -> None:
         """After unmask nothing of this round is needed; keep no key material around."""
         self.sk1 = self.sk2 = self.seed = b""
-        self.holder_ids, self.seed_shares, self.sk1_shares = [], [], []
+        self.enc_keys, self.holder_ids, self.seed_shares, self.sk1_shares = [], [], [], []
 
 
 def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -195,16 +197,19 @@ def _share_keys(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
     state.nbr_ids, state.nbr_pk1, state.nbr_pk2 = ids, pk1s, pk2s
     state.seed = os.urandom(32)
     seed_shares = create_shares(state.seed, params.threshold, len(ids))
-    sk1_shares = create_shares(state.sk1, params.threshold, len(ids))
+    sk1_shares = create_shares(masking.private_scalar(state.sk1), params.threshold, len(ids))
     sk2 = bytes_to_private_key(state.sk2)
     dsts: list[int] = []
     ciphertexts: list[bytes] = []
+    state.enc_keys = []
     for idx, (nid, pk2) in enumerate(zip(ids, pk2s, strict=True)):
         if nid == state.nid:
+            state.enc_keys.append(b"")
             state.holder_ids = [nid]
             state.seed_shares, state.sk1_shares = [seed_shares[idx]], [sk1_shares[idx]]
             continue
         key = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        state.enc_keys.append(key)
         plain = share_keys_plaintext_concat(state.nid, nid, seed_shares[idx], sk1_shares[idx])
         dsts.append(nid)
         ciphertexts.append(encrypt(key, plain))
@@ -225,11 +230,9 @@ def _receive_shares(state: SiteState, ins: ConfigRecord) -> None:
             f"SecAgg+ collect: only {len(srcs) + 1} sites hold shares (threshold "
             f"{params.threshold}); refusing to upload a vector that could not be unmasked"
         )
-    sk2 = bytes_to_private_key(state.sk2)
     for src, ctxt in zip(srcs, ctxts, strict=True):
-        pk2 = state.nbr_pk2[state.nbr_ids.index(src)]
         try:
-            plain = decrypt(generate_shared_key(sk2, bytes_to_public_key(pk2)), ctxt)
+            plain = decrypt(state.enc_keys[state.nbr_ids.index(src)], ctxt)
         except InvalidToken:
             raise SecAggProtocolError(
                 f"SecAgg+ collect: the ciphertext from site {src} does not authenticate"
@@ -324,18 +327,20 @@ def _collect_masked_vector(
             delta.size,
             params.clipping_range,
         )
-    vec += masking.prg(state.seed, vec.size, params.modulus_range)
+    # uint32 arithmetic wraps modulo 2**32, a multiple of the modulus: reduce once at the end.
+    vec += masking.prg(state.seed, vec.size)
+    sk1 = bytes_to_private_key(state.sk1)
     for nid in state.holder_ids:
         if nid == state.nid:
             continue
         pk1 = state.nbr_pk1[state.nbr_ids.index(nid)]
-        mask = masking.prg(masking.agreed_seed(state.sk1, pk1), vec.size, params.modulus_range)
+        mask = masking.prg(masking.agreed_seed(sk1, pk1), vec.size)
         # The pair's masks cancel: the larger node id adds, the smaller subtracts.
         if state.nid > nid:
             vec += mask
         else:
             vec -= mask
-    vec = masking.mod(vec, params.modulus_range).astype(np.uint32)
+    vec = masking.mod(vec, params.modulus_range)
     out.array_records[MASKED_KEY] = ArrayRecord({MASKED_ARRAY: Array(vec)})
     out.config_records[RECORD_KEY] = ConfigRecord({})
     log(DEBUG, "SecAgg+: uploaded a masked vector of %d entries", vec.size)

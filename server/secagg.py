@@ -28,7 +28,6 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, public_key_to_bytes
 
 from common.errors import ConfigError
 from common.secagg import masking
@@ -289,7 +288,7 @@ class _Round:
             contents[nid] = content
         replies = self.exchange(Stage.COLLECT_MASKED_VECTORS, contents)
         m = self.params.modulus_range
-        total = np.zeros(self.length, dtype=np.int64)
+        total = np.zeros(self.length, dtype=np.uint32)  # wraps modulo 2**32 (see masking.prg)
         for nid, msg in replies.items():
             rec = msg.content.config_records[RECORD_KEY]
             if Key.REFUSED in rec:
@@ -299,7 +298,7 @@ class _Round:
             if reason:
                 self.out.rejected[nid] = reason
                 continue
-            total += vec  # < 1024 vectors of 32-bit entries: no int64 overflow
+            total += vec
             self.u3.add(nid)
             self.out.accepted.append(msg)
         for nid, reason in self.out.rejected.items():
@@ -316,7 +315,7 @@ class _Round:
                 f"the masked vector has dtype {arr.dtype} and shape {tuple(arr.shape)}; "
                 f"expected uint32 and ({self.length},) for this model"
             ), None
-        vec = arr.numpy().astype(np.int64)
+        vec = arr.numpy()
         if vec.size and int(vec.max()) >= m:
             return f"the masked vector has entries >= modulus-range {m}", None
         return None, vec
@@ -365,20 +364,15 @@ class _Round:
                 if len(secret) != 32:
                     self.out.error = f"the mask seed of site {self.name(nid)} did not reconstruct"
                     return False
-                total -= masking.prg(secret, self.length, p.modulus_range)
+                total -= masking.prg(secret, self.length)
                 continue
             # A dropped site: remove the pairwise masks its live neighbours added.
-            try:
-                pk = public_key_to_bytes(bytes_to_private_key(secret).public_key())
-            except ValueError:
-                pk = b""
-            if pk != self.pk1[nid]:
+            sk1 = masking.key_from_scalar(secret, self.pk1[nid]) if secret else None
+            if sk1 is None:
                 self.out.error = f"the masking key of site {self.name(nid)} did not reconstruct"
                 return False
             for other in sorted(self.nbrs[nid] & self.u3):
-                mask = masking.prg(
-                    masking.agreed_seed(secret, self.pk1[other]), self.length, p.modulus_range
-                )
+                mask = masking.prg(masking.agreed_seed(sk1, self.pk1[other]), self.length)
                 if other > nid:
                     total -= mask
                 else:

@@ -70,8 +70,9 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
         # Every message the server side received, as it received them (for inspection).
         self.received: list[Message] = []
-        # Seconds spent inside ClientApps, per node (for benchmarks).
-        self.client_seconds: dict[int, float] = dict.fromkeys(self.node_ids, 0.0)
+        # Seconds spent inside ClientApps, per exchange and node (for benchmarks: sites that run
+        # in parallel would take the slowest site's time of each exchange).
+        self.exchanges: list[dict[int, float]] = []
         # Messages are created in the ServerApp's name (Flower reads this process-global).
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
@@ -102,6 +103,8 @@ class InProcessGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
+        seconds: dict[int, float] = {}
+        self.exchanges.append(seconds)
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             delivered = _wire(msg)
@@ -120,7 +123,7 @@ class InProcessGrid(Grid):
                     ),
                     reply_to=delivered,
                 )
-            self.client_seconds[nid] += time.perf_counter() - t0
+            seconds[nid] = seconds.get(nid, 0.0) + time.perf_counter() - t0
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             self._replies[msg.metadata.message_id] = _wire(reply)
         return ids

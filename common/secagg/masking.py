@@ -14,11 +14,16 @@ import base64
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    public_key_to_bytes,
+)
 
 from common.secagg.params import RoundParams
 
@@ -53,22 +58,43 @@ def unflatten(
     return out
 
 
-def prg(seed: bytes, length: int, modulus: int) -> np.ndarray:
-    """``length`` uniform integers in [0, modulus) from a 32-byte seed (ChaCha20 keystream).
+def prg(seed: bytes, length: int) -> np.ndarray:
+    """``length`` uniform 32-bit words (uint32) from a 32-byte seed: a ChaCha20 keystream.
 
-    ``modulus`` is a power of two <= 2**32, so masking 32-bit words keeps them uniform.
+    Masks are added in uint32, which wraps modulo 2**32; every modulus is a power of two that
+    divides 2**32, so reducing once at the end (:func:`mod`) gives the sum modulo the modulus.
     """
     if len(seed) != 32:
         raise ValueError(f"mask seeds are 32 bytes; got {len(seed)}")
     stream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
-    words = np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4").astype(np.int64)
-    return words & (modulus - 1)
+    return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4")
 
 
-def agreed_seed(private_key: bytes, public_key: bytes) -> bytes:
+def agreed_seed(private_key: ec.EllipticCurvePrivateKey, public_key: bytes) -> bytes:
     """The 32-byte seed two sites share (ECDH + HKDF, Flower's ``generate_shared_key``)."""
-    key = generate_shared_key(bytes_to_private_key(private_key), bytes_to_public_key(public_key))
-    return base64.urlsafe_b64decode(key)
+    return base64.urlsafe_b64decode(
+        generate_shared_key(private_key, bytes_to_public_key(public_key))
+    )
+
+
+def private_scalar(private_key: bytes) -> bytes:
+    """The masking key's secret scalar, big-endian: what its Shamir shares hide.
+
+    48 bytes for Flower's P-384 keys, where the PEM Flower shares is about 300: Shamir sharing
+    and reconstruction cost grows with the secret's length.
+    """
+    key = bytes_to_private_key(private_key)
+    return key.private_numbers().private_value.to_bytes((key.curve.key_size + 7) // 8, "big")
+
+
+def key_from_scalar(scalar: bytes, public_key: bytes) -> ec.EllipticCurvePrivateKey | None:
+    """The private key of ``scalar`` on ``public_key``'s curve, or None if they do not match."""
+    curve = bytes_to_public_key(public_key).curve
+    try:
+        key = ec.derive_private_key(int.from_bytes(scalar, "big"), curve)
+    except ValueError:
+        return None
+    return key if public_key_to_bytes(key.public_key()) == public_key else None
 
 
 def weight_factor(weight: float, params: RoundParams) -> int:
@@ -82,30 +108,34 @@ def weight_factor(weight: float, params: RoundParams) -> int:
 
 
 def encode(delta: np.ndarray, weight: float, params: RoundParams) -> tuple[np.ndarray, int]:
-    """``[w, q(w * delta)]`` as int64 in [0, Q], before masking; and how many entries clipped."""
+    """``[w, q(w * delta)]`` as uint32 in [0, Q], before masking; and how many entries clipped."""
     q_ratio = weight_factor(weight, params)
     scaled = delta * (q_ratio / params.quantization_range)
     clipped = int(np.count_nonzero(np.abs(scaled) > params.clipping_range))
     (quantized,) = quantize([scaled], params.clipping_range, params.quantization_range)
-    vec = np.empty(delta.size + 1, dtype=np.int64)
+    vec = np.empty(delta.size + 1, dtype=np.uint32)
     vec[0] = q_ratio
     vec[1:] = quantized
     return vec, clipped
 
 
 def mod(vec: np.ndarray, modulus: int) -> np.ndarray:
+    """``vec`` (uint32, wrapped modulo 2**32) reduced modulo ``modulus`` (Flower's arithmetic)."""
+    if modulus == 2**32:
+        return vec
     (out,) = parameters_mod([vec], modulus)
     return out
 
 
 def decode(total: np.ndarray, num_sites: int, params: RoundParams) -> tuple[int, np.ndarray]:
-    """The weighted mean update from the unmasked sum of ``num_sites`` encoded vectors.
+    """The weighted mean update from the unmasked sum (reduced) of ``num_sites`` encoded vectors.
 
     Raises ValueError when the sum cannot come from honest sites (a weight or an entry beyond
     what ``num_sites`` vectors in [0, Q] can add up to): a contribution was malformed.
     """
     q = params.quantization_range
     bound = num_sites * q
+    total = total.astype(np.int64)
     q_total = int(total[0])
     if not 0 < q_total <= bound:
         raise ValueError(
