@@ -8,9 +8,10 @@ with 5,120 or 61,440 text buckets) and training mode (``none``: a site returns t
 plus a constant step at once; ``dp``: the real fedfuse ClientApp trains with Opacus DP-SGD
 on synthetic sites), it runs ``--rounds`` training rounds of the real strategy
 (``server.strategy.make_strategy``) with ``secagg`` on and off, over the in-process Grid with
-the real ClientApp and ``secaggplus_mod``, and reports the fastest round after the first (the
-first also loads data and plans the DP noise; the fastest is the least disturbed by other work
-on a shared machine). Rounds with and without SecAgg+ alternate. Two times per round:
+the real ClientApp and ``secaggplus_mod``. Rounds with and without SecAgg+ alternate; a round's
+time is the sites' median training time plus the fastest non-training time measured after the
+first round (see ``alternate``: training time swings several-fold on a shared machine). Two
+times per round:
 
 - one process: what this machine measured, every site one after another;
 - parallel sites: the server's time plus the slowest site of each exchange, what a federation
@@ -55,11 +56,27 @@ from simulations.scenarios import DataSpec, ensure_data  # noqa: E402
 TEXT_BUCKETS = {"100k": 5120, "1m": 61440}
 
 
+# Seconds each site spent in its train function, appended as they happen (in-process only).
+TRAINING: list[float] = []
+
+
+def timed(train_fn):  # noqa: ANN001, ANN201
+    def train(msg: Message, ctxt: Context) -> Message:
+        t0 = time.perf_counter()
+        try:
+            return train_fn(msg, ctxt)
+        finally:
+            TRAINING.append(time.perf_counter() - t0)
+
+    return train
+
+
 def no_training_app() -> ClientApp:
     """A site that 'trains' instantly: the global model plus a constant small step."""
     app = ClientApp()
 
     @app.train(mods=[secaggplus_mod])
+    @timed
     def train(msg: Message, ctxt: Context) -> Message:
         step = np.float32(1e-3 * (1 + int(ctxt.node_config["partition-id"])))
         glob = msg.content["arrays"]
@@ -97,11 +114,13 @@ class Setup:
         self.arrays = ArrayRecord(model.state_dict())
         self.params = sum(int(v.numel()) for v in model.state_dict().values())
 
-    def round(self, rnd: int) -> tuple[float, float]:
-        """One training round: (seconds in this process, seconds if sites ran in parallel)."""
+    def round(self, rnd: int) -> tuple[float, float, float, float]:
+        """One training round: seconds in this process, seconds if the sites ran in parallel,
+        and of these the sites' training (all sites; the slowest site)."""
         grid = self.grid
         exchanges: list[dict[int, float]] = getattr(grid, "exchanges", [])
         exchanges.clear()
+        TRAINING.clear()
         t0 = time.perf_counter()
         config = ConfigRecord(self.cfg.to_mapping())
         messages = self.strategy.configure_train(rnd, self.arrays, config, grid)
@@ -112,16 +131,19 @@ class Setup:
             raise RuntimeError(f"round {rnd} produced no model")
         self.arrays = new
         if not isinstance(grid, InProcessGrid):
-            return wall, float("nan")  # the engine runs sites in parallel already
+            return wall, float("nan"), 0.0, 0.0  # the engine runs sites in parallel already
         on_sites = sum(sum(e.values()) for e in exchanges)
         slowest = sum(max(e.values(), default=0.0) for e in exchanges)
-        return wall, wall - on_sites + slowest
+        return wall, wall - on_sites + slowest, sum(TRAINING), max(TRAINING, default=0.0)
 
 
 def client_app_for(training: str) -> ClientApp:
     if training == "dp":
-        from client.app import app
+        # fedfuse's own train function (Opacus DP-SGD), behind the same mod as in client/app.py
+        from client.app import train as fedfuse_train
 
+        app = ClientApp()
+        app.train(mods=[secaggplus_mod])(timed(fedfuse_train))
         return app
     if training == "legacy":
         return legacy_no_training_app()
@@ -144,6 +166,8 @@ def legacy_no_training_app() -> ClientApp:
 
     def client_fn(context: Context):  # noqa: ANN202
         return Instant(1e-3 * (1 + int(context.node_config["partition-id"]))).to_client()
+
+    # (the legacy client's fit time is not separated: it does no training)
 
     def flower_secagg_only(msg: Message, ctxt: Context, call_next):  # noqa: ANN001, ANN202
         if RECORD_KEY_CONFIGS in msg.content.config_records:
@@ -191,7 +215,7 @@ class LegacySetup:
             else default_fit_workflow
         )
 
-    def round(self, rnd: int) -> tuple[float, float]:
+    def round(self, rnd: int) -> tuple[float, float, float, float]:
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
         self.ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: rnd})
@@ -201,30 +225,42 @@ class LegacySetup:
         self.workflow(self.grid, self.ctx)
         wall = time.perf_counter() - t0
         if not isinstance(self.grid, InProcessGrid):
-            return wall, float("nan")
+            return wall, float("nan"), 0.0, 0.0
         on_sites = sum(sum(e.values()) for e in exchanges)
         slowest = sum(max(e.values(), default=0.0) for e in exchanges)
-        return wall, wall - on_sites + slowest
+        return wall, wall - on_sites + slowest, 0.0, 0.0
 
 
 def alternate(
     grid: Grid, cfg: RunConfig, sites: int, rounds: int, out: Path, training: str
 ) -> tuple[dict[bool, tuple[float, float]], int]:
-    """Per SecAgg+ off/on: (seconds, parallel-sites seconds) of the fastest round after the
-    first. Rounds alternate between the two federations, so both see the same machine load."""
+    """Per SecAgg+ off/on: (seconds per round in one process, with parallel sites).
+
+    Rounds alternate between the two federations. The sites' training is the same work with
+    and without SecAgg+, but on a shared machine its time varies several-fold from round to
+    round; so each round is split into training and the rest (protocol, serialisation,
+    aggregation), the rest is taken from the fastest round after the first (round 1 also loads
+    data and plans the DP noise), and both paths get the same, median, training time.
+    """
     setups: dict[bool, Any] = {
         on: LegacySetup(cfg, sites, grid, secagg=on)
         if training == "legacy"
         else Setup(cfg.replace(secagg=on), sites, out, grid)
         for on in (False, True)
     }
-    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    rest: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    trained: list[tuple[float, float]] = []
     for rnd in range(1, rounds + 1):
         for on, setup in setups.items():
-            t = setup.round(rnd)
-            if rnd > 1:  # round 1 also loads data and plans the DP noise
-                times[on].append(t)
-    best = {on: (min(w for w, _ in ts), min(p for _, p in ts)) for on, ts in times.items()}
+            wall, parallel, train_all, train_max = setup.round(rnd)
+            if rnd > 1:
+                rest[on].append((wall - train_all, parallel - train_max))
+                trained.append((train_all, train_max))
+    t_all = float(np.median([t for t, _ in trained]))
+    t_max = float(np.median([t for _, t in trained]))
+    best = {
+        on: (t_all + min(w for w, _ in r), t_max + min(p for _, p in r)) for on, r in rest.items()
+    }
     return best, setups[False].params
 
 

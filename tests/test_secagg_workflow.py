@@ -314,3 +314,36 @@ def test_the_update_not_the_weights_is_masked() -> None:
     expected = {k: 100.0 + v for k, v in weighted_mean(updates, weights).items()}
     # float32 spacing at 100 is ~8e-6: allow it on top of the quantisation bound.
     assert _gap(out.arrays, expected) <= _bound(updates, weights) + 1e-5
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam"])
+def test_every_strategy_trains_through_secagg(tmp_path, name: str) -> None:
+    """SecAgg+ replaces only FedAvg's exchange and mean: FedProx's config and FedAdam's server
+    optimiser still apply, and one round gives the model it gives without SecAgg+."""
+    from common.config import RunConfig
+    from server.rundir import RunDirectory
+    from server.secagg import SecAggAggregation
+    from server.strategy import make_strategy
+
+    n = 3
+    updates, weights = _updates(n, seed=5), [30.0, 20.0, 10.0]
+    models = {}
+    for on in (True, False):
+        cfg = RunConfig(strategy=name, secagg=on, out_dir=str(tmp_path))
+        strategy = make_strategy(
+            cfg,
+            run_dir=RunDirectory(tmp_path, cfg, run_id=f"{name}-{on}"),
+            on_round=None,
+            min_train_nodes=n,
+            min_available_nodes=n,
+        )
+        assert isinstance(strategy, SecAggAggregation) == on
+        grid = InProcessGrid(fixed_update_app(updates, weights), n)
+        config = ConfigRecord(cfg.to_mapping())
+        messages = strategy.configure_train(1, _zeros(), config, grid)
+        arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+        assert arrays is not None and metrics is not None
+        assert strategy.current["num-sites"] == n and len(strategy.current["sites"]) == n
+        models[on] = {k: arrays[k].numpy() for k in SHAPES}
+    gap = max(float(np.abs(models[True][k] - models[False][k]).max()) for k in SHAPES)
+    assert gap <= 10 * _bound(updates, weights), gap
