@@ -8,6 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secagg_mod import secaggplus_mod
 from client.site import PrivacyState, SiteInfo, resolve_site, site_data
 from client.training import limit_threads, pick_device, plan_site_privacy, train_round
 from common.config import RunConfig
@@ -38,7 +39,8 @@ def _site_record(site: SiteInfo) -> ConfigRecord:
     return ConfigRecord({"name": site.name})
 
 
-@app.train()
+# SecAgg+: the trained model leaves the site only masked (client/secagg_mod.py).
+@app.train(mods=[secaggplus_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round of DP training on the site's train split."""
     limit_threads()

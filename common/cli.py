@@ -112,6 +112,9 @@ def simulate(
     overrides: list[str] = typer.Option(
         [], "--set", help="Any run-config key, e.g. --set fusion=concat."
     ),
+    secagg: bool | None = typer.Option(
+        None, "--secagg/--no-secagg", help="Secure aggregation (SecAgg+) of the updates [on]."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a whole federation on this machine (Flower simulation engine)."""
@@ -130,6 +133,7 @@ def simulate(
             ("num-rounds", rounds),
             ("target-epsilon", epsilon),
             ("target-delta", delta),
+            ("secagg", secagg),
         ):
             if value is not None:
                 raw[key] = value
@@ -141,6 +145,8 @@ def simulate(
     except FedfuseError as exc:
         _fail(str(exc))
     data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    if cfg.secagg and sites < 2:
+        _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
     cfg = cfg.replace(data_dir=str(data))
     _run_simulation(
         cfg,
@@ -182,7 +188,8 @@ def _run_simulation(
     eps_text = "no DP" if not cfg.private else f"epsilon {cfg.target_epsilon:g}"
     console.print(
         f"[bold]fedfuse[/] simulating {sites} sites x {cfg.num_rounds} rounds, "
-        f"{eps_text}, delta {cfg.target_delta:g}, data {cfg.data_dir}"
+        f"{eps_text}, delta {cfg.target_delta:g}, "
+        f"{'SecAgg+' if cfg.secagg else 'no secure aggregation'}, data {cfg.data_dir}"
     )
 
     def on_round(rec: dict[str, Any]) -> None:
@@ -197,6 +204,8 @@ def _run_simulation(
         )
         for name, reason in {**rec.get("failed", {}), **rec.get("rejected", {})}.items():
             console.print(f"    [yellow]site {name} left out:[/] {reason}")
+        if rec.get("status") == "failed":
+            err_console.print(f"    [bold red]round {rec['round']} failed:[/] {rec.get('error')}")
 
     try:
         run_dir = run(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.errors import ConfigError
+from common.secagg.params import SecAggSettings
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,18 @@ class RunConfig:
     # Continue the interrupted run in this run directory from its last checkpoint (its config
     # must be the same); "" starts a new run.
     resume_from: str = ""
+    # Secure aggregation (SecAgg+): the server sees only the masked sum of the sites' updates.
+    # The keys below are checked by common.secagg.params.SecAggSettings, which explains them.
+    secagg: bool = True
+    num_shares: int = 0
+    reconstruction_threshold: int = 0
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: float = 1000.0
+    # Seconds to wait for the sites' replies in each exchange (training included), so that a
+    # silent site cannot hang a round forever.
+    timeout: float = 3600.0
 
     def __post_init__(self) -> None:
         _check_int("num-rounds", self.num_rounds, low=1)
@@ -105,6 +118,9 @@ class RunConfig:
         _check_int("text-buckets", self.text_buckets, low=16)
         _check_int("max-tokens", self.max_tokens, low=1)
         _check_int("embed-dim", self.embed_dim, low=1)
+        if not isinstance(self.secagg, bool):
+            raise ConfigError(f"'secagg' must be true or false; found {self.secagg!r}")
+        SecAggSettings.from_run_config(self)  # raises ConfigError naming the bad key
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -147,6 +163,15 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
             return float(value)
         if t == "str":
             return str(value)
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"Config key '{key}' must be a {t}; found {value!r}") from None
     return value

@@ -56,6 +56,7 @@ def run_federation(
             grid=grid,
             initial_arrays=initial_arrays,
             num_rounds=cfg.num_rounds - strategy.round_offset,
+            timeout=cfg.timeout,
             train_config=config,
             evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
         )
@@ -63,7 +64,8 @@ def run_federation(
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        arrays = result.arrays if result is not None else None
+        # A failed run keeps the last global model that was sent out (the previous round's).
+        arrays = result.arrays if result is not None else strategy.global_arrays
         if len(run_dir.rounds) < cfg.num_rounds and status == "completed":
             status, reason = (
                 "incomplete",

@@ -126,6 +126,8 @@ class RunDirectory:
             self.save_model(state_dict)
         privacy = self.privacy_summary()
         self.write_json("privacy.json", privacy)
+        # Machine-readable outcome: `fedfuse simulate` exits non-zero unless it is "completed".
+        self.write_json("status.json", {"status": status, "reason": reason})
         self._plots()
         (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
 
@@ -159,6 +161,8 @@ class RunDirectory:
             ),
             f"{cfg.num_rounds} rounds, fusion `{cfg.fusion}`, target (epsilon, delta) = "
             f"({cfg.target_epsilon}, {cfg.target_delta}) per site, accountant `{cfg.accountant}`.",
+            "Aggregation: "
+            + ("SecAgg+ (the server saw only masked updates)." if cfg.secagg else "in the clear."),
             "",
             "## Rounds",
             "",

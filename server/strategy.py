@@ -128,7 +128,8 @@ class SiteRecordingMixin:
             self.current["train-loss"] = metrics.get("train-loss")
         eps = [s["epsilon"] for s in self.current["sites"].values() if "epsilon" in s]
         self.current["max-epsilon"] = max(eps) if eps else None
-        self.current["num-sites"] = len(good)
+        # Counted from the recorded sites: under SecAgg+ the replies here are empty.
+        self.current["num-sites"] = len(self.current["sites"])
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
@@ -206,4 +207,10 @@ def make_strategy(
         extra["proximal_mu"] = cfg.proximal_mu
     elif cfg.strategy == "fedadam":
         extra["eta"] = cfg.server_learning_rate
-    return STRATEGIES[cfg.strategy](run_dir=run_dir, on_round=on_round, **common, **extra)
+    cls = STRATEGIES[cfg.strategy]
+    if cfg.secagg:  # the strategy then only ever holds the masked sum (server/secagg.py)
+        from common.secagg import SecAggSettings
+        from server.secagg import secagg_variant
+
+        cls = secagg_variant(cls, SecAggSettings.from_run_config(cfg))
+    return cls(run_dir=run_dir, on_round=on_round, **common, **extra)

@@ -12,8 +12,12 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.data.manifest import load_manifest
-from common.errors import ConfigError, DataValidationError
+from common.errors import ConfigError, DataValidationError, FedfuseError
 from server.rundir import RoundCallback, new_run_id
+
+
+class FederationFailedError(FedfuseError):
+    """The federation ran but did not complete (e.g. a secure-aggregation round failed)."""
 
 
 def quiet_flower() -> None:
@@ -110,4 +114,18 @@ def simulate(
             pass
     if not (run_dir / "privacy.json").exists():
         raise RuntimeError(f"the federation did not finish; see the log and {run_dir}")
+    check_run_status(run_dir)
     return run_dir
+
+
+def check_run_status(run_dir: Path) -> None:
+    """Raise unless the run directory records a completed run: never a silent failure."""
+    import json
+
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    if status.get("status") != "completed":
+        raise FederationFailedError(
+            f"the run {status.get('status', 'did not record its status')}: "
+            f"{status.get('reason', '')} (see {run_dir / 'summary.md'})"
+        )
