@@ -28,6 +28,11 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 
+def _table_console() -> Console:
+    """Wide tables stay readable when output goes to a file or CI log (rich assumes 80)."""
+    return console if console.is_terminal else Console(highlight=False, width=160)
+
+
 def _fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
@@ -167,8 +172,11 @@ def _run_simulation(
             f"test AUROC {_num(auc)}  max epsilon {eps_s} (target {cfg.target_epsilon:g})  "
             f"[{rec.get('seconds', 0):.1f}s]"
         )
-        for name, reason in {**rec.get("failed", {}), **rec.get("rejected", {})}.items():
+        left_out = {**rec.get("failed", {}), **rec.get("rejected", {}), **rec.get("refused", {})}
+        for name, reason in left_out.items():
             console.print(f"    [yellow]site {name} left out:[/] {reason}")
+        if rec.get("stopped"):
+            console.print(f"  [bold red]run stopped:[/] {rec['stopped']}")
 
     try:
         run_dir = run(
@@ -181,31 +189,43 @@ def _run_simulation(
         )
     except FedfuseError as exc:
         _fail(str(exc))
-    _print_privacy(run_dir)
+    privacy = _print_privacy(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
+    if privacy.get("status", "completed") != "completed":
+        _fail(f"the run {privacy['status']}: {privacy.get('reason', '')}", code=1)
 
 
 def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def _print_privacy(run_dir: Path) -> None:
+def _print_privacy(run_dir: Path) -> dict[str, Any]:
     import json
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
-    table = Table(title="Privacy spent per site (record-level, whole run)")
-    for col in ("site", "epsilon", "delta", "target", "noise multiplier", "rounds"):
+    table = Table(title="Privacy spent per site (record-level): this run, and lifetime (ledger)")
+    cols = ("site", "run epsilon", "delta", "target", "noise multiplier", "rounds")
+    for col in (*cols, "lifetime before", "lifetime after", "site budget", "refused"):
         table.add_column(col)
+
+    def num(x: Any, fmt: str = ".4f") -> str:
+        return "-" if x is None else format(float(x), fmt)
+
     for name, s in privacy["sites"].items():
         table.add_row(
             name,
-            f"{float(s['epsilon']):.4f}",
-            f"{s['delta']:g}",
-            f"{float(s['target_epsilon']):g}",
-            f"{float(s['noise_multiplier']):.4f}",
+            num(s.get("epsilon")),
+            num(s.get("delta"), "g"),
+            num(s.get("target_epsilon"), "g"),
+            num(s.get("noise_multiplier")),
             str(s["rounds"]),
+            num(s.get("lifetime_epsilon_start")),
+            num(s.get("lifetime_epsilon")),
+            num(s.get("epsilon_budget"), "g"),
+            ", ".join(f"round {r['round']}" for r in s.get("refused", [])) or "-",
         )
-    console.print(table)
+    _table_console().print(table)
+    return privacy
 
 
 experiment_app = typer.Typer(
@@ -322,6 +342,89 @@ def data_check(site: Path = typer.Argument(..., help="A site folder (holding man
     console.print(
         "splits: " + ", ".join(f"{s} {len(m.split(s))}" for s in ("train", "val", "test"))
     )
+
+
+@app.command()
+def audit(
+    path: Path = typer.Argument(
+        ..., help="A ledger file, a site folder, a folder of site folders, or a run directory."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (every event) instead."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write epsilon vs rounds to this PNG."),
+    budget: float | None = typer.Option(
+        None, "--budget", help="Also fail (exit 1) if a site's lifetime epsilon exceeds this."
+    ),
+) -> None:
+    """Verify privacy ledgers and recompute epsilon with two accountants.
+
+    Exit status: 0 all good, 1 a budget exceeded, 2 a ledger tampered or inconsistent.
+    """
+    from common.privacy.audit import audit as run_audit
+    from common.privacy.audit import plot_epsilon
+
+    try:
+        report = run_audit(path, budget=budget)
+    except FedfuseError as exc:
+        _fail(str(exc))
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_audit(report)
+    if plot is not None:
+        plot_epsilon(report, plot)
+        if not as_json:
+            console.print(f"Plot: {plot}")
+    raise typer.Exit(report.exit_code)
+
+
+def _print_audit(report: Any) -> None:
+    from common.privacy.audit import CLAIM_RTOL, CROSS_ATOL, CROSS_RTOL
+
+    for a in report.ledgers:
+        table = Table(title=f"{a.path}  ({a.chain.entries} entries)")
+        for col in ("site", "run", "round", "#", "sigma", "q", "steps", "delta"):
+            table.add_column(col)
+        for col in ("epsilon (ledger)", "PRV", "RDP", "budget"):
+            table.add_column(col, justify="right")
+        for ev in a.events:
+            e = ev.entry
+            table.add_row(
+                e.site,
+                e.run_name or e.run_id,
+                str(e.round),
+                str(e.seq),
+                f"{e.noise_multiplier:.4g}",
+                f"{e.sample_rate:.4g}",
+                str(e.steps),
+                f"{e.delta:g}",
+                f"{e.epsilon:.4f}",
+                f"{ev.epsilon_prv:.4f}",
+                f"{ev.epsilon_rdp:.4f}",
+                f"{e.epsilon_budget:g}",
+            )
+        _table_console().print(table)
+        if a.chain.ok:
+            console.print("  hash chain: [green]intact[/]")
+        else:
+            console.print(f"  hash chain: [bold red]BROKEN[/] at {a.chain.first_broken}")
+        for p in a.chain.problems + a.problems:
+            console.print(f"  [red]- {p}[/]")
+        for p in a.over_budget:
+            console.print(f"  [yellow]- over budget: {p}[/]")
+    for m in report.missing:
+        console.print(f"[red]- {m}[/]")
+    console.print(
+        f"Tolerances: stored vs recomputed epsilon {CLAIM_RTOL:.0%}; PRV may exceed RDP by "
+        f"{CROSS_RTOL:.0%} + {CROSS_ATOL} at most (RDP is the looser bound)."
+    )
+    verdict = {
+        0: "[green]OK[/]",
+        1: "[yellow]BUDGET EXCEEDED[/]",
+        2: "[red]TAMPERED OR INCONSISTENT[/]",
+    }[report.exit_code]
+    console.print(f"Audit: {verdict} (exit {report.exit_code})")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.models import build_model
+from server.privacy_report import FederationStopped
 from server.rundir import RoundCallback, RunDirectory
 from server.strategy import make_strategy
 
@@ -34,6 +35,8 @@ def run_federation(
     )
     # The whole run config travels with every message: sites build the same model and plan.
     config = ConfigRecord(dict(cfg.to_mapping()))
+    # Sites key their ledger entries by Flower's run id and show this name beside it.
+    config["run-id"] = run_dir.run_id
     status, reason = "completed", ""
     result = None
     try:
@@ -44,6 +47,9 @@ def run_federation(
             train_config=config,
             evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
         )
+    except FederationStopped as exc:
+        # Too few sites left (e.g. budgets exhausted): a clean stop, recorded with its reason.
+        status, reason = "stopped", str(exc)
     except Exception as exc:
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
         raise

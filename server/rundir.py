@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
+from common.privacy.ledger import LEDGER_ACCOUNTANT
+from server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -62,28 +64,17 @@ class RunDirectory:
         return p
 
     def privacy_summary(self) -> dict[str, Any]:
-        """Per site: the last epsilon it reported, its delta and target, and its mechanism."""
-        sites: dict[str, Any] = {}
-        for rec in self.rounds:
-            for name, s in rec.get("sites", {}).items():
-                if "epsilon" not in s:
-                    continue
-                prev = sites.get(name, {"rounds": 0})
-                sites[name] = {
-                    "epsilon": s["epsilon"],
-                    "delta": s.get("delta", self.cfg.target_delta),
-                    "target_epsilon": self.cfg.target_epsilon,
-                    "noise_multiplier": s.get("noise-multiplier"),
-                    "steps": s.get("steps"),
-                    "rounds": prev["rounds"] + 1,
-                    "last_round": rec["round"],
-                }
+        """Per site: this run's epsilon, its lifetime epsilon (every run on its data, from its
+        ledger) before and after this run, its budget, refusals, and its ledger entries."""
         return {
             "accountant": self.cfg.accountant,
             "level": "record",
             "mechanism": "DP-SGD (Opacus), Poisson sampling, Gaussian noise",
             "max_grad_norm": self.cfg.max_grad_norm,
-            "sites": dict(sorted(sites.items())),
+            "lifetime_accountant": LEDGER_ACCOUNTANT,
+            "sites": site_privacy(
+                self.rounds, target_epsilon=self.cfg.target_epsilon, delta=self.cfg.target_delta
+            ),
         }
 
     def finish(
@@ -91,7 +82,7 @@ class RunDirectory:
     ) -> None:
         if state_dict is not None:
             self.save_model(state_dict)
-        privacy = self.privacy_summary()
+        privacy = {"status": status, "reason": reason, **self.privacy_summary()}
         self.write_json("privacy.json", privacy)
         self._plots()
         (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
@@ -137,17 +128,30 @@ class RunDirectory:
             "",
             "## Privacy spent per site",
             "",
-            "| site | epsilon | delta | target | noise multiplier | rounds |",
-            "|---|---|---|---|---|---|",
+            "Run epsilon: this run's rounds composed. Lifetime epsilon: every run on the "
+            "site's data (its ledger), before this run and after it, against the site's own "
+            "budget.",
+            "",
+            "| site | run epsilon | delta | target | noise multiplier | rounds | "
+            "lifetime before | lifetime after | site budget | refused |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in privacy["sites"].items():
+            refused = "; ".join(f"round {r['round']}: {r['reason']}" for r in s.get("refused", []))
             lines.append(
-                f"| {name} | {_f(s['epsilon'])} | {s['delta']:g} | {s['target_epsilon']:g} | "
-                f"{_f(s['noise_multiplier'])} | {s['rounds']} |"
+                f"| {name} | {_f(s.get('epsilon'))} | {_g(s.get('delta'))} | "
+                f"{_g(s.get('target_epsilon'))} | {_f(s.get('noise_multiplier'))} | "
+                f"{s['rounds']} | {_f(s.get('lifetime_epsilon_start'))} | "
+                f"{_f(s.get('lifetime_epsilon'))} | {_g(s.get('epsilon_budget'))} | "
+                f"{refused or '-'} |"
             )
         if (self.path / "epsilon.png").exists():
             lines += ["", "![epsilon per site](epsilon.png)"]
         return "\n".join(lines) + "\n"
+
+
+def _g(x: Any) -> str:
+    return "-" if x is None else f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
 def _f(x: Any) -> str:

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from server.privacy_report import FederationStopped, note_error, note_ledger, stop_reason
 from server.rundir import RoundCallback, RunDirectory
 
 
@@ -86,7 +87,13 @@ class SiteRecordingMixin:
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         self.global_arrays = arrays
-        self.current = {"round": server_round, "sites": {}, "rejected": {}, "failed": {}}
+        self.current = {
+            "round": server_round,
+            "sites": {},
+            "rejected": {},
+            "failed": {},
+            "refused": {},
+        }
         self._t0 = time.time()
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -97,8 +104,9 @@ class SiteRecordingMixin:
         for msg in replies:
             name = site_name(msg)
             if msg.has_error():
-                self.current["failed"][name] = msg.error.reason
-                log(WARNING, "Round %s: site %s failed: %s", server_round, name, msg.error.reason)
+                name, why, refused = note_error(self.current, msg, name)
+                what = "refused the round" if refused else "failed"
+                log(WARNING, "Round %s: site %s %s: %s", server_round, name, what, why)
                 continue
             arrays = msg.content.array_records.get("arrays")
             reason = (
@@ -116,7 +124,17 @@ class SiteRecordingMixin:
             self.current["sites"].setdefault(name, {}).update(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             )
+            note_ledger(self.current["sites"][name], msg)
             good.append(msg)
+        stop = stop_reason(self.current, trained=len(good), min_sites=self.min_train_nodes)
+        if stop is not None:
+            # Keep what happened in this round (refusals included) before stopping the run.
+            self.current.update({"num-sites": len(good), "stopped": stop})
+            self.run_dir.add_round(dict(self.current))
+            if self.on_round is not None:
+                self.on_round(dict(self.current))
+            log(WARNING, "Stopping the run: %s", stop)
+            raise FederationStopped(stop)
         arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None:
             self.current["train-loss"] = metrics.get("train-loss")
