@@ -143,6 +143,52 @@ def model_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def plan_within_budget(
+    earlier: list[DpSgdEvent],
+    *,
+    sample_rate: float,
+    steps: int,
+    budget: float,
+    delta: float,
+    sigma_low: float,
+    rtol: float = 0.01,
+) -> float | None:
+    """Smallest noise multiplier (within ``rtol`` of what is left) keeping ``earlier`` plus
+    ``steps`` new steps within ``budget`` by PRV; None when nothing useful is left.
+
+    ``sigma_low`` is known to be too small. Brackets by doubling, then bisects in log-sigma,
+    stopping once the plan uses all but ``rtol`` of what is left (not of the whole budget,
+    which would waste most of a nearly spent budget on needless noise).
+    """
+
+    def eps(sigma: float) -> float:
+        return epsilon_from_events(
+            [*earlier, DpSgdEvent(sigma, sample_rate, steps)],
+            delta=delta,
+            accountant=LEDGER_ACCOUNTANT,
+        )
+
+    spent = epsilon_from_events(earlier, delta=delta, accountant=LEDGER_ACCOUNTANT)
+    left = budget - spent
+    if left <= rtol * budget:
+        return None
+    lo, hi = sigma_low, sigma_low * 1.5
+    while eps(hi) > budget:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            return None
+    while hi / lo > 1.005:
+        mid = math.sqrt(lo * hi)
+        e = eps(mid)
+        if e > budget:
+            lo = mid
+        else:
+            hi = mid
+            if budget - e <= rtol * left:
+                break
+    return hi
+
+
 class RoundRefused(FedfuseError):
     """The site will not train (or not release) this round; ``why`` goes back to the server."""
 
@@ -288,20 +334,16 @@ class SiteLedger:
             )
             if lifetime > budget.epsilon:
                 # The run's own target fits, but the site's lifetime budget binds: more noise.
-                try:
-                    sigma = max(
-                        sigma,
-                        plan_noise_multiplier(
-                            target_epsilon=budget.epsilon,
-                            target_delta=budget.delta,
-                            sample_rate=q,
-                            steps=steps,
-                            accountant=LEDGER_ACCOUNTANT,
-                            prior_events=earlier,
-                        ),
-                    )
-                except ValueError:
-                    raise self._exhausted(self._spent(self.ledger.entries()), lifetime) from None
+                sigma = plan_within_budget(
+                    earlier,
+                    sample_rate=q,
+                    steps=steps,
+                    budget=budget.epsilon,
+                    delta=budget.delta,
+                    sigma_low=sigma,
+                )
+                if sigma is None:
+                    raise self._exhausted(self._spent(self.ledger.entries()), lifetime)
         return PrivacyPlan(sigma, q, steps_per_round, cfg.num_rounds)
 
     def record(

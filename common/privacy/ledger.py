@@ -25,7 +25,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common.errors import FedfuseError, PrivacyBudgetExhaustedError
@@ -178,7 +178,7 @@ _TRIGGERS = ("entries_append_only_update", "entries_append_only_delete")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class Ledger:
@@ -196,15 +196,27 @@ class Ledger:
     def __init__(self, path: str | Path, *, timeout: float = 120.0, create: bool = True) -> None:
         self.path = Path(path)
         self.timeout = timeout
+        # An audit opens the file read-only: looking must never change what is looked at.
+        self.readonly = not create
         if not self.path.exists():
             if not create:
                 raise LedgerError(f"no ledger at {self.path}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._transaction() as con:
-            # Statement by statement: executescript() would COMMIT the open transaction.
-            for statement in _SCHEMA.split(";\n"):
-                if statement.strip():
-                    con.execute(statement)
+        with self._connect() as con:
+            has_schema = con.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+        if not has_schema:
+            if not create:
+                raise LedgerError(f"{self.path} is not a fedfuse ledger (no 'meta' table)")
+            # Only a new file gets the schema (IF NOT EXISTS: two processes may race here);
+            # recreating it on every open would silently restore removed triggers.
+            with self._transaction() as con:
+                # Statement by statement: executescript() would COMMIT the open transaction.
+                for statement in _SCHEMA.split(";\n"):
+                    if statement.strip():
+                        con.execute(statement)
+        with self._connect() as con:
             version = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if version is None or version[0] != SCHEMA_VERSION:
             raise LedgerError(
@@ -215,13 +227,18 @@ class Ledger:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            if self.readonly:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                con = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None)
+            else:
+                con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open the ledger {self.path}: {exc}") from exc
         try:
-            # FULL: a committed entry survives a power cut (the site may already have sent
-            # the update it accounts for).
-            con.execute("PRAGMA synchronous=FULL")
+            if not self.readonly:
+                # FULL: a committed entry survives a power cut (the site may already have
+                # sent the update it accounts for).
+                con.execute("PRAGMA synchronous=FULL")
             yield con
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"ledger {self.path}: {exc}") from exc
@@ -294,6 +311,8 @@ class Ledger:
         LedgerIntegrityError
             The chain is broken; nothing is written.
         """
+        if self.readonly:
+            raise LedgerError(f"{self.path} was opened read-only (for an audit)")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in range (0, 1); found {delta}")
         if math.isnan(epsilon_budget) or epsilon_budget <= 0:
