@@ -16,6 +16,7 @@ from client.training import limit_threads, pick_device, train_round
 from common.config import RunConfig
 from common.metrics import evaluate as evaluate_model
 from common.models import build_model
+from common.privacy.client_dp import clip_update_
 
 app = ClientApp()
 
@@ -98,9 +99,13 @@ def train(msg: Message, context: Context) -> Message:
             **privacy_metrics(budget, permit, entry),
         }
     )
+    state = model.to("cpu").state_dict()
+    if cfg.client_level_dp:
+        # Client-level DP: bound this site's update here, before it is sent (or masked).
+        clip_update_(state, global_state, clip_norm=cfg.client_clip_norm)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.to("cpu").state_dict()),
+            "arrays": ArrayRecord(state),
             "metrics": metrics,
             "site": _site_record(site),
             "ledger": ConfigRecord(

@@ -261,8 +261,9 @@ class SiteLedger:
         if run_entries:
             before = [e for e in entries if e.seq < run_entries[0].seq]
             start = self._spent(before)
-        if not cfg.private:
-            # Training without noise spends an unbounded epsilon: only an uncapped site allows it.
+        if not cfg.record_level_dp:
+            # Training without DP-SGD (no DP, or only client-level DP, whose noise the server
+            # adds) spends an unbounded epsilon here: only an uncapped site allows it.
             if math.isfinite(budget):
                 raise self._exhausted(spent, math.inf)
             return RoundPermit(None, [], start, spent, math.inf)

@@ -71,6 +71,11 @@ def simulate(
         None, "--epsilon", help="Each site's epsilon for the whole run (inf = no DP) [8]."
     ),
     delta: float | None = typer.Option(None, "--delta", help="Each site's delta [1e-5]."),
+    dp_level: str | None = typer.Option(
+        None,
+        "--dp-level",
+        help="record (DP-SGD at sites), client (clipping at sites + noise at the server) or both.",
+    ),
     data: Path | None = typer.Option(
         None, "--data", help="Folder of site folders [default: make synthetic]."
     ),
@@ -107,6 +112,7 @@ def simulate(
             ("num-rounds", rounds),
             ("target-epsilon", epsilon),
             ("target-delta", delta),
+            ("dp-level", dp_level),
         ):
             if value is not None:
                 raw[key] = value
@@ -225,6 +231,14 @@ def _print_privacy(run_dir: Path) -> dict[str, Any]:
             ", ".join(f"round {r['round']}" for r in s.get("refused", [])) or "-",
         )
     _table_console().print(table)
+    client = privacy.get("client_level")
+    if client:
+        console.print(
+            f"Client-level DP (each site's whole contribution): epsilon "
+            f"{float(client['epsilon']):.4f} at delta {client['delta']:g}, noise multiplier "
+            f"{client['noise_multiplier']:g}, update clip {client['clip_norm']:g}, "
+            f"{client['rounds']} rounds ({client['accountant'].upper()})"
+        )
     return privacy
 
 

@@ -66,9 +66,13 @@ class RunDirectory:
     def privacy_summary(self) -> dict[str, Any]:
         """Per site: this run's epsilon, its lifetime epsilon (every run on its data, from its
         ledger) before and after this run, its budget, refusals, and its ledger entries."""
+        client_level = next(
+            (r["client-dp"] for r in reversed(self.rounds) if "client-dp" in r), None
+        )
         return {
             "accountant": self.cfg.accountant,
-            "level": "record",
+            "level": self.cfg.dp_level,
+            "client_level": client_level,
             "mechanism": "DP-SGD (Opacus), Poisson sampling, Gaussian noise",
             "max_grad_norm": self.cfg.max_grad_norm,
             "lifetime_accountant": LEDGER_ACCOUNTANT,
@@ -145,6 +149,16 @@ class RunDirectory:
                 f"{_f(s.get('lifetime_epsilon'))} | {_g(s.get('epsilon_budget'))} | "
                 f"{refused or '-'} |"
             )
+        client = privacy.get("client_level")
+        if client:
+            lines += [
+                "",
+                f"Client-level DP (`dp-level = {cfg.dp_level}`): epsilon "
+                f"{_f(client['epsilon'])} at delta {client['delta']:g} for each site's whole "
+                f"contribution; noise multiplier {client['noise_multiplier']:g} on the sum, "
+                f"update clip {client['clip_norm']:g}, {client['rounds']} rounds, accountant "
+                f"`{client['accountant']}`.",
+            ]
         if (self.path / "epsilon.png").exists():
             lines += ["", "![epsilon per site](epsilon.png)"]
         return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from server.client_dp import make_client_dp
 from server.privacy_report import FederationStopped, note_error, note_ledger, stop_reason
 from server.rundir import RoundCallback, RunDirectory
 
@@ -83,6 +84,7 @@ class SiteRecordingMixin:
         self.on_round = on_round
         self.current: dict[str, Any] = {}
         self.global_arrays: ArrayRecord | None = None
+        self.client_dp = make_client_dp(run_dir.cfg)
         self._t0 = time.time()
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
@@ -95,7 +97,12 @@ class SiteRecordingMixin:
             "refused": {},
         }
         self._t0 = time.time()
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self.client_dp is not None:
+            messages = list(messages)
+            available = len(list(grid.get_node_ids()))
+            self.client_dp.begin_round(sampled=len(messages), available=available)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -135,6 +142,11 @@ class SiteRecordingMixin:
                 self.on_round(dict(self.current))
             log(WARNING, "Stopping the run: %s", stop)
             raise FederationStopped(stop)
+        if self.client_dp is not None:
+            good = self.client_dp.privatize_replies(
+                good, self.global_arrays, weight_key=self.weighted_by_key
+            )
+            self.current["client-dp"] = self.client_dp.summary()
         arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None:
             self.current["train-loss"] = metrics.get("train-loss")

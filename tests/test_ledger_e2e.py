@@ -15,6 +15,7 @@ from PIL import Image
 
 from client.budget import write_site_file
 from common.privacy.audit import audit, plot_epsilon
+from common.privacy.client_dp import client_level_epsilon
 from common.privacy.ledger import Ledger
 from simulations.runner import simulate
 
@@ -42,10 +43,18 @@ def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tm
     sites = [data / "site-0", data / "site-1"]
     cfg = small_cfg.replace(data_dir=str(data), accountant="rdp")
 
-    # Run 1: both sites, 2 rounds, no budget set (spend recorded, not capped).
-    run1 = simulate(cfg.replace(run_name="first", min_sites=2), num_sites=2)
+    # Run 1: both sites, 2 rounds, no budget set (spend recorded, not capped); client-level DP
+    # on top of the sites' DP-SGD.
+    client_dp = {"dp_level": "both", "client_clip_norm": 2.0, "client_noise_multiplier": 0.5}
+    run1 = simulate(cfg.replace(run_name="first", min_sites=2, **client_dp), num_sites=2)
     p1 = json.loads((run1 / "privacy.json").read_text())
-    assert p1["status"] == "completed"
+    assert p1["status"] == "completed" and p1["level"] == "both"
+    client = p1["client_level"]
+    assert (client["rounds"], client["sample_rates"], client["clip_norm"]) == (2, [1.0, 1.0], 2.0)
+    assert client["epsilon"] == pytest.approx(
+        client_level_epsilon([1.0, 1.0], noise_multiplier=0.5, delta=1e-5)
+    )
+    assert "Client-level DP (`dp-level = both`)" in (run1 / "summary.md").read_text()
     for s in sites:
         entries = _ledger(s).entries()
         assert [e.round for e in entries] == [1, 2]
