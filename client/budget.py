@@ -319,13 +319,16 @@ class SiteLedger:
                 f"{budget.delta:g}); planning for the site's budget",
                 stacklevel=2,
             )
-        sigma = plan_noise_multiplier(
-            target_epsilon=min(cfg.target_epsilon, budget.epsilon),
-            target_delta=min(cfg.target_delta, budget.delta),
-            sample_rate=q,
-            steps=steps,
-            accountant=cfg.accountant,
-        )
+        with warnings.catch_warnings():
+            # PRV at sample rate 1 takes log(0) on its way to a correct bound; not actionable.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sigma = plan_noise_multiplier(
+                target_epsilon=min(cfg.target_epsilon, budget.epsilon),
+                target_delta=min(cfg.target_delta, budget.delta),
+                sample_rate=q,
+                steps=steps,
+                accountant=cfg.accountant,
+            )
         earlier = [p for p in prior if p is not None]
         if math.isfinite(budget.epsilon) and earlier:
             lifetime = epsilon_from_events(

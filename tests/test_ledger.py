@@ -318,3 +318,22 @@ def test_two_processes_appending_lose_nothing_and_fork_nothing(tmp_path: Path):
     # Each cumulative epsilon counts exactly the entries before it: nothing lost or forked.
     for k in (1, n, 2 * n):
         assert entries[k - 1].epsilon == pytest.approx(epsilon_from_events([EV] * k, delta=1e-5))
+
+
+def test_simulate_exits_1_with_the_reason_when_the_run_stopped(monkeypatch, tmp_path, synth_root):
+    """The CLI's outcome for a stopped run (the stop itself is tested end to end)."""
+    import simulations.runner
+
+    reason = "round 2: only 0 site(s) trained, fewer than min-sites 1 (site-0 refused: ...)"
+
+    def stopped_run(cfg, **_):
+        run_dir = tmp_path / "runs" / "r"
+        run_dir.mkdir(parents=True)
+        privacy = {"status": "stopped", "reason": reason, "sites": {}}
+        (run_dir / "privacy.json").write_text(json.dumps(privacy))
+        return run_dir
+
+    monkeypatch.setattr(simulations.runner, "simulate", stopped_run)
+    res = CliRunner().invoke(cli, ["simulate", "--data", str(synth_root), "--run-name", "r"])
+    assert res.exit_code == 1
+    assert "the run stopped: round 2: only 0 site(s) trained" in res.output
