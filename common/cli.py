@@ -358,8 +358,10 @@ def data_check(site: Path = typer.Argument(..., help="A site folder (holding man
     )
 
 
-@app.command()
-def audit(
+# `fedfuse audit PATH`. (When merged with the empirical audit's `audit` group, register this
+# as its default `ledger` command: `@audit_app.command("ledger")`.)
+@app.command("audit")
+def audit_ledger(
     path: Path = typer.Argument(
         ..., help="A ledger file, a site folder, a folder of site folders, or a run directory."
     ),
