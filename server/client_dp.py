@@ -135,6 +135,17 @@ def make_client_dp(cfg: Any) -> ClientLevelDp | None:
     """The run's client-level DP (None unless ``dp-level`` is ``client`` or ``both``)."""
     if not cfg.client_level_dp:
         return None
+    if getattr(cfg, "secagg", False):
+        # Under secure aggregation the strategy never holds the sites' replies, so
+        # privatize_replies() would add no noise: the SecAgg aggregation must call
+        # noisy_mean_from_sum() instead. Refuse rather than silently skip the noise.
+        from common.errors import ConfigError
+
+        raise ConfigError(
+            f"dp-level '{cfg.dp_level}' with secure aggregation needs the aggregation to add "
+            "the noise (server.client_dp.ClientLevelDp.noisy_mean_from_sum); run with "
+            "dp-level 'record', or without secagg"
+        )
     return ClientLevelDp(
         clip_norm=cfg.client_clip_norm,
         noise_multiplier=cfg.client_noise_multiplier,

@@ -133,10 +133,13 @@ class SiteRecordingMixin:
             )
             note_ledger(self.current["sites"][name], msg)
             good.append(msg)
-        stop = stop_reason(self.current, trained=len(good), min_sites=self.min_train_nodes)
+        # Counted from the recorded sites (not from `good`), so that a workflow that records
+        # sites itself and passes no replies here (secure aggregation) counts the same way.
+        trained = len(self.current["sites"])
+        stop = stop_reason(self.current, trained=trained, min_sites=self.min_train_nodes)
         if stop is not None:
             # Keep what happened in this round (refusals included) before stopping the run.
-            self.current.update({"num-sites": len(good), "stopped": stop})
+            self.current.update({"num-sites": trained, "stopped": stop})
             self.run_dir.add_round(dict(self.current))
             if self.on_round is not None:
                 self.on_round(dict(self.current))
