@@ -376,7 +376,7 @@ def audit_ledger(
     Exit status: 0 all good, 1 a budget exceeded, 2 a ledger tampered or inconsistent.
     """
     from common.privacy.audit import audit as run_audit
-    from common.privacy.audit import plot_epsilon
+    from common.privacy.audit import plot_epsilon, print_report
 
     try:
         report = run_audit(path, budget=budget)
@@ -387,60 +387,12 @@ def audit_ledger(
 
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:
-        _print_audit(report)
+        print_report(report, console=console, table_console=_table_console())
     if plot is not None:
         plot_epsilon(report, plot)
         if not as_json:
             console.print(f"Plot: {plot}")
     raise typer.Exit(report.exit_code)
-
-
-def _print_audit(report: Any) -> None:
-    from common.privacy.audit import CLAIM_RTOL, CROSS_ATOL, CROSS_RTOL
-
-    for a in report.ledgers:
-        table = Table(title=f"{a.path}  ({a.chain.entries} entries)")
-        for col in ("site", "run", "round", "#", "sigma", "q", "steps", "delta"):
-            table.add_column(col)
-        for col in ("epsilon (ledger)", "PRV", "RDP", "budget"):
-            table.add_column(col, justify="right")
-        for ev in a.events:
-            e = ev.entry
-            table.add_row(
-                e.site,
-                e.run_name or e.run_id,
-                str(e.round),
-                str(e.seq),
-                f"{e.noise_multiplier:.4g}",
-                f"{e.sample_rate:.4g}",
-                str(e.steps),
-                f"{e.delta:g}",
-                f"{e.epsilon:.4f}",
-                f"{ev.epsilon_prv:.4f}",
-                f"{ev.epsilon_rdp:.4f}",
-                f"{e.epsilon_budget:g}",
-            )
-        _table_console().print(table)
-        if a.chain.ok:
-            console.print("  hash chain: [green]intact[/]")
-        else:
-            console.print(f"  hash chain: [bold red]BROKEN[/] at {a.chain.first_broken}")
-        for p in a.chain.problems + a.problems:
-            console.print(f"  [red]- {p}[/]")
-        for p in a.over_budget:
-            console.print(f"  [yellow]- over budget: {p}[/]")
-    for m in report.missing:
-        console.print(f"[red]- {m}[/]")
-    console.print(
-        f"Tolerances: stored vs recomputed epsilon {CLAIM_RTOL:.0%}; PRV may exceed RDP by "
-        f"{CROSS_RTOL:.0%} + {CROSS_ATOL} at most (RDP is the looser bound)."
-    )
-    verdict = {
-        0: "[green]OK[/]",
-        1: "[yellow]BUDGET EXCEEDED[/]",
-        2: "[red]TAMPERED OR INCONSISTENT[/]",
-    }[report.exit_code]
-    console.print(f"Audit: {verdict} (exit {report.exit_code})")
 
 
 def main() -> None:

@@ -319,6 +319,56 @@ def audit(path: str | Path, *, budget: float | None = None) -> AuditReport:
     return AuditReport(Path(path), audits, budget=budget, missing=missing)
 
 
+def print_report(report: AuditReport, *, console: Any, table_console: Any = None) -> None:
+    """The human report: a table per ledger (site, run, round), chain state, problems, verdict."""
+    from rich.table import Table
+
+    table_console = table_console or console
+    for a in report.ledgers:
+        table = Table(title=f"{a.path}  ({a.chain.entries} entries)")
+        for col in ("site", "run", "round", "#", "sigma", "q", "steps", "delta"):
+            table.add_column(col)
+        for col in ("epsilon (ledger)", "PRV", "RDP", "budget"):
+            table.add_column(col, justify="right")
+        for ev in a.events:
+            e = ev.entry
+            table.add_row(
+                e.site,
+                e.run_name or e.run_id,
+                str(e.round),
+                str(e.seq),
+                f"{e.noise_multiplier:.4g}",
+                f"{e.sample_rate:.4g}",
+                str(e.steps),
+                f"{e.delta:g}",
+                f"{e.epsilon:.4f}",
+                f"{ev.epsilon_prv:.4f}",
+                f"{ev.epsilon_rdp:.4f}",
+                f"{e.epsilon_budget:g}",
+            )
+        table_console.print(table)
+        if a.chain.ok:
+            console.print("  hash chain: [green]intact[/]")
+        else:
+            console.print(f"  hash chain: [bold red]BROKEN[/] at {a.chain.first_broken}")
+        for p in a.chain.problems + a.problems:
+            console.print(f"  [red]- {p}[/]")
+        for p in a.over_budget:
+            console.print(f"  [yellow]- over budget: {p}[/]")
+    for m in report.missing:
+        console.print(f"[red]- {m}[/]")
+    console.print(
+        f"Tolerances: stored vs recomputed epsilon {CLAIM_RTOL:.0%}; PRV may exceed RDP by "
+        f"{CROSS_RTOL:.0%} + {CROSS_ATOL} at most (RDP is the looser bound)."
+    )
+    verdict = {
+        0: "[green]OK[/]",
+        1: "[yellow]BUDGET EXCEEDED[/]",
+        2: "[red]TAMPERED OR INCONSISTENT[/]",
+    }[report.exit_code]
+    console.print(f"Audit: {verdict} (exit {report.exit_code})")
+
+
 def plot_epsilon(report: AuditReport, out: str | Path) -> list[str]:
     """Cumulative epsilon (PRV) against the site's rounds, all runs in ledger order, one curve
     per site, with each site's budget as a dashed line. Returns the curves' labels."""
