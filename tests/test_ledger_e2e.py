@@ -39,7 +39,8 @@ def _independent_epsilon(ledger: Ledger, delta: float) -> float:
 def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tmp_path):
     data = tmp_path / "data"
     for s in synth_sites[:2]:
-        shutil.copytree(s, data / s.name)
+        # Without any ledger another test may have left in the shared fixture.
+        shutil.copytree(s, data / s.name, ignore=shutil.ignore_patterns(".fedfuse"))
     sites = [data / "site-0", data / "site-1"]
     cfg = small_cfg.replace(data_dir=str(data), accountant="rdp")
 
