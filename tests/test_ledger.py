@@ -168,16 +168,17 @@ def test_tampering_exits_2_and_names_the_entry(ledger3: Ledger, tamper, named):
     res = _audit_cli(site_folder)
     assert res.exit_code == 2, res.output
     assert f"BROKEN at {named}" in res.output
-    report = audit(ledger3.path).as_dict()
-    assert report["exit_code"] == 2
-    assert report["ledgers"][0]["first_broken"] == named
-    assert report["status"] == "tampered or inconsistent"
+    assert "TAMPERED OR INCONSISTENT (exit 2)" in res.output
 
 
 def test_removing_the_triggers_alone_is_reported(ledger3: Ledger):
     _raw(ledger3).close()
-    res = _audit_cli(ledger3.path)
-    assert res.exit_code == 2 and "append-only triggers were removed" in res.output
+    res = _audit_cli(ledger3.path, "--json")
+    assert res.exit_code == 2
+    report = json.loads(res.output)
+    assert report["status"] == "tampered or inconsistent"
+    assert report["ledgers"][0]["first_broken"] == "the ledger's append-only triggers"
+    assert "append-only triggers were removed" in report["ledgers"][0]["chain_problems"][0]
 
 
 def _rewrite_consistently(led: Ledger, seq: int, **changes) -> None:
@@ -255,7 +256,8 @@ def test_audit_table_json_and_plot(ledger3: Ledger, tmp_path: Path):
     assert res.exit_code == 0, res.output
     for needle in ("site-a", "site-b", "name-1", "name-2", "PRV", "RDP", "intact", "OK (exit 0)"):
         assert needle in res.output
-    report = json.loads(_audit_cli(data, "--json").output)
+    result = audit(data)
+    report = result.as_dict()
     events = [ev for led in report["ledgers"] for ev in led["events"]]
     assert len(events) == 5
     for ev in events:
@@ -266,7 +268,7 @@ def test_audit_table_json_and_plot(ledger3: Ledger, tmp_path: Path):
     with Image.open(tmp_path / "eps.png") as im:
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
     # One curve per site (budget lines are extra, labelled as such).
-    assert plot_epsilon(audit(data), tmp_path / "again.png") == ["site-a", "site-b"]
+    assert plot_epsilon(result, tmp_path / "again.png") == ["site-a", "site-b"]
 
 
 def test_audit_rejects_a_path_without_ledgers(tmp_path: Path):

@@ -111,8 +111,9 @@ def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tm
     # The audit agrees: chains intact, server anchors match, no budget exceeded.
     report = audit(run2)
     assert report.exit_code == 0, report.as_dict()
-    assert audit(data).exit_code == 0
-    labels = plot_epsilon(audit(data), tmp_path / "eps.png")
+    whole = audit(data)
+    assert whole.exit_code == 0
+    labels = plot_epsilon(whole, tmp_path / "eps.png")
     assert labels == ["site-0", "site-1"]
     with Image.open(tmp_path / "eps.png") as im:
         assert im.format == "PNG"
