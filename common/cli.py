@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.deploy.cli import register as register_deploy_commands
 from common.errors import FedfuseError
 
 app = typer.Typer(
@@ -393,6 +394,10 @@ def audit_ledger(
         if not as_json:
             console.print(f"Plot: {plot}")
     raise typer.Exit(report.exit_code)
+
+
+# Deployment: fedfuse certs / server run / server connect / site run (common/deploy/cli.py).
+register_deploy_commands(app)
 
 
 def main() -> None:

@@ -71,6 +71,9 @@ class RunConfig:
     data_dir: str = "data/synthetic"
     out_dir: str = "runs"
     run_name: str = ""
+    # Continue the interrupted run in this run directory from its last checkpoint (its config
+    # must be the same); "" starts a new run.
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         _check_int("num-rounds", self.num_rounds, low=1)

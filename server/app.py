@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,15 +11,25 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.models import build_model
+from server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
 from server.privacy_report import FederationStopped
 from server.rundir import RoundCallback, RunDirectory
 from server.strategy import make_strategy
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, *, run_dir: RunDirectory, on_round: RoundCallback | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    run_dir: RunDirectory,
+    on_round: RoundCallback | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> RunDirectory:
-    """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir."""
+    """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir.
+
+    With ``checkpoint`` (a resumed run), only the rounds after ``checkpoint.round`` run, from
+    its model and strategy state.
+    """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     strategy = make_strategy(
@@ -37,13 +46,19 @@ def run_federation(
     config = ConfigRecord(dict(cfg.to_mapping()))
     # Sites key their ledger entries by Flower's run id and show this name beside it.
     config["run-id"] = run_dir.run_id
+    initial_arrays = ArrayRecord(model.state_dict())
+    if checkpoint is not None:
+        initial_arrays = checkpoint.arrays
+        restore_strategy_state(strategy, checkpoint.strategy)
+        restore_rng(checkpoint)
+        strategy.round_offset = checkpoint.round
     status, reason = "completed", ""
     result = None
     try:
         result = strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.num_rounds,
+            initial_arrays=initial_arrays,
+            num_rounds=cfg.num_rounds - strategy.round_offset,
             train_config=config,
             evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
         )
@@ -86,8 +101,8 @@ def make_server_app(
         raw = dict(context.run_config)
         raw.update(overrides or {})
         cfg = RunConfig.from_mapping(raw)
-        run_dir = RunDirectory(Path(cfg.out_dir), cfg, run_id=run_id)
-        run_federation(grid, cfg, run_dir=run_dir, on_round=on_round)
+        run_dir, checkpoint = open_run(cfg, run_id=run_id)  # a new run, or resume-from's
+        run_federation(grid, cfg, run_dir=run_dir, on_round=on_round, checkpoint=checkpoint)
 
     return server_app
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.privacy.ledger import LEDGER_ACCOUNTANT
 from server.privacy_report import site_privacy
 
@@ -46,7 +47,39 @@ class RunDirectory:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        self.resumed_after: list[int] = []
         self.write_json("config.json", cfg.to_mapping())
+
+    @classmethod
+    def reopen(cls, path: str | Path, cfg: RunConfig, *, completed_rounds: int) -> RunDirectory:
+        """Continue an interrupted run here, keeping its first ``completed_rounds`` rounds.
+
+        A round logged after the last checkpoint (a crash between the two writes) is dropped:
+        it is trained again.
+        """
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        self.path = Path(path)
+        self.run_id = self.path.name
+        metrics = self.path / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        self.rounds = [json.loads(x) for x in lines if x.strip()]
+        self.rounds = [r for r in self.rounds if int(r["round"]) <= completed_rounds]
+        if [int(r["round"]) for r in self.rounds] != list(range(1, completed_rounds + 1)):
+            raise ConfigError(
+                f"{metrics} does not hold rounds 1..{completed_rounds} that its checkpoint "
+                "says were completed; the run directory was changed by hand: start a new run"
+            )
+        tmp = metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
+        tmp.replace(metrics)
+        self.resumed_after = [*self._resumes(), completed_rounds]
+        self.write_json("resumes.json", self.resumed_after)
+        return self
+
+    def _resumes(self) -> list[int]:
+        p = self.path / "resumes.json"
+        return list(json.loads(p.read_text())) if p.exists() else []
 
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name
@@ -114,6 +147,11 @@ class RunDirectory:
             "",
             f"Status: **{status}**" + (f" ({reason})" if reason else ""),
             "",
+            *(
+                [f"Resumed from a checkpoint after round(s) {self.resumed_after}.", ""]
+                if self.resumed_after
+                else []
+            ),
             f"{cfg.num_rounds} rounds, fusion `{cfg.fusion}`, target (epsilon, delta) = "
             f"({cfg.target_epsilon}, {cfg.target_delta}) per site, accountant `{cfg.accountant}`.",
             "",

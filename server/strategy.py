@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from server.checkpoint import save_checkpoint
 from server.client_dp import make_client_dp
 from server.privacy_report import FederationStopped, note_error, note_ledger, stop_reason
 from server.rundir import RoundCallback, RunDirectory
@@ -86,8 +87,12 @@ class SiteRecordingMixin:
         self.global_arrays: ArrayRecord | None = None
         self.client_dp = make_client_dp(run_dir.cfg)
         self._t0 = time.time()
+        # A resumed run: Flower's loop counts 1, 2, ...; the federation is at round offset + 1.
+        self.round_offset = 0
+        self.evaluated_arrays: ArrayRecord | None = None
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        server_round += self.round_offset
         self.global_arrays = arrays
         self.current = {
             "round": server_round,
@@ -107,6 +112,7 @@ class SiteRecordingMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         good: list[Message] = []
         for msg in replies:
             name = site_name(msg)
@@ -158,9 +164,15 @@ class SiteRecordingMixin:
         self.current["num-sites"] = len(good)
         return arrays, metrics
 
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        # The model evaluated this round is the one a checkpoint of this round must hold.
+        self.evaluated_arrays = arrays
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
@@ -182,6 +194,10 @@ class SiteRecordingMixin:
         self.current["round"] = server_round
         self.current["seconds"] = round(time.time() - self._t0, 3)
         self.run_dir.add_round(dict(self.current))
+        if self.evaluated_arrays is not None:
+            save_checkpoint(
+                self.run_dir, server_round=server_round, arrays=self.evaluated_arrays, strategy=self
+            )
         log(
             INFO,
             "Round %s/%s done: test AUROC %s, max epsilon %s",

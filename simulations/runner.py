@@ -80,7 +80,9 @@ def simulate(
 
     run_id = new_run_id(cfg)
     run_dir = Path(cfg.out_dir) / run_id
-    if (run_dir / "metrics.jsonl").exists():
+    if cfg.resume_from:  # a resumed run continues in its own directory (server/checkpoint.py)
+        run_dir = Path(cfg.resume_from)
+    elif (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another run name")
     server_app = make_server_app(cfg.to_mapping(), on_round=on_round, run_id=run_id)
     flwr_logger = logging.getLogger("flwr")
