@@ -21,7 +21,7 @@ from common.privacy.client_dp import clip_update_
 app = ClientApp()
 
 # Keys the server adds to the run config it forwards; not part of RunConfig.
-_SERVER_KEYS = ("server-round", "run-id")
+_SERVER_KEYS = ("server-round", "run-id", "run-uid")
 
 
 def _config(msg: Message) -> tuple[RunConfig, int]:
@@ -51,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     _, datasets = site_data(site, cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     model = _model(msg, cfg)
-    run_id, run_name = str(msg.metadata.run_id), _run_name(msg)
+    run_id, run_name = _run_key(msg)
     budget = resolve_budget(dict(context.node_config), site.data_path)
     try:
         # Refuse BEFORE training when the round would take the site past its budget.
@@ -116,8 +116,12 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _run_name(msg: Message) -> str:
-    return str(msg.content["config"].get("run-id", ""))
+def _run_key(msg: Message) -> tuple[str, str]:
+    """(key of the run in the ledger, its name): the server's run uid survives a resumed run;
+    without one (another server), Flower's run id."""
+    config = msg.content["config"]
+    uid = str(config.get("run-uid", "")) or f"flwr-{msg.metadata.run_id}"
+    return uid, str(config.get("run-id", ""))
 
 
 def _refuse(msg: Message, site: SiteInfo, server_round: int, refused: RoundRefused) -> Message:

@@ -248,11 +248,15 @@ class SiteLedger:
                 f"({report.problems[0]}); run `fedfuse audit {self.ledger.path}`"
             )
         entries = self.ledger.entries()
-        done = next((e for e in entries if e.run_id == run_id and e.round == server_round), None)
-        if done is not None:
-            raise RoundRefused(
-                f"round {server_round} of this run is already in its ledger ({done.label()}); "
-                "a second update for it would be a second release"
+        done = [e for e in entries if e.run_id == run_id and e.round == server_round]
+        if done:
+            # Trained before (a resumed run re-sends the round): training again is another
+            # release of the data, accounted as such -- never merged with the first.
+            warnings.warn(
+                f"site {self.site}: round {server_round} of this run is already in the ledger "
+                f"({done[-1].label()}); training it again is recorded as attempt "
+                f"{len(done) + 1}",
+                stacklevel=2,
             )
         budget = self.budget.epsilon
         spent = self._spent(entries)

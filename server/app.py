@@ -44,8 +44,10 @@ def run_federation(
     )
     # The whole run config travels with every message: sites build the same model and plan.
     config = ConfigRecord(dict(cfg.to_mapping()))
-    # Sites key their ledger entries by Flower's run id and show this name beside it.
+    # Sites key their ledger entries by the run's unique id (kept when a run is resumed) and
+    # show its name beside it.
     config["run-id"] = run_dir.run_id
+    config["run-uid"] = run_dir.uid
     initial_arrays = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         initial_arrays = checkpoint.arrays

@@ -131,8 +131,9 @@ class ClientLevelDp:
         }
 
 
-def make_client_dp(cfg: Any) -> ClientLevelDp | None:
-    """The run's client-level DP (None unless ``dp-level`` is ``client`` or ``both``)."""
+def make_client_dp(cfg: Any, rounds: list[dict[str, Any]] | None = None) -> ClientLevelDp | None:
+    """The run's client-level DP (None unless ``dp-level`` is ``client`` or ``both``); a resumed
+    run continues the accounting of the ``rounds`` it keeps."""
     if not cfg.client_level_dp:
         return None
     if getattr(cfg, "secagg", False):
@@ -146,8 +147,12 @@ def make_client_dp(cfg: Any) -> ClientLevelDp | None:
             "the noise (server.client_dp.ClientLevelDp.noisy_mean_from_sum); run with "
             "dp-level 'record', or without secagg"
         )
-    return ClientLevelDp(
+    dp = ClientLevelDp(
         clip_norm=cfg.client_clip_norm,
         noise_multiplier=cfg.client_noise_multiplier,
         delta=cfg.target_delta,
     )
+    done = [r["client-dp"] for r in rounds or [] if "client-dp" in r]
+    if done:
+        dp.sample_rates = [float(q) for q in done[-1]["sample_rates"]]
+    return dp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,17 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _run_uid(path: Path) -> str:
+    """The run's unique id, kept in its directory so a resumed run keeps it: sites key their
+    ledger entries by it (the name alone may repeat across output folders)."""
+    p = path / "run-uid"
+    if p.exists():
+        return p.read_text().strip()
+    uid = secrets.token_hex(8)
+    p.write_text(uid + "\n")
+    return uid
+
+
 def new_run_id(cfg: RunConfig) -> str:
     return cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
 
@@ -48,6 +60,7 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         self.resumed_after: list[int] = []
+        self.uid = _run_uid(self.path)
         self.write_json("config.json", cfg.to_mapping())
 
     @classmethod
@@ -61,6 +74,7 @@ class RunDirectory:
         self.cfg = cfg
         self.path = Path(path)
         self.run_id = self.path.name
+        self.uid = _run_uid(self.path)
         metrics = self.path / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         self.rounds = [json.loads(x) for x in lines if x.strip()]

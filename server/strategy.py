@@ -85,7 +85,7 @@ class SiteRecordingMixin:
         self.on_round = on_round
         self.current: dict[str, Any] = {}
         self.global_arrays: ArrayRecord | None = None
-        self.client_dp = make_client_dp(run_dir.cfg)
+        self.client_dp = make_client_dp(run_dir.cfg, run_dir.rounds)
         self._t0 = time.time()
         # A resumed run: Flower's loop counts 1, 2, ...; the federation is at round offset + 1.
         self.round_offset = 0

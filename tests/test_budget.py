@@ -196,7 +196,9 @@ context = Context(run_id=run_id, node_id=7, node_config={"data-path": site}, sta
                   run_config={})
 
 def one_round(r):
-    config = ConfigRecord({**cfg.to_mapping(), "server-round": r, "run-id": "restart"})
+    config = ConfigRecord(
+        {**cfg.to_mapping(), "server-round": r, "run-id": "restart", "run-uid": "u-restart"}
+    )
     msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
                   dst_node_id=7, message_type="train")
     reply = app(msg, context)
@@ -243,11 +245,20 @@ def test_a_site_killed_between_rounds_continues_from_its_ledger(tmp_path: Path, 
     assert r2["lifetime-epsilon-start"] == r1["lifetime-epsilon-start"] == 0.0
     assert r2["ledger-seq"] == 2
     # The run's own epsilon after round 2 composes rounds 1 and 2, exactly once each.
-    entries = Ledger(site / ".fedfuse" / "ledger.sqlite").entries()
-    assert [(e.run_id, e.round) for e in entries] == [("4242", 1), ("4242", 2)]
-    both = [e.event for e in entries]
-    assert r2["lifetime-epsilon"] == pytest.approx(epsilon_from_events(both, delta=1e-5))
-    assert r2["epsilon"] == pytest.approx(epsilon_from_events(both, delta=1e-5, accountant="rdp"))
-    # Round 2 sent again (e.g. by a restarted server): refused, not counted twice.
-    assert "already in its ledger (entry #2" in again["error"]
-    assert len(Ledger(site / ".fedfuse" / "ledger.sqlite").entries()) == 2
+    ledger = Ledger(site / ".fedfuse" / "ledger.sqlite")
+    entries = ledger.entries()
+    assert [(e.run_id, e.round, e.attempt) for e in entries] == [
+        ("u-restart", 1, 1),
+        ("u-restart", 2, 1),
+        ("u-restart", 2, 2),
+    ]
+    two = [e.event for e in entries[:2]]
+    assert r2["lifetime-epsilon"] == pytest.approx(epsilon_from_events(two, delta=1e-5))
+    assert r2["epsilon"] == pytest.approx(epsilon_from_events(two, delta=1e-5, accountant="rdp"))
+    # Round 2 sent again (e.g. by a resumed server): training again is another release, counted
+    # as a second attempt -- the lifetime epsilon only grows.
+    assert "error" not in again, again
+    assert again["ledger-seq"] == 3 and again["lifetime-epsilon"] > r2["lifetime-epsilon"]
+    assert again["lifetime-epsilon"] == pytest.approx(
+        epsilon_from_events([e.event for e in entries], delta=1e-5)
+    )

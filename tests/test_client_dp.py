@@ -103,6 +103,10 @@ def test_client_level_epsilon_matches_the_gaussian_closed_form():
 
 def test_dp_level_config():
     assert make_client_dp(RunConfig()) is None
+    # A resumed run continues the accounting of the rounds it keeps.
+    kept = [{"round": 1, "client-dp": {"sample_rates": [0.5]}}, {"round": 2}]
+    resumed = make_client_dp(RunConfig(dp_level="client"), kept)
+    assert resumed.sample_rates == [0.5] and resumed.epsilon() > 0
     cfg = RunConfig(dp_level="both", client_clip_norm=0.5, client_noise_multiplier=1.5)
     dp = make_client_dp(cfg)
     assert (dp.clip_norm, dp.noise_multiplier) == (0.5, 1.5)

@@ -20,7 +20,6 @@ from common.privacy.accounting import DpSgdEvent, compose_identical, epsilon_fro
 from common.privacy.audit import audit, plot_epsilon
 from common.privacy.ledger import (
     GENESIS_HASH,
-    DuplicateRoundError,
     Ledger,
     LedgerEntry,
     chain_hash,
@@ -121,10 +120,13 @@ def test_over_budget_is_refused_and_nothing_is_written(tmp_path: Path):
     assert len(led.entries()) == 1 and led.verify().ok
 
 
-def test_a_round_is_recorded_once(ledger3: Ledger):
-    with pytest.raises(DuplicateRoundError, match="round 2 of run name-1 is already"):
-        _append(ledger3, "1", 2)
-    assert len(ledger3.entries()) == 3
+def test_a_round_trained_again_is_another_attempt_and_counts(ledger3: Ledger):
+    again = _append(ledger3, "1", 2)  # e.g. a resumed run re-sends round 2
+    assert (again.seq, again.round, again.attempt) == (4, 2, 2)
+    assert again.label() == "entry #4 (run name-1, round 2, attempt 2)"
+    events = [EV, EV, DpSgdEvent(2.0, 0.25, 4), EV]
+    assert again.epsilon == pytest.approx(epsilon_from_events(events, delta=1e-5))
+    assert ledger3.verify().ok
 
 
 def test_the_file_itself_refuses_updates_and_deletes(ledger3: Ledger):

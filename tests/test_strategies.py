@@ -11,12 +11,18 @@ from server.rundir import RunDirectory
 from server.strategy import make_strategy
 
 
-@pytest.mark.parametrize(("name", "base"), [("fedavg", FedAvg), ("fedprox", FedProx),
-                                            ("fedadam", FedAdam)])
+@pytest.mark.parametrize(
+    ("name", "base"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)]
+)
 def test_make_strategy(tmp_path, name, base):
     cfg = RunConfig(strategy=name, proximal_mu=0.3, server_learning_rate=0.05)
-    s = make_strategy(cfg, run_dir=RunDirectory(tmp_path, cfg, run_id="r"), on_round=None,
-                      min_train_nodes=2, min_available_nodes=2)
+    s = make_strategy(
+        cfg,
+        run_dir=RunDirectory(tmp_path, cfg, run_id="r"),
+        on_round=None,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
     assert isinstance(s, base)
     if name == "fedprox":
         assert s.proximal_mu == 0.3

@@ -65,6 +65,7 @@ class AuditedEvent:
             "run_id": e.run_id,
             "run_name": e.run_name,
             "round": e.round,
+            "attempt": e.attempt,
             "time": e.time,
             "mechanism": e.mechanism,
             "noise_multiplier": e.noise_multiplier,
@@ -335,7 +336,7 @@ def print_report(report: AuditReport, *, console: Any, table_console: Any = None
             table.add_row(
                 e.site,
                 e.run_name or e.run_id,
-                str(e.round),
+                str(e.round) + (f" (attempt {e.attempt})" if e.attempt > 1 else ""),
                 str(e.seq),
                 f"{e.noise_multiplier:.4g}",
                 f"{e.sample_rate:.4g}",

@@ -51,11 +51,6 @@ class LedgerIntegrityError(LedgerError):
     """The hash chain is broken: the file was changed after entries were written."""
 
 
-class DuplicateRoundError(LedgerError):
-    """The ledger already holds an entry for this (run, round): training it again would be a
-    second release of the site's data, which the site refuses."""
-
-
 @dataclass(frozen=True)
 class LedgerEntry:
     """One privacy event at the site, as stored (all fields are hashed except ``hash``)."""
@@ -65,6 +60,9 @@ class LedgerEntry:
     run_id: str
     run_name: str
     round: int
+    # 1, or more when the same round of the same run was trained again (a run resumed after an
+    # interruption re-sends the round): every training is a release, and each one is counted.
+    attempt: int
     time: str
     mechanism: str
     noise_multiplier: float
@@ -97,7 +95,8 @@ class LedgerEntry:
     def label(self) -> str:
         """How reports name this entry: its position, run and round."""
         run = self.run_name or self.run_id
-        return f"entry #{self.seq} (run {run}, round {self.round})"
+        again = f", attempt {self.attempt}" if self.attempt > 1 else ""
+        return f"entry #{self.seq} (run {run}, round {self.round}{again})"
 
 
 _COLUMNS = tuple(f.name for f in fields(LedgerEntry))
@@ -148,6 +147,7 @@ CREATE TABLE IF NOT EXISTS entries (
     run_id TEXT NOT NULL,
     run_name TEXT NOT NULL,
     round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
     time TEXT NOT NULL,
     mechanism TEXT NOT NULL,
     noise_multiplier REAL NOT NULL,
@@ -161,7 +161,7 @@ CREATE TABLE IF NOT EXISTS entries (
     model_hash TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL UNIQUE,
-    UNIQUE (run_id, round)
+    UNIQUE (run_id, round, attempt)
 );
 -- The chain head (entry count and last hash): removing entries from the end shows here.
 CREATE TABLE IF NOT EXISTS head (
@@ -306,8 +306,6 @@ class Ledger:
         ------
         PrivacyBudgetExhaustedError
             The event would take the site past ``epsilon_budget``; nothing is written.
-        DuplicateRoundError
-            ``(run_id, round)`` is already in the ledger; nothing is written.
         LedgerIntegrityError
             The chain is broken; nothing is written.
         """
@@ -326,13 +324,8 @@ class Ledger:
                     f"ledger {self.path} is broken at {report.first_broken}: "
                     f"{report.problems[0]}. Nothing was written; run `fedfuse audit {self.path}`"
                 )
-            dup = next((e for e in entries if e.run_id == run_id and e.round == round), None)
-            if dup is not None:
-                raise DuplicateRoundError(
-                    f"round {round} of run {run_name or run_id} is already in the ledger "
-                    f"({dup.label()}): the site released an update for it once and will not "
-                    "release a second one"
-                )
+            # A round trained again (e.g. a resumed run re-sends it) is another release.
+            attempt = 1 + sum(1 for e in entries if e.run_id == str(run_id) and e.round == round)
             spent = entries[-1].epsilon if entries and entries[-1].delta == delta else None
             if spent is None:
                 spent = cumulative_epsilon(entries, delta=delta)
@@ -356,6 +349,7 @@ class Ledger:
                 "run_id": str(run_id),
                 "run_name": run_name,
                 "round": int(round),
+                "attempt": attempt,
                 "time": _now(),
                 "mechanism": DP_SGD if event is not None else NON_PRIVATE,
                 "noise_multiplier": float(event.noise_multiplier) if event else 0.0,
