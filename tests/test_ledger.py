@@ -293,8 +293,7 @@ for r in range(1, n + 1):
 
 
 def test_two_processes_appending_lose_nothing_and_fork_nothing(tmp_path: Path):
-    path = tmp_path / "ledger.sqlite"
-    Ledger(path)
+    path = tmp_path / "ledger.sqlite"  # not created yet: both processes race to create it too
     n = 6
     start = time.time() + 3.0
     procs = [
