@@ -30,6 +30,11 @@ for _msg in (
 ):
     warnings.filterwarnings("ignore", message=_msg)
 
+# TEST-ONLY FAULT INJECTION. With this environment variable set to "1", DP-SGD silently runs
+# WITHOUT noise while the site still records and reports the planned noise and epsilon: the
+# privacy bug the empirical audit (simulations/audit.py) must catch. Never set it in real use.
+FAULT_DROP_NOISE_ENV = "FEDFUSE_TEST_FAULT_DROP_NOISE"
+
 
 def pick_device() -> torch.device:
     """``cuda`` when a GPU is visible, else the CPU."""
@@ -144,7 +149,9 @@ def train_round(
         optimizer=optimizer,
         criterion=criterion,
         data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
+        noise_multiplier=(
+            0.0 if os.environ.get(FAULT_DROP_NOISE_ENV) == "1" else plan.noise_multiplier
+        ),
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=cfg.grad_sample_mode,

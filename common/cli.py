@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from common.deploy.cli import register as register_deploy_commands
 from common.errors import FedfuseError
@@ -32,6 +33,33 @@ err_console = Console(stderr=True, highlight=False)
 def _table_console() -> Console:
     """Wide tables stay readable when output goes to a file or CI log (rich assumes 80)."""
     return console if console.is_terminal else Console(highlight=False, width=160)
+
+
+class _DefaultCommandGroup(TyperGroup):
+    """A group whose first argument, when it names no sub-command, goes to ``default_command``:
+    ``fedfuse audit PATH`` runs ``fedfuse audit ledger PATH`` (once a ``ledger`` command is
+    registered) while ``fedfuse audit empirical ...`` runs the empirical audit."""
+
+    default_command = "ledger"
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if (
+            args
+            and args[0] not in self.commands
+            and not args[0].startswith("-")
+            and self.default_command in self.commands
+        ):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+audit_app = typer.Typer(
+    cls=_DefaultCommandGroup,
+    help="Audit privacy claims: `audit PATH` (= `audit ledger PATH`) verifies site ledgers and "
+    "recomputes their epsilon; `audit empirical` tests a claimed epsilon with canaries.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -243,6 +271,68 @@ def _print_privacy(run_dir: Path) -> dict[str, Any]:
     return privacy
 
 
+@audit_app.command("empirical")
+def audit_empirical(
+    sites: int = typer.Option(2, "--sites", min=1, help="Virtual sites."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
+    epsilon: float = typer.Option(2.0, "--epsilon", help="Each site's target epsilon."),
+    delta: float = typer.Option(1e-5, "--delta", help="Each site's delta."),
+    canaries: int = typer.Option(1000, "--canaries", min=2, help="Canaries at the audit site."),
+    guesses: int = typer.Option(200, "--guesses", min=1, help="Guesses made (the rest abstain)."),
+    guesses_in: int = typer.Option(
+        0, "--guesses-in", min=0, help="How many of the guesses say 'in' (highest scores)."
+    ),
+    white_box: bool = typer.Option(
+        False, "--white-box", help="Score by gradient alignment with the model update."
+    ),
+    no_dp: bool = typer.Option(False, "--no-dp", help="Control: train without DP."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Folder of site folders (default: make synthetic)."
+    ),
+    records: int = typer.Option(
+        200, "--records", min=10, help="Records per synthetic site (without --data)."
+    ),
+    audit_site: int = typer.Option(0, "--audit-site", min=0, help="Index of the audit site."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: runs/audit-<time>)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of data, canaries, model and noise."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Any run-config key, e.g. --set local-epochs=3."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+) -> None:
+    """Test a claimed epsilon with canaries in one training run (exit 3 on VIOLATION)."""
+    check_privacy_args(epsilon=epsilon, delta=delta)
+    import time
+
+    from simulations.audit import AuditSettings, print_audit, run_empirical_audit
+
+    try:
+        settings = AuditSettings(
+            out=out or Path("runs") / time.strftime("audit-%Y%m%d-%H%M%S"),
+            sites=sites,
+            rounds=rounds,
+            epsilon=math.inf if no_dp else epsilon,
+            delta=delta,
+            canaries=canaries,
+            guesses=guesses,
+            guesses_in=guesses_in,
+            white_box=white_box,
+            data=data,
+            records=records,
+            audit_site=audit_site,
+            seed=seed,
+            overrides=_parse_overrides(overrides),
+        )
+        result = run_empirical_audit(settings, console=console, verbose=verbose)
+    except FedfuseError as exc:
+        _fail(str(exc))
+    print_audit(result, console)
+    if result.verdict == "VIOLATION":
+        raise typer.Exit(3)
+
+
 experiment_app = typer.Typer(
     help="Sweeps of simulated federations, with CSV and plots.", no_args_is_help=True
 )
@@ -359,9 +449,8 @@ def data_check(site: Path = typer.Argument(..., help="A site folder (holding man
     )
 
 
-# `fedfuse audit PATH`. (When merged with the empirical audit's `audit` group, register this
-# as its default `ledger` command: `@audit_app.command("ledger")`.)
-@app.command("audit")
+# `fedfuse audit PATH` (the audit group's default command) = `fedfuse audit ledger PATH`.
+@audit_app.command("ledger")
 def audit_ledger(
     path: Path = typer.Argument(
         ..., help="A ledger file, a site folder, a folder of site folders, or a run directory."
