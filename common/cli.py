@@ -30,6 +30,11 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 
+def _table_console() -> Console:
+    """Wide tables stay readable when output goes to a file or CI log (rich assumes 80)."""
+    return console if console.is_terminal else Console(highlight=False, width=160)
+
+
 class _DefaultCommandGroup(TyperGroup):
     """A group whose first argument, when it names no sub-command, goes to ``default_command``:
     ``fedfuse audit PATH`` runs ``fedfuse audit ledger PATH`` (once a ``ledger`` command is
@@ -50,7 +55,8 @@ class _DefaultCommandGroup(TyperGroup):
 
 audit_app = typer.Typer(
     cls=_DefaultCommandGroup,
-    help="Audit privacy claims: `audit empirical` tests a claimed epsilon with canaries.",
+    help="Audit privacy claims: `audit PATH` (= `audit ledger PATH`) verifies site ledgers and "
+    "recomputes their epsilon; `audit empirical` tests a claimed epsilon with canaries.",
     no_args_is_help=True,
 )
 app.add_typer(audit_app, name="audit")
@@ -94,6 +100,11 @@ def simulate(
         None, "--epsilon", help="Each site's epsilon for the whole run (inf = no DP) [8]."
     ),
     delta: float | None = typer.Option(None, "--delta", help="Each site's delta [1e-5]."),
+    dp_level: str | None = typer.Option(
+        None,
+        "--dp-level",
+        help="record (DP-SGD at sites), client (clipping at sites + noise at the server) or both.",
+    ),
     data: Path | None = typer.Option(
         None, "--data", help="Folder of site folders [default: make synthetic]."
     ),
@@ -134,6 +145,7 @@ def simulate(
             ("target-epsilon", epsilon),
             ("target-delta", delta),
             ("secagg", secagg),
+            ("dp-level", dp_level),
         ):
             if value is not None:
                 raw[key] = value
@@ -202,10 +214,13 @@ def _run_simulation(
             f"test AUROC {_num(auc)}  max epsilon {eps_s} (target {cfg.target_epsilon:g})  "
             f"[{rec.get('seconds', 0):.1f}s]"
         )
-        for name, reason in {**rec.get("failed", {}), **rec.get("rejected", {})}.items():
+        left_out = {**rec.get("failed", {}), **rec.get("rejected", {}), **rec.get("refused", {})}
+        for name, reason in left_out.items():
             console.print(f"    [yellow]site {name} left out:[/] {reason}")
         if rec.get("status") == "failed":
             err_console.print(f"    [bold red]round {rec['round']} failed:[/] {rec.get('error')}")
+        if rec.get("stopped"):
+            console.print(f"  [bold red]run stopped:[/] {rec['stopped']}")
 
     try:
         run_dir = run(
@@ -218,31 +233,51 @@ def _run_simulation(
         )
     except FedfuseError as exc:
         _fail(str(exc))
-    _print_privacy(run_dir)
+    privacy = _print_privacy(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
+    if privacy.get("status", "completed") != "completed":
+        _fail(f"the run {privacy['status']}: {privacy.get('reason', '')}", code=1)
 
 
 def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def _print_privacy(run_dir: Path) -> None:
+def _print_privacy(run_dir: Path) -> dict[str, Any]:
     import json
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
-    table = Table(title="Privacy spent per site (record-level, whole run)")
-    for col in ("site", "epsilon", "delta", "target", "noise multiplier", "rounds"):
+    table = Table(title="Privacy spent per site (record-level): this run, and lifetime (ledger)")
+    cols = ("site", "run epsilon", "delta", "target", "noise multiplier", "rounds")
+    for col in (*cols, "lifetime before", "lifetime after", "site budget", "refused"):
         table.add_column(col)
+
+    def num(x: Any, fmt: str = ".4f") -> str:
+        return "-" if x is None else format(float(x), fmt)
+
     for name, s in privacy["sites"].items():
         table.add_row(
             name,
-            f"{float(s['epsilon']):.4f}",
-            f"{s['delta']:g}",
-            f"{float(s['target_epsilon']):g}",
-            f"{float(s['noise_multiplier']):.4f}",
+            num(s.get("epsilon")),
+            num(s.get("delta"), "g"),
+            num(s.get("target_epsilon"), "g"),
+            num(s.get("noise_multiplier")),
             str(s["rounds"]),
+            num(s.get("lifetime_epsilon_start")),
+            num(s.get("lifetime_epsilon")),
+            num(s.get("epsilon_budget"), "g"),
+            ", ".join(f"round {r['round']}" for r in s.get("refused", [])) or "-",
         )
-    console.print(table)
+    _table_console().print(table)
+    client = privacy.get("client_level")
+    if client:
+        console.print(
+            f"Client-level DP (each site's whole contribution): epsilon "
+            f"{float(client['epsilon']):.4f} at delta {client['delta']:g}, noise multiplier "
+            f"{client['noise_multiplier']:g}, update clip {client['clip_norm']:g}, "
+            f"{client['rounds']} rounds ({client['accountant'].upper()})"
+        )
+    return privacy
 
 
 @audit_app.command("empirical")
@@ -421,6 +456,42 @@ def data_check(site: Path = typer.Argument(..., help="A site folder (holding man
     console.print(
         "splits: " + ", ".join(f"{s} {len(m.split(s))}" for s in ("train", "val", "test"))
     )
+
+
+# `fedfuse audit PATH` (the audit group's default command) = `fedfuse audit ledger PATH`.
+@audit_app.command("ledger")
+def audit_ledger(
+    path: Path = typer.Argument(
+        ..., help="A ledger file, a site folder, a folder of site folders, or a run directory."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (every event) instead."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write epsilon vs rounds to this PNG."),
+    budget: float | None = typer.Option(
+        None, "--budget", help="Also fail (exit 1) if a site's lifetime epsilon exceeds this."
+    ),
+) -> None:
+    """Verify privacy ledgers and recompute epsilon with two accountants.
+
+    Exit status: 0 all good, 1 a budget exceeded, 2 a ledger tampered or inconsistent.
+    """
+    from common.privacy.audit import audit as run_audit
+    from common.privacy.audit import plot_epsilon, print_report
+
+    try:
+        report = run_audit(path, budget=budget)
+    except FedfuseError as exc:
+        _fail(str(exc))
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        print_report(report, console=console, table_console=_table_console())
+    if plot is not None:
+        plot_epsilon(report, plot)
+        if not as_json:
+            console.print(f"Plot: {plot}")
+    raise typer.Exit(report.exit_code)
 
 
 # Deployment: fedfuse certs / server run / server connect / site run (common/deploy/cli.py).

@@ -52,6 +52,12 @@ class RunConfig:
     accountant: str = "prv"
     # Ghost clipping computes per-sample gradient norms without materialising per-sample grads.
     grad_sample_mode: str = "ghost"
+    # record: DP-SGD at each site (each site's ledger). client: update clipping at the sites and
+    # noise on the aggregate at the server (no record-level DP at the sites). both: the two.
+    dp_level: str = "record"
+    # Client-level DP: L2 bound of a site's update, and noise std on the sum as a multiple of it.
+    client_clip_norm: float = 1.0
+    client_noise_multiplier: float = 1.0
     fusion: str = "concat"
     image_encoder: str = "cnn"
     text_encoder: str = "hash-mean"
@@ -110,6 +116,17 @@ class RunConfig:
         _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
         _check_choice("accountant", self.accountant, ("prv", "rdp"))
         _check_choice("grad-sample-mode", self.grad_sample_mode, ("ghost", "hooks", "functorch"))
+        _check_choice("dp-level", self.dp_level, ("record", "client", "both"))
+        _check_range(
+            "client-clip-norm", self.client_clip_norm, low=0.0, high=math.inf, low_open=True
+        )
+        _check_range(
+            "client-noise-multiplier",
+            self.client_noise_multiplier,
+            low=0.0,
+            high=math.inf,
+            low_open=True,
+        )
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(
                 f"'classes' must name at least two distinct classes; found {self.classes!r}"
@@ -130,6 +147,15 @@ class RunConfig:
     def private(self) -> bool:
         """False when ``target-epsilon`` is infinite: training without DP (a baseline only)."""
         return math.isfinite(self.target_epsilon)
+
+    @property
+    def record_level_dp(self) -> bool:
+        """Whether the sites train with DP-SGD (not for ``dp-level = client``)."""
+        return self.private and self.dp_level != "client"
+
+    @property
+    def client_level_dp(self) -> bool:
+        return self.dp_level in ("client", "both")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.models import build_model
 from server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
+from server.privacy_report import FederationStopped
 from server.rundir import RoundCallback, RunDirectory
 from server.strategy import make_strategy
 
@@ -43,6 +44,10 @@ def run_federation(
     )
     # The whole run config travels with every message: sites build the same model and plan.
     config = ConfigRecord(dict(cfg.to_mapping()))
+    # Sites key their ledger entries by the run's unique id (kept when a run is resumed) and
+    # show its name beside it.
+    config["run-id"] = run_dir.run_id
+    config["run-uid"] = run_dir.uid
     initial_arrays = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         initial_arrays = checkpoint.arrays
@@ -60,6 +65,9 @@ def run_federation(
             train_config=config,
             evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
         )
+    except FederationStopped as exc:
+        # Too few sites left (e.g. budgets exhausted): a clean stop, recorded with its reason.
+        status, reason = "stopped", str(exc)
     except Exception as exc:
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
         raise

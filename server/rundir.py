@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.privacy.ledger import LEDGER_ACCOUNTANT
+from server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -26,6 +29,17 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
+
+
+def _run_uid(path: Path) -> str:
+    """The run's unique id, kept in its directory so a resumed run keeps it: sites key their
+    ledger entries by it (the name alone may repeat across output folders)."""
+    p = path / "run-uid"
+    if p.exists():
+        return p.read_text().strip()
+    uid = secrets.token_hex(8)
+    p.write_text(uid + "\n")
+    return uid
 
 
 def new_run_id(cfg: RunConfig) -> str:
@@ -46,6 +60,7 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         self.resumed_after: list[int] = []
+        self.uid = _run_uid(self.path)
         self.write_json("config.json", cfg.to_mapping())
 
     @classmethod
@@ -59,6 +74,7 @@ class RunDirectory:
         self.cfg = cfg
         self.path = Path(path)
         self.run_id = self.path.name
+        self.uid = _run_uid(self.path)
         metrics = self.path / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         self.rounds = [json.loads(x) for x in lines if x.strip()]
@@ -95,28 +111,21 @@ class RunDirectory:
         return p
 
     def privacy_summary(self) -> dict[str, Any]:
-        """Per site: the last epsilon it reported, its delta and target, and its mechanism."""
-        sites: dict[str, Any] = {}
-        for rec in self.rounds:
-            for name, s in rec.get("sites", {}).items():
-                if "epsilon" not in s:
-                    continue
-                prev = sites.get(name, {"rounds": 0})
-                sites[name] = {
-                    "epsilon": s["epsilon"],
-                    "delta": s.get("delta", self.cfg.target_delta),
-                    "target_epsilon": self.cfg.target_epsilon,
-                    "noise_multiplier": s.get("noise-multiplier"),
-                    "steps": s.get("steps"),
-                    "rounds": prev["rounds"] + 1,
-                    "last_round": rec["round"],
-                }
+        """Per site: this run's epsilon, its lifetime epsilon (every run on its data, from its
+        ledger) before and after this run, its budget, refusals, and its ledger entries."""
+        client_level = next(
+            (r["client-dp"] for r in reversed(self.rounds) if "client-dp" in r), None
+        )
         return {
             "accountant": self.cfg.accountant,
-            "level": "record",
+            "level": self.cfg.dp_level,
+            "client_level": client_level,
             "mechanism": "DP-SGD (Opacus), Poisson sampling, Gaussian noise",
             "max_grad_norm": self.cfg.max_grad_norm,
-            "sites": dict(sorted(sites.items())),
+            "lifetime_accountant": LEDGER_ACCOUNTANT,
+            "sites": site_privacy(
+                self.rounds, target_epsilon=self.cfg.target_epsilon, delta=self.cfg.target_delta
+            ),
         }
 
     def finish(
@@ -124,7 +133,7 @@ class RunDirectory:
     ) -> None:
         if state_dict is not None:
             self.save_model(state_dict)
-        privacy = self.privacy_summary()
+        privacy = {"status": status, "reason": reason, **self.privacy_summary()}
         self.write_json("privacy.json", privacy)
         # Machine-readable outcome: `fedfuse simulate` exits non-zero unless it is "completed".
         self.write_json("status.json", {"status": status, "reason": reason})
@@ -179,17 +188,40 @@ class RunDirectory:
             "",
             "## Privacy spent per site",
             "",
-            "| site | epsilon | delta | target | noise multiplier | rounds |",
-            "|---|---|---|---|---|---|",
+            "Run epsilon: this run's rounds composed. Lifetime epsilon: every run on the "
+            "site's data (its ledger), before this run and after it, against the site's own "
+            "budget.",
+            "",
+            "| site | run epsilon | delta | target | noise multiplier | rounds | "
+            "lifetime before | lifetime after | site budget | refused |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in privacy["sites"].items():
+            refused = "; ".join(f"round {r['round']}: {r['reason']}" for r in s.get("refused", []))
             lines.append(
-                f"| {name} | {_f(s['epsilon'])} | {s['delta']:g} | {s['target_epsilon']:g} | "
-                f"{_f(s['noise_multiplier'])} | {s['rounds']} |"
+                f"| {name} | {_f(s.get('epsilon'))} | {_g(s.get('delta'))} | "
+                f"{_g(s.get('target_epsilon'))} | {_f(s.get('noise_multiplier'))} | "
+                f"{s['rounds']} | {_f(s.get('lifetime_epsilon_start'))} | "
+                f"{_f(s.get('lifetime_epsilon'))} | {_g(s.get('epsilon_budget'))} | "
+                f"{refused or '-'} |"
             )
+        client = privacy.get("client_level")
+        if client:
+            lines += [
+                "",
+                f"Client-level DP (`dp-level = {cfg.dp_level}`): epsilon "
+                f"{_f(client['epsilon'])} at delta {client['delta']:g} for each site's whole "
+                f"contribution; noise multiplier {client['noise_multiplier']:g} on the sum, "
+                f"update clip {client['clip_norm']:g}, {client['rounds']} rounds, accountant "
+                f"`{client['accountant']}`.",
+            ]
         if (self.path / "epsilon.png").exists():
             lines += ["", "![epsilon per site](epsilon.png)"]
         return "\n".join(lines) + "\n"
+
+
+def _g(x: Any) -> str:
+    return "-" if x is None else f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
 def _f(x: Any) -> str:

@@ -469,7 +469,23 @@ class SecAggAggregation(FedAvg):
         metrics = self.train_metrics_aggr_fn(
             [m.content for m in outcome.accepted], self.weighted_by_key
         )
-        return outcome.arrays, metrics
+        arrays = outcome.arrays
+        client_dp = getattr(self, "client_dp", None)
+        if client_dp is not None and arrays is not None and outcome.accepted:
+            # Client-level DP under SecAgg+: sites clipped their updates and sent weight 1, so
+            # the unmasked aggregate is the mean of clipped models; the noise goes on the sum.
+            arrays = ArrayRecord(
+                client_dp.noisy_mean_from_sum(
+                    self.global_arrays.to_torch_state_dict(),
+                    mean_to_delta_sum(
+                        outcome.arrays.to_torch_state_dict(),
+                        self.global_arrays.to_torch_state_dict(),
+                        len(outcome.accepted),
+                    ),
+                )
+            )
+            current["client-dp"] = client_dp.summary()
+        return arrays, metrics
 
     def _secagg_fail(self, server_round: int, error: str, current: dict[str, Any]) -> None:
         reason = (
@@ -499,6 +515,19 @@ class SecAggAggregation(FedAvg):
                 names[msg.metadata.src_node_id] = site_name(msg)
         self._secagg_names = names
         return super().aggregate_evaluate(server_round, replies)
+
+
+def mean_to_delta_sum(
+    mean: dict[str, Any], global_state: dict[str, Any], count: int
+) -> dict[str, Any]:
+    """Sum of the sites' updates from the (equal-weight) mean of their models."""
+    import torch
+
+    return {
+        k: (mean[k].to(torch.float64) - g.to(torch.float64)) * count
+        for k, g in global_state.items()
+        if torch.is_floating_point(g)
+    }
 
 
 @functools.cache

@@ -19,6 +19,8 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from server.checkpoint import save_checkpoint
+from server.client_dp import make_client_dp
+from server.privacy_report import FederationStopped, note_error, note_ledger, stop_reason
 from server.rundir import RoundCallback, RunDirectory
 
 
@@ -83,6 +85,7 @@ class SiteRecordingMixin:
         self.on_round = on_round
         self.current: dict[str, Any] = {}
         self.global_arrays: ArrayRecord | None = None
+        self.client_dp = make_client_dp(run_dir.cfg, run_dir.rounds)
         self._t0 = time.time()
         # A resumed run: Flower's loop counts 1, 2, ...; the federation is at round offset + 1.
         self.round_offset = 0
@@ -91,9 +94,20 @@ class SiteRecordingMixin:
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round += self.round_offset
         self.global_arrays = arrays
-        self.current = {"round": server_round, "sites": {}, "rejected": {}, "failed": {}}
+        self.current = {
+            "round": server_round,
+            "sites": {},
+            "rejected": {},
+            "failed": {},
+            "refused": {},
+        }
         self._t0 = time.time()
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self.client_dp is not None:
+            messages = list(messages)
+            available = len(list(grid.get_node_ids()))
+            self.client_dp.begin_round(sampled=len(messages), available=available)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -103,8 +117,9 @@ class SiteRecordingMixin:
         for msg in replies:
             name = site_name(msg)
             if msg.has_error():
-                self.current["failed"][name] = msg.error.reason
-                log(WARNING, "Round %s: site %s failed: %s", server_round, name, msg.error.reason)
+                name, why, refused = note_error(self.current, msg, name)
+                what = "refused the round" if refused else "failed"
+                log(WARNING, "Round %s: site %s %s: %s", server_round, name, what, why)
                 continue
             arrays = msg.content.array_records.get("arrays")
             reason = (
@@ -122,7 +137,25 @@ class SiteRecordingMixin:
             self.current["sites"].setdefault(name, {}).update(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             )
+            note_ledger(self.current["sites"][name], msg)
             good.append(msg)
+        # Counted from the recorded sites (not from `good`), so that a workflow that records
+        # sites itself and passes no replies here (secure aggregation) counts the same way.
+        trained = len(self.current["sites"])
+        stop = stop_reason(self.current, trained=trained, min_sites=self.min_train_nodes)
+        if stop is not None:
+            # Keep what happened in this round (refusals included) before stopping the run.
+            self.current.update({"num-sites": trained, "stopped": stop})
+            self.run_dir.add_round(dict(self.current))
+            if self.on_round is not None:
+                self.on_round(dict(self.current))
+            log(WARNING, "Stopping the run: %s", stop)
+            raise FederationStopped(stop)
+        if self.client_dp is not None:
+            good = self.client_dp.privatize_replies(
+                good, self.global_arrays, weight_key=self.weighted_by_key
+            )
+            self.current["client-dp"] = self.client_dp.summary()
         arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None:
             self.current["train-loss"] = metrics.get("train-loss")
