@@ -15,7 +15,7 @@ from client.secagg_mod import secaggplus_mod
 from client.site import SiteInfo, resolve_site, site_data
 from client.training import limit_threads, pick_device, train_round
 from common.config import RunConfig
-from common.metrics import evaluate as evaluate_model
+from common.evaluation import evaluate_site
 from common.models import build_model
 from common.privacy.client_dp import clip_update_
 
@@ -143,14 +143,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = resolve_site(dict(context.node_config), cfg)
     _, datasets = site_data(site, cfg)
     model = _model(msg, cfg)
-    res = evaluate_model(model.to(pick_device()), datasets["test"], device=pick_device())
-    metrics = MetricRecord(
-        {
-            "num-examples": res["num-examples"],
-            "eval-loss": res["loss"],
-            "eval-accuracy": res["accuracy"],
-            "eval-auroc": res["auroc"],
-        }
-    )
+    # Test metrics and per-modality contributions (scalars only leave the site).
+    metrics = MetricRecord(evaluate_site(model, datasets["test"], cfg=cfg, device=pick_device()))
     content = RecordDict({"metrics": metrics, "site": _site_record(site)})
     return Message(content=content, reply_to=msg)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.data.dataset import SiteDataset, load_site
+from common.data.dataset import SiteDataset, data_signature, load_site
 from common.data.manifest import Manifest
 from common.errors import ConfigError
 
@@ -72,11 +72,7 @@ def site_data(site: SiteInfo, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteD
     key = (
         str(site.data_path.resolve()),
         mtime,
-        cfg.classes,
-        cfg.image_size,
-        cfg.text_buckets,
-        cfg.max_tokens,
-        cfg.seed,
+        data_signature(cfg),
     )
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = load_site(site.data_path, cfg)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import RunConfig
+from common.models.objectives import make_criterion, modality_dropout
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
 
 # Opacus' ghost clipping runs two backward passes through hooks that warn on every step, and its
@@ -136,10 +137,19 @@ def train_round(
         train_set, batch_size=cfg.batch_size, shuffle=plan is None, generator=data_gen
     )
     optimizer = make_optimizer(model, cfg)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    criterion: nn.Module = make_criterion(cfg)
+    # Modality dropout draws from its own seeded stream: reproducible, independent of the data.
+    drop_gen = torch.Generator().manual_seed(seed + 2)
     if plan is None:
         return _train_plain(
-            model, loader, optimizer, criterion, cfg=cfg, device=device, anchor=anchor
+            model,
+            loader,
+            optimizer,
+            criterion,
+            cfg=cfg,
+            device=device,
+            anchor=anchor,
+            drop_gen=drop_gen,
         )
 
     engine = PrivacyEngine(accountant=cfg.accountant)
@@ -176,6 +186,7 @@ def train_round(
             device=device,
             anchor=anchor,
             params=list(model.parameters()),
+            drop_gen=drop_gen,
         )
     finally:
         # Leave the caller's model as it was given: no Opacus hooks or per-sample state.
@@ -217,14 +228,16 @@ def _dp_epochs(
     device,  # noqa: ANN001
     anchor=None,
     params=None,
+    drop_gen=None,
 ):  # noqa: ANN001
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
         for *inputs, labels in dp_loader:
-            if labels.numel() == 0:
+            if len(labels) == 0:
                 # An empty Poisson batch: nothing to learn. The step is still accounted
                 # (the event below covers every planned step), which only over-counts.
                 continue
+            inputs[0] = modality_dropout(inputs[0], cfg.modality_dropout, generator=drop_gen)
             inputs = [x.to(device) for x in inputs]
             labels = labels.to(device)
             dp_optimizer.zero_grad(set_to_none=True)
@@ -245,11 +258,13 @@ def _train_plain(
     *,
     cfg: RunConfig,
     device: torch.device,
+    drop_gen: torch.Generator,
     anchor: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
         for *inputs, labels in loader:
+            inputs[0] = modality_dropout(inputs[0], cfg.modality_dropout, generator=drop_gen)
             inputs = [x.to(device) for x in inputs]
             labels = labels.to(device)
             optimizer.zero_grad(set_to_none=True)

@@ -120,6 +120,9 @@ def simulate(
     gpus_per_site: float | None = typer.Option(
         None, "--gpus-per-site", min=0.0, help="GPU share per virtual site [0.5 if CUDA, else 0]."
     ),
+    missing_rate: float = typer.Option(
+        0.0, "--missing-rate", help="Synthetic data: share of records lacking one modality."
+    ),
     overrides: list[str] = typer.Option(
         [], "--set", help="Any run-config key, e.g. --set fusion=concat."
     ),
@@ -150,9 +153,19 @@ def simulate(
             if value is not None:
                 raw[key] = value
         raw.update(_parse_overrides(overrides))
+        if data is None:
+            from common.data.synthetic_cli import synthetic_defaults
+
+            raw = synthetic_defaults({**scen.run, **raw})
         cfg = scen.run_config(**raw)
+        if not 0.0 <= missing_rate < 1.0:
+            _fail(f"--missing-rate must be in range [0, 1); found {missing_rate}")
         spec = replace(
-            scen.data, sites=sites or scen.data.sites, records=records or scen.data.records
+            scen.data,
+            sites=sites or scen.data.sites,
+            records=records or scen.data.records,
+            missing_rate=missing_rate or scen.data.missing_rate,
+            modalities=cfg.modality_names,
         )
     except FedfuseError as exc:
         _fail(str(exc))
@@ -424,38 +437,96 @@ def data_synth(
     records: int = typer.Option(1000, "--records", min=10, help="Records per site (average)."),
     seed: int = typer.Option(0, "--seed"),
     alpha: float = typer.Option(1.0, "--alpha", help="Dirichlet label skew (small = skewed)."),
+    modalities: str = typer.Option(
+        "image,report", "--modalities", help="Of image,report,audio,tabular."
+    ),
+    missing_rate: float = typer.Option(
+        0.0, "--missing-rate", help="Share of records lacking one modality (0-1)."
+    ),
+    absent: list[str] = typer.Option(
+        [], "--absent", help="SITE:MODALITY a site lacks entirely, e.g. site-2:audio."
+    ),
 ) -> None:
-    """Write synthetic multimodal sites (images + reports) in the site format."""
+    """Write synthetic multimodal sites (image, report, audio, tabular) in the site format."""
     if not alpha > 0:
         _fail(f"--alpha must be in range (0, inf); found {alpha}")
     from common.data.synthetic import generate
+    from common.data.synthetic_cli import parse_absent
 
-    paths = generate(out, sites=sites, records=records, seed=seed, alpha=alpha)
+    try:
+        paths = generate(
+            out,
+            sites=sites,
+            records=records,
+            seed=seed,
+            alpha=alpha,
+            modalities=[m.strip() for m in modalities.split(",") if m.strip()],
+            missing_rate=missing_rate,
+            absent=parse_absent(absent),
+        )
+    except ValueError as exc:
+        _fail(str(exc))
     for p in paths:
         console.print(str(p))
 
 
 @data_app.command("check")
-def data_check(site: Path = typer.Argument(..., help="A site folder (holding manifest.csv).")):
+def data_check(
+    site: Path = typer.Argument(..., help="A site folder (holding manifest.csv)."),
+    classes: str = typer.Option(
+        "no_finding,pneumonia",
+        "--classes",
+        help="Label names the run knows (comma-separated); 'any' skips the label check.",
+    ),
+    task: str = typer.Option("single-label", "--task", help="single-label or multi-label."),
+    dicom_frame: int = typer.Option(0, "--dicom-frame", min=0, help="Frame of multi-frame DICOMs."),
+):
     """Validate a site folder without changing it; exit 1 listing every problem."""
-    from common.config import RunConfig
-    from common.data.manifest import load_manifest
+    from common.data.check import check_site, summary_lines
     from common.errors import DataValidationError
 
+    if task not in ("single-label", "multi-label"):
+        _fail(f"--task must be one of single-label, multi-label; found {task!r}")
+    names = (
+        None
+        if classes.strip() == "any"
+        else tuple(c.strip() for c in classes.split(",") if c.strip())
+    )
     try:
-        m = load_manifest(site, classes=None, split_seed=RunConfig().seed)
+        m = check_site(
+            site, classes=names, multi_label=task == "multi-label", dicom_frame=dicom_frame
+        )
     except DataValidationError as exc:
         err_console.print(str(exc), soft_wrap=True)
         raise typer.Exit(1) from None
-    console.print(f"{m.path}: {len(m.records)} records, all valid")
+    for line in summary_lines(m):
+        console.print(line)
+
+
+@app.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (runs/<id>)."),
+    data: Path = typer.Option(..., "--data", help="A site folder to evaluate on."),
+    split: str = typer.Option("test", "--split", help="train, val or test."),
+) -> None:
+    """Per-modality contributions of a run's global model on one site's data."""
+    from common.explain import explain_run, report_rows
+
+    try:
+        cfg, report = explain_run(run_dir, data, split=split)
+    except FedfuseError as exc:
+        _fail(str(exc))
     console.print(
-        "modalities present: "
-        + ", ".join(f"{k} {v}" for k, v in m.modalities_present().items() if v)
+        f"{run_dir}: fusion {cfg.fusion}, modalities {', '.join(cfg.modality_names)}; "
+        f"{data} split {split}: {report['num-examples']} records, AUROC "
+        f"{_num(report['auroc'])}"
     )
-    console.print("labels: " + ", ".join(f"{k} {v}" for k, v in m.label_counts().items()))
-    console.print(
-        "splits: " + ", ".join(f"{s} {len(m.split(s))}" for s in ("train", "val", "test"))
-    )
+    table = Table(title="Modality contributions")
+    for col in ("modality", "records with it", "mean weight", "AUROC without", "AUROC drop"):
+        table.add_column(col)
+    for row in report_rows(report):
+        table.add_row(*row)
+    console.print(table)
 
 
 # `fedfuse audit PATH` (the audit group's default command) = `fedfuse audit ledger PATH`.

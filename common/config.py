@@ -87,6 +87,36 @@ class RunConfig:
     # Seconds to wait for the sites' replies in each exchange (training included), so that a
     # silent site cannot hang a round forever.
     timeout: float = 3600.0
+    # --- Modalities, encoders, preprocessing (see common/data/modalities.py) ---
+    # Inputs the model takes, in this order (of image, report, audio, tabular). A record or a
+    # whole site lacking one of them is normal: the model sees it masked out.
+    modalities: str = "image,report"
+    audio_encoder: str = "logmel-cnn"
+    tabular_encoder: str = "mlp"
+    # The tab.<name> columns the model reads: its input size must be fixed before any site
+    # is seen. Required when modalities include tabular.
+    tabular_columns: str = ""
+    # Optional fixed ranges "name=lo:hi,..."; columns without one are standardised with the
+    # mean/std of the site's own train split, which never leave the site.
+    tabular_ranges: str = ""
+    # Every WAV is mixed to mono, resampled to audio-rate Hz and cut/padded to audio-seconds;
+    # 2 kHz keeps heart and lung sounds (< 1 kHz) and makes small spectrograms.
+    audio_rate: int = 2000
+    audio_seconds: float = 2.0
+    audio_features: str = "logmel"
+    # Mel bands (logmel) or coefficients (mfcc).
+    audio_bins: int = 32
+    # Which frame of a multi-frame DICOM to use.
+    dicom_frame: int = 0
+    # Local state_dict file to initialise resnet18 from (fedfuse never downloads weights).
+    image_weights: str = ""
+    # Training-image augmentation (torchvision.transforms.v2): "none" or "light".
+    augment: str = "none"
+    # "multi-label": labels like "a|b", a sigmoid per class, per-class AUROC.
+    task: str = "single-label"
+    # Probability of hiding each present modality of a training record (never all of them),
+    # so the global model still works at a site that lacks a modality entirely.
+    modality_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         _check_int("num-rounds", self.num_rounds, low=1)
@@ -138,10 +168,28 @@ class RunConfig:
         if not isinstance(self.secagg, bool):
             raise ConfigError(f"'secagg' must be true or false; found {self.secagg!r}")
         SecAggSettings.from_run_config(self)  # raises ConfigError naming the bad key
+        _check_modalities(self)
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.classes.split(",") if c.strip())
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.modalities.split(",") if m.strip())
+
+    @property
+    def tabular_names(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.tabular_columns.split(",") if c.strip())
+
+    @property
+    def tabular_range_map(self) -> dict[str, tuple[float, float]]:
+        """``tabular-ranges`` parsed: column name -> (low, high)."""
+        return _parse_ranges(self.tabular_ranges)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi-label"
 
     @property
     def private(self) -> bool:
@@ -176,6 +224,58 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+KNOWN_MODALITIES = ("image", "report", "audio", "tabular")
+
+
+def _check_modalities(cfg: RunConfig) -> None:
+    names = cfg.modality_names
+    bad = [m for m in names if m not in KNOWN_MODALITIES]
+    if not names or bad or len(set(names)) != len(names):
+        raise ConfigError(
+            f"'modalities' must be distinct names from {list(KNOWN_MODALITIES)}, comma-separated;"
+            f" found {cfg.modalities!r}"
+        )
+    if "tabular" in names and not cfg.tabular_names:
+        raise ConfigError(
+            "'tabular-columns' must name the tab.<name> columns the model reads (e.g. "
+            "\"crp,wbc\") when 'modalities' includes tabular; found ''"
+        )
+    ranges = _parse_ranges(cfg.tabular_ranges)
+    unknown = sorted(set(ranges) - set(cfg.tabular_names))
+    if unknown:
+        raise ConfigError(
+            f"'tabular-ranges' names {unknown}, which are not in 'tabular-columns' "
+            f"{list(cfg.tabular_names)}"
+        )
+    _check_int("audio-rate", cfg.audio_rate, low=500)
+    _check_range("audio-seconds", cfg.audio_seconds, low=0.1, high=60.0)
+    _check_choice("audio-features", cfg.audio_features, ("logmel", "mfcc"))
+    _check_int("audio-bins", cfg.audio_bins, low=4)
+    _check_int("dicom-frame", cfg.dicom_frame, low=0)
+    _check_choice("augment", cfg.augment, ("none", "light"))
+    _check_choice("task", cfg.task, ("single-label", "multi-label"))
+    _check_range("modality-dropout", cfg.modality_dropout, low=0.0, high=1.0, high_open=True)
+
+
+def _parse_ranges(text: str) -> dict[str, tuple[float, float]]:
+    out: dict[str, tuple[float, float]] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        try:
+            name, span = item.split("=", 1)
+            lo_s, hi_s = span.split(":", 1)
+            lo, hi = float(lo_s), float(hi_s)
+        except ValueError:
+            raise ConfigError(
+                f"'tabular-ranges' item {item!r} must look like name=low:high (e.g. crp=0:200)"
+            ) from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ConfigError(f"'tabular-ranges' item {item!r} needs finite low < high")
+        out[name.strip()] = (lo, hi)
+    return out
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

@@ -1,8 +1,9 @@
-"""Evaluation metrics computed at a site (AUROC without sklearn)."""
+"""Evaluation metrics computed at a site (AUROC without sklearn), single- and multi-label."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,36 +33,108 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Labels, logits and (when the fusion head has them) per-modality weights of a split."""
+
+    labels: torch.Tensor
+    logits: torch.Tensor
+    mask: torch.Tensor
+    weights: torch.Tensor | None
+
+
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset: Dataset, *, device: torch.device, batch_size: int = 256
-) -> dict[str, float]:
-    """Loss, accuracy and AUROC (positive class = index 1 for binary tasks) on ``dataset``."""
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    hide: int | None = None,
+) -> Predictions:
+    """Run ``model`` over ``dataset``; ``hide=i`` masks modality ``i`` out of every record."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    losses, all_labels, all_probs = [], [], []
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    for *inputs, labels in loader:
-        inputs = [x.to(device) for x in inputs]
-        labels = labels.to(device)
-        logits = model(*inputs)
-        losses.append(float(loss_fn(logits, labels)))
-        all_labels.append(labels.cpu())
-        all_probs.append(torch.softmax(logits, dim=1).cpu())
-    n = sum(len(lab) for lab in all_labels)
+    labels, logits, masks, weights = [], [], [], []
+    head = getattr(model, "head", None)
+    for mask, *inputs, y in loader:
+        if hide is not None:
+            mask = mask.clone()
+            mask[:, hide] = 0.0
+        out = model(mask.to(device), *[x.to(device) for x in inputs])
+        labels.append(y)
+        logits.append(out.float().cpu())
+        masks.append(mask)
+        w = getattr(head, "last_weights", None)
+        if w is not None:
+            weights.append(w.float().cpu())
+    if not labels:
+        empty = torch.zeros(0)
+        return Predictions(empty, empty, empty, None)
+    return Predictions(
+        torch.cat(labels),
+        torch.cat(logits),
+        torch.cat(masks),
+        torch.cat(weights) if len(weights) == len(labels) else None,
+    )
+
+
+def scores(
+    pred: Predictions, *, multi_label: bool, class_names: tuple[str, ...] | None = None
+) -> dict[str, float]:
+    """Loss, accuracy and AUROC of predictions.
+
+    Single-label: softmax; AUROC of class 1 for two classes, else macro one-vs-rest.
+    Multi-label: a sigmoid per class; ``accuracy`` is the mean per-label accuracy, ``auroc``
+    the macro mean over classes with both outcomes present. With more than two classes, or
+    multi-label, ``auroc-<class>`` gives each class's AUROC (NaN if undefined at this site).
+    """
+    n = len(pred.labels)
     if n == 0:
         return {"loss": math.nan, "accuracy": math.nan, "auroc": math.nan, "num-examples": 0}
-    labels_np = torch.cat(all_labels).numpy()
-    probs = torch.cat(all_probs).numpy()
-    if probs.shape[1] == 2:
-        auc = auroc(labels_np == 1, probs[:, 1])
-    else:  # macro one-vs-rest
-        per = [auroc(labels_np == k, probs[:, k]) for k in range(probs.shape[1])]
-        finite = [a for a in per if not math.isnan(a)]
-        auc = float(np.mean(finite)) if finite else math.nan
-    return {
-        "loss": sum(losses) / n,
-        "accuracy": float((probs.argmax(1) == labels_np).mean()),
-        "auroc": auc,
+    logits = pred.logits
+    num_classes = logits.shape[1]
+    if multi_label:
+        y = pred.labels.float()
+        loss = float(nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
+        loss /= num_classes  # per record, averaged over labels (as in training)
+        probs = torch.sigmoid(logits).numpy()
+        y_np = y.numpy().astype(bool)
+        acc = float(((probs >= 0.5) == y_np).mean())
+        per = [auroc(y_np[:, k], probs[:, k]) for k in range(num_classes)]
+    else:
+        y_idx = pred.labels.long()
+        loss = float(nn.functional.cross_entropy(logits, y_idx, reduction="sum"))
+        probs = torch.softmax(logits, dim=1).numpy()
+        y_np = y_idx.numpy()
+        acc = float((probs.argmax(1) == y_np).mean())
+        if num_classes == 2:
+            per = [auroc(y_np == 1, probs[:, 1])]
+        else:
+            per = [auroc(y_np == k, probs[:, k]) for k in range(num_classes)]
+    finite = [a for a in per if not math.isnan(a)]
+    out: dict[str, float] = {
+        "loss": loss / n,
+        "accuracy": acc,
+        "auroc": float(np.mean(finite)) if finite else math.nan,
         "num-examples": n,
     }
+    if multi_label or num_classes > 2:
+        names = class_names or tuple(str(k) for k in range(num_classes))
+        for name, a in zip(names, per, strict=True):
+            out[f"auroc-{name}"] = a
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    multi_label: bool = False,
+    class_names: tuple[str, ...] | None = None,
+) -> dict[str, float]:
+    """Loss, accuracy and AUROC (see :func:`scores`) of ``model`` on ``dataset``."""
+    pred = predict(model, dataset, device=device, batch_size=batch_size)
+    return scores(pred, multi_label=multi_label, class_names=class_names)

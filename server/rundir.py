@@ -14,6 +14,7 @@ import torch
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.explain import contribution_markdown
 from common.privacy.ledger import LEDGER_ACCOUNTANT
 from server.privacy_report import site_privacy
 
@@ -217,6 +218,8 @@ class RunDirectory:
             ]
         if (self.path / "epsilon.png").exists():
             lines += ["", "![epsilon per site](epsilon.png)"]
+        if self.rounds:
+            lines += contribution_markdown(self.rounds[-1], cfg.modality_names)
         return "\n".join(lines) + "\n"
 
 

@@ -189,9 +189,8 @@ class SiteRecordingMixin:
             )
         agg = super().aggregate_evaluate(server_round, replies)
         if agg is not None:
-            for k in ("eval-loss", "eval-accuracy", "eval-auroc"):
-                if k in agg:
-                    self.current[k] = agg[k]
+            # eval-loss/-accuracy/-auroc, plus per-class AUROC and modality contributions.
+            self.current.update({k: v for k, v in agg.items() if k.startswith("eval-")})
         self.current["round"] = server_round
         self.current["seconds"] = round(time.time() - self._t0, 3)
         self.run_dir.add_round(dict(self.current))

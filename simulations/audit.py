@@ -43,9 +43,9 @@ from rich.table import Table
 from torch import nn
 
 from common.config import RunConfig
-from common.data.dataset import SiteDataset
-from common.data.manifest import Record, find_manifest
-from common.data.tokenizer import HashingTokenizer
+from common.data.dataset import LabelEncoder, SiteDataset
+from common.data.manifest import Manifest, Record, find_manifest
+from common.data.modalities import build_inputs
 from common.errors import ConfigError
 from common.models import build_model
 from common.privacy.empirical import (
@@ -252,11 +252,14 @@ def canary_dataset(
         )
         for c in canaries
     ]
+    site = folder or Path(".")
+    manifest = Manifest(
+        site_dir=site, path=site / "canaries", records=tuple(records), tabular_columns=()
+    )
     return SiteDataset(
         records,
-        classes=cfg.class_names,
-        image_size=cfg.image_size,
-        tokenizer=HashingTokenizer(num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens),
+        inputs=build_inputs(cfg, manifest),
+        labels=LabelEncoder(cfg.class_names, multi_label=cfg.multi_label),
     )
 
 

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from common.config import RunConfig
-from common.data.manifest import load_manifest
+from common.data.dataset import manifest_for
 from common.errors import ConfigError, DataValidationError, FedfuseError
 from server.rundir import RoundCallback, new_run_id
 
@@ -32,7 +32,7 @@ def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
     problems: list[str] = []
     for d in site_dirs:
         try:
-            load_manifest(d, classes=cfg.class_names, split_seed=cfg.seed)
+            manifest_for(d, cfg)
         except DataValidationError as exc:
             problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
     if problems:

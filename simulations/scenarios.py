@@ -20,7 +20,14 @@ from common.errors import ConfigError
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
-_DATA_KEYS = {"sites": int, "records": int, "alpha": float, "seed": int, "site-lacks": list}
+_DATA_KEYS = {
+    "sites": int,
+    "records": int,
+    "alpha": float,
+    "seed": int,
+    "site-lacks": list,
+    "missing-rate": float,
+}
 _RESOURCE_KEYS = {"cpus-per-site": float, "gpus-per-site": float}
 _TOP_KEYS = {"description", "data", "resources", "run"}
 
@@ -34,6 +41,10 @@ class DataSpec:
     alpha: float = 1.0
     seed: int | None = None  # None: the run's seed
     site_lacks: tuple[str, ...] = ()
+    # Share of records lacking one random modality.
+    missing_rate: float = 0.0
+    # Modalities the synthetic records hold (the run config's, set by the CLI).
+    modalities: tuple[str, ...] = ("image", "report")
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -116,6 +127,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         alpha=float(data_raw.get("alpha", 1.0)),
         seed=int(data_raw["seed"]) if "seed" in data_raw else None,
         site_lacks=tuple(str(x) for x in data_raw.get("site-lacks", ())),
+        missing_rate=float(data_raw.get("missing-rate", 0.0)),
     )
     gpus = res_raw.get("gpus-per-site")
     return Scenario(

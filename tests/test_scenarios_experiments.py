@@ -46,7 +46,9 @@ def test_site_lacks_writes_sites_without_that_modality(tmp_path):
     from common.data.manifest import load_manifest
     from common.data.synthetic import generate
 
-    paths = generate(tmp_path, sites=3, records=30, seed=1, site_lacks=["report", "image"])
+    paths = generate(
+        tmp_path, sites=3, records=30, seed=1, absent={"site-0": ["report"], "site-1": ["image"]}
+    )
     m0, m1, m2 = (load_manifest(p) for p in paths)
     assert m0.modalities_present()["report"] == 0 and m0.modalities_present()["image"] > 0
     assert m1.modalities_present()["image"] == 0 and m1.modalities_present()["report"] > 0

@@ -1,92 +1,120 @@
-"""A torch Dataset over one validated site folder."""
+"""A torch Dataset over one validated site folder, for the modalities a run config names."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from common.config import RunConfig
-from common.data.images import load_grayscale
 from common.data.manifest import Manifest, Record, load_manifest
-from common.data.tokenizer import HashingTokenizer
+from common.data.modalities import ModalityInput, build_inputs
 
-# Order of the inputs the model takes after the mask; the dataset yields them in this order.
-MODEL_MODALITIES = ("image", "report")
+
+class LabelEncoder:
+    """Single-label: class index (``long``). Multi-label: multi-hot ``float`` vector."""
+
+    def __init__(self, classes: tuple[str, ...], *, multi_label: bool) -> None:
+        self.classes = classes
+        self.index = {c: i for i, c in enumerate(classes)}
+        self.multi_label = multi_label
+
+    def __call__(self, labels: tuple[str, ...]) -> torch.Tensor:
+        if self.multi_label:
+            y = torch.zeros(len(self.classes), dtype=torch.float32)
+            for lab in labels:
+                y[self.index[lab]] = 1.0
+            return y
+        return torch.tensor(self.index[labels[0]], dtype=torch.long)
 
 
 class SiteDataset(Dataset):
-    """Records of one split of a site, as ``(mask, image, token_ids, label)`` tuples.
+    """Records of one split of a site, as ``(mask, *inputs, label)`` tuples of tensors.
 
-    ``mask`` is a float vector with one entry per modality in :data:`MODEL_MODALITIES`
-    (1 = present). Absent modalities are zero tensors of the right shape, which the model
-    ignores through the mask. Decoded images are cached in memory after first use.
+    ``inputs`` follow ``cfg.modalities`` order (the order :class:`FusionModel` takes them);
+    ``mask`` has one float entry per modality (1 = present). Absent modalities are zero tensors
+    of the right shape. ``train=True`` turns on training-only augmentation.
     """
 
     def __init__(
         self,
         records: list[Record],
         *,
-        classes: tuple[str, ...],
-        image_size: int,
-        tokenizer: HashingTokenizer,
+        inputs: tuple[ModalityInput, ...],
+        labels: LabelEncoder,
+        train: bool = False,
     ) -> None:
         self.records = records
-        self.classes = classes
-        self.class_index = {c: i for i, c in enumerate(classes)}
-        self.image_size = image_size
-        self.tokenizer = tokenizer
-        self._image_cache: dict[int, torch.Tensor] = {}
+        self.inputs = inputs
+        self.labels = labels
+        self.train = train
 
-    @classmethod
-    def from_manifest(cls, manifest: Manifest, split: str, cfg: RunConfig) -> SiteDataset:
-        return cls(
-            manifest.split(split),
-            classes=cfg.class_names,
-            image_size=cfg.image_size,
-            tokenizer=HashingTokenizer(num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens),
-        )
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _image(self, i: int, path: Path) -> torch.Tensor:
-        cached = self._image_cache.get(i)
-        if cached is None:
-            arr = load_grayscale(path)
-            if arr.shape != (self.image_size, self.image_size):
-                im = Image.fromarray((arr * 255).astype(np.uint8))
-                im = im.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-            # Normalise to roughly zero mean / unit range; the same fixed constants at every site
-            # (statistics computed from site data would have to be shared or kept private).
-            cached = torch.from_numpy((arr - 0.5) / 0.5).unsqueeze(0)
-            self._image_cache[i] = cached
-        return cached
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         r = self.records[i]
-        mask = torch.tensor([r.image is not None, r.report is not None], dtype=torch.float32)
-        image = (
-            self._image(i, r.image)
-            if r.image is not None
-            else torch.zeros(1, self.image_size, self.image_size)
-        )
-        tokens = (
-            self.tokenizer(r.report)
-            if r.report is not None
-            else torch.zeros(self.tokenizer.max_tokens, dtype=torch.long)
-        )
-        label = torch.tensor(self.class_index[r.labels[0]], dtype=torch.long)
-        return mask, image, tokens, label
+        present = [inp.present(r) for inp in self.inputs]
+        mask = torch.tensor(present, dtype=torch.float32)
+        xs = [
+            inp.load(r, train=self.train) if p else inp.empty()
+            for inp, p in zip(self.inputs, present, strict=True)
+        ]
+        return (mask, *xs, self.labels(r.labels))
+
+
+def manifest_for(site_dir: str | Path, cfg: RunConfig, **kwargs: Any) -> Manifest:
+    """Load and validate a site's manifest with the checks ``cfg`` implies."""
+    return load_manifest(
+        site_dir,
+        classes=cfg.class_names,
+        split_seed=cfg.seed,
+        multi_label=cfg.multi_label,
+        dicom_frame=cfg.dicom_frame,
+        **kwargs,
+    )
+
+
+def datasets_for(manifest: Manifest, cfg: RunConfig) -> dict[str, SiteDataset]:
+    inputs = build_inputs(cfg, manifest)
+    labels = LabelEncoder(cfg.class_names, multi_label=cfg.multi_label)
+    return {
+        s: SiteDataset(manifest.split(s), inputs=inputs, labels=labels, train=s == "train")
+        for s in ("train", "val", "test")
+    }
 
 
 def load_site(site_dir: str | Path, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteDataset]]:
     """Validate a site folder and return its manifest and one dataset per split."""
-    manifest = load_manifest(site_dir, classes=cfg.class_names, split_seed=cfg.seed)
-    return manifest, {
-        s: SiteDataset.from_manifest(manifest, s, cfg) for s in ("train", "val", "test")
-    }
+    manifest = manifest_for(site_dir, cfg)
+    return manifest, datasets_for(manifest, cfg)
+
+
+# Config keys that change what a site's datasets contain (for caches of decoded data).
+DATA_KEYS = (
+    "classes",
+    "seed",
+    "task",
+    "modalities",
+    "image_size",
+    "dicom_frame",
+    "augment",
+    "text_buckets",
+    "max_tokens",
+    "audio_rate",
+    "audio_seconds",
+    "audio_features",
+    "audio_bins",
+    "tabular_columns",
+    "tabular_ranges",
+)
+
+
+def data_signature(cfg: RunConfig) -> tuple[Any, ...]:
+    return tuple(getattr(cfg, k) for k in DATA_KEYS)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.data.audio import check_audio
 from common.data.images import check_image
 from common.errors import DataValidationError
 
@@ -104,7 +105,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]],
                 for k in obj:
                     if k not in columns:
                         columns.append(k)
-                rows.append((lineno, {k: "" if v is None else str(v) for k, v in obj.items()}))
+                rows.append((lineno, {k: _cell(v) for k, v in obj.items()}))
         return columns, rows, problems
     try:
         with open(path, encoding="utf-8", newline="") as fh:
@@ -119,6 +120,15 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]],
         problems.append(f"{path.name}: not UTF-8 text ({exc.reason})")
         return [], [], problems
     return columns, rows, problems
+
+
+def _cell(v: object) -> str:
+    """A JSONL value as a CSV-like cell (a list of labels becomes ``a|b``)."""
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return "|".join(str(x) for x in v)
+    return str(v).strip()
 
 
 def stable_split(record_id: str, seed: int) -> str:
@@ -137,7 +147,8 @@ def load_manifest(
     classes: tuple[str, ...] | None = None,
     split_seed: int = 0,
     check_files: bool = True,
-    extra_checks: Callable[[Path, str], str | None] | None = None,
+    multi_label: bool | None = None,
+    dicom_frame: int = 0,
 ) -> Manifest:
     """Read and validate a site's manifest; report every problem at once.
 
@@ -145,10 +156,10 @@ def load_manifest(
         site_dir: the site folder.
         classes: the label names the run knows; any other label is an error. None accepts all.
         split_seed: seed of the split for records without a ``split`` value.
-        check_files: decode every image (and read every report file) to catch corrupt files
-            before training starts.
-        extra_checks: optional ``(path, kind) -> reason | None`` for further file kinds
-            (e.g. audio), so modality loaders can plug in their own decoders.
+        check_files: decode every image and WAV (and read every report file) to catch corrupt
+            files before training starts.
+        multi_label: False rejects records with several labels (``a|b``); None accepts both.
+        dicom_frame: the frame a multi-frame DICOM must have (checked with ``check_files``).
 
     Raises:
         DataValidationError: with one line per problem (file:line: field: reason).
@@ -166,8 +177,8 @@ def load_manifest(
     modality_cols = [c for c in ("image", "report", "audio") if c in columns] + list(tab_cols)
     if columns and not modality_cols:
         problems.append(
-            f"{name}:1: no modality column; expected at least one of "
-            "image, report, audio, tab.<name>"
+            f"{name}:1: no modality column; expected at least one of image, report, audio, "
+            "tab.<name>"
         )
     known_cols = {"id", "label", "split", "image", "report", "audio", *tab_cols}
     for c in columns:
@@ -192,10 +203,15 @@ def load_manifest(
         else:
             seen[rid] = lineno
         label_raw = raw.get("label", "")
-        labels = tuple(lab.strip() for lab in label_raw.split("|") if lab.strip())
+        labels = tuple(dict.fromkeys(lab.strip() for lab in label_raw.split("|") if lab.strip()))
         if not labels:
             row_problems.append(f"{where}: label: empty label")
-        elif classes is not None:
+        if multi_label is False and len(labels) > 1:
+            row_problems.append(
+                f"{where}: label: '{label_raw}' has several labels but the task is single-label "
+                "(set task=multi-label for a|b labels)"
+            )
+        if classes is not None:
             for lab in labels:
                 if lab not in classes:
                     row_problems.append(
@@ -204,22 +220,17 @@ def load_manifest(
         split = raw.get("split", "").lower()
         if split and split not in SPLITS:
             row_problems.append(f"{where}: split: '{split}' is not one of {', '.join(SPLITS)}")
+        image_check = (lambda p: check_image(p, frame=dicom_frame)) if check_files else None
         image = _resolve_file(
-            site_dir,
-            raw.get("image", ""),
-            where,
-            "image",
-            row_problems,
-            check=check_image if check_files else None,
+            site_dir, raw.get("image", ""), where, "image", row_problems, check=image_check
         )
-        audio_check = (lambda p: extra_checks(p, "audio")) if extra_checks else None
         audio = _resolve_file(
             site_dir,
             raw.get("audio", ""),
             where,
             "audio",
             row_problems,
-            check=audio_check if check_files else None,
+            check=check_audio if check_files else None,
         )
         report = _resolve_report(site_dir, raw.get("report", ""), where, row_problems)
         tabular: dict[str, float] = {}

@@ -1,21 +1,36 @@
-"""Synthetic multimodal sites in the on-disk site format (manifest.csv + PNGs + report text).
+"""Synthetic multimodal sites in the on-disk site format (manifest.csv + files).
 
-Each record is a chest-X-ray-like grayscale image and a short clinical note. The label
-("pneumonia") is positive only when the image shows an opacity AND the note reports infectious
-symptoms: each modality alone carries only part of the answer (AUROC about 0.83 at best), the
-two together nearly all of it. Sites differ by Dirichlet(alpha) label skew and unequal sizes.
+Each record may hold a chest-X-ray-like grayscale image, a short clinical note, a heart-sound
+recording (WAV) and lab values (``tab.crp``, ``tab.wbc``, ``tab.temp``). Each modality shows one
+finding: an opacity (image), infectious symptoms (note), a systolic murmur (audio), raised
+inflammation markers (labs). The label ("pneumonia", i.e. the positive class) is positive when
+a majority of the generated modalities show their finding: with the default image + report
+that is both (each alone reaches an AUROC of about 0.83 at best, the two together nearly 1);
+with all four it is at least three. So no single modality predicts the label well.
+Sites differ by Dirichlet(alpha) label skew, unequal sizes, audio sample rate (and one records
+in stereo), and optionally by a rate of records missing one modality, or a modality absent.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import itertools
+import wave
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 CLASSES = ("no_finding", "pneumonia")
+MODALITIES = ("image", "report", "audio", "tabular")
+TABULAR_COLUMNS = ("crp", "wbc", "temp")
+# Sample rate of each site's recordings, by site index (cycled): several rates on purpose.
+AUDIO_RATES = (4000, 8000, 2000)
+AUDIO_SECONDS = 2.0
+# Share of lab values missing even in records that have labs.
+LAB_MISSING = 0.08
 
 _SYMPTOMS_POS = [
     "Patient presents with fever and productive cough.",
@@ -56,6 +71,10 @@ class SiteSpec:
     name: str
     num_records: int
     positive_rate: float
+    # Share of records that lack one (random) of their modalities.
+    missing_rate: float = 0.0
+    # Modalities this site does not have at all.
+    absent: tuple[str, ...] = field(default_factory=tuple)
 
 
 def plan_sites(
@@ -113,40 +132,162 @@ def make_report(*, symptomatic: bool, rng: np.random.Generator) -> str:
     return " ".join([f"{age}-year-old {rng.choice(['male', 'female'])}."] + [p for p in parts if p])
 
 
+def finding_combos(m: int) -> tuple[list[tuple[bool, ...]], list[tuple[bool, ...]]]:
+    """(positive, negative) finding patterns over ``m`` modalities; positive = a majority.
+
+    Ordered so that for two modalities the negatives are (none, first only, second only), the
+    order the original two-modality generator drew them in (same data for the same seed).
+    """
+    need = m // 2 + 1
+    combos = sorted(
+        itertools.product([False, True], repeat=m),
+        key=lambda c: (sum(c), tuple(not x for x in c)),
+    )
+    return [c for c in combos if sum(c) >= need], [c for c in combos if sum(c) < need]
+
+
+def make_heart_sound(
+    *, murmur: bool, rate: int, seconds: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A phonocardiogram-like signal in [-1, 1]: S1/S2 "lub-dub" per beat, and a
+    crescendo-decrescendo systolic murmur (band-limited noise, 150-400 Hz) when ``murmur``."""
+    n = int(round(rate * seconds))
+    t = np.arange(n) / rate
+    x = np.zeros(n)
+    period = 60.0 / rng.uniform(60, 100)
+    systole = rng.uniform(0.28, 0.34)
+    murmur_amp = rng.uniform(0.2, 0.4)
+    freqs = rng.uniform(150, min(400, rate / 2 - 1), size=16)
+    phases = rng.uniform(0, 2 * np.pi, size=16)
+    noise = np.sin(2 * np.pi * freqs[:, None] * t[None, :] + phases[:, None]).sum(0) / 4
+    beat = rng.uniform(0, period) - period
+    while beat < seconds:
+        for onset, f0, amp in (
+            (beat, rng.uniform(40, 60), 1.0),
+            (beat + systole, rng.uniform(60, 90), 0.7),
+        ):
+            d = t - onset
+            on = (d >= 0) & (d < 0.12)
+            x[on] += amp * np.exp(-d[on] / 0.03) * np.sin(2 * np.pi * f0 * d[on])
+        if murmur:
+            a, b = beat + 0.07, beat + systole - 0.03
+            on = (t >= a) & (t < b)
+            x[on] += murmur_amp * np.sin(np.pi * (t[on] - a) / (b - a)) * noise[on]
+        beat += period
+    x += rng.normal(0, 0.03, n)
+    return (x / np.abs(x).max() * rng.uniform(0.4, 0.9)).astype(np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """16-bit PCM WAV with the stdlib; ``samples`` is ``(n,)`` or ``(n, channels)``."""
+    samples = samples.reshape(len(samples), -1)
+    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(samples.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def make_labs(*, inflamed: bool, rng: np.random.Generator) -> dict[str, float]:
+    """CRP (mg/L), white cell count (10^9/L) and temperature (C); raised when ``inflamed``."""
+    if inflamed:
+        crp, wbc, temp = (
+            rng.lognormal(np.log(45), 0.7),
+            rng.normal(12.5, 2.5),
+            rng.normal(38.1, 0.6),
+        )
+    else:
+        crp, wbc, temp = rng.lognormal(np.log(5), 0.8), rng.normal(7.5, 1.8), rng.normal(36.9, 0.4)
+    return {
+        "crp": round(float(crp), 1),
+        "wbc": round(float(max(wbc, 0.5)), 1),
+        "temp": round(float(temp), 1),
+    }
+
+
 def write_site(
-    out: Path, spec: SiteSpec, *, rng: np.random.Generator, image_size: int = 64, lacks: str = ""
+    out: Path,
+    spec: SiteSpec,
+    *,
+    rng: np.random.Generator,
+    image_size: int = 64,
+    modalities: Sequence[str] = ("image", "report"),
+    audio_rate: int = 4000,
+    stereo: bool = False,
 ) -> Path:
-    """Write one site folder; returns its path. ``lacks`` names a modality the site has none of
-    (``"image"`` or ``"report"``): those cells are left empty, as at a real site without it."""
+    """Write one site folder; returns its path."""
+    mods = tuple(m for m in MODALITIES if m in modalities)
+    positives, negatives = finding_combos(len(mods))
     site = out / spec.name
-    (site / "images").mkdir(parents=True, exist_ok=True)
+    site.mkdir(parents=True, exist_ok=True)
+    for m, sub in (("image", "images"), ("audio", "audio")):
+        if m in mods and m not in spec.absent:
+            (site / sub).mkdir(exist_ok=True)
     rows = []
     for i in range(spec.num_records):
         positive = bool(rng.random() < spec.positive_rate)
-        if positive:
-            lesion, symptomatic = True, True
-        else:  # one of the three ways of not being a positive case, equally likely
-            lesion, symptomatic = [(False, False), (True, False), (False, True)][rng.integers(3)]
-        rid = f"{spec.name}-{i:05d}"
-        img = make_image(lesion=lesion, size=image_size, rng=rng)
-        if lacks != "image":
-            Image.fromarray((img * 255).astype(np.uint8), mode="L").save(
-                site / "images" / f"{rid}.png"
-            )
-        report = make_report(symptomatic=symptomatic, rng=rng)
-        rows.append(
-            {
-                "id": rid,
-                "image": "" if lacks == "image" else f"images/{rid}.png",
-                "report": "" if lacks == "report" else report,
-                "label": CLASSES[int(positive)],
-            }
+        pool = positives if positive else negatives
+        findings = dict(
+            zip(mods, pool[rng.integers(len(pool))] if len(pool) > 1 else pool[0], strict=True)
         )
+        rid = f"{spec.name}-{i:05d}"
+        row: dict[str, object] = {"id": rid}
+        if "image" in mods:
+            img = make_image(lesion=findings["image"], size=image_size, rng=rng)
+            if "image" not in spec.absent:
+                Image.fromarray((img * 255).astype(np.uint8), mode="L").save(
+                    site / "images" / f"{rid}.png"
+                )
+                row["image"] = f"images/{rid}.png"
+        if "report" in mods:
+            report = make_report(symptomatic=findings["report"], rng=rng)
+            if "report" not in spec.absent:
+                row["report"] = report
+        if "audio" in mods:
+            sound = make_heart_sound(
+                murmur=findings["audio"], rate=audio_rate, seconds=AUDIO_SECONDS, rng=rng
+            )
+            if stereo:  # two slightly different channels, as from a two-head stethoscope
+                sound = np.stack([sound, 0.8 * sound + rng.normal(0, 0.01, len(sound))], axis=1)
+            if "audio" not in spec.absent:
+                write_wav(site / "audio" / f"{rid}.wav", sound, audio_rate)
+                row["audio"] = f"audio/{rid}.wav"
+        if "tabular" in mods:
+            labs = make_labs(inflamed=findings["tabular"], rng=rng)
+            if "tabular" not in spec.absent:
+                for k, v in labs.items():
+                    if rng.random() >= LAB_MISSING:
+                        row[f"tab.{k}"] = v
+        present = [m for m in mods if _has(row, m)]
+        if spec.missing_rate > 0 and len(present) > 1 and rng.random() < spec.missing_rate:
+            _drop(row, present[rng.integers(len(present))], site)
+        row["label"] = CLASSES[int(positive)]
+        rows.append(row)
+    columns = ["id"] + [c for m in mods for c in _columns(m) if m not in spec.absent] + ["label"]
     with open(site / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "image", "report", "label"])
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     return site
+
+
+def _columns(modality: str) -> list[str]:
+    if modality == "tabular":
+        return [f"tab.{c}" for c in TABULAR_COLUMNS]
+    return [modality]
+
+
+def _has(row: Mapping[str, object], modality: str) -> bool:
+    return any(c in row for c in _columns(modality))
+
+
+def _drop(row: dict[str, object], modality: str, site: Path) -> None:
+    """Remove a modality from a record (and its file: a missing modality has no file)."""
+    for c in _columns(modality):
+        value = row.pop(c, None)
+        if c in ("image", "audio") and value:
+            (site / str(value)).unlink()
 
 
 def generate(
@@ -157,18 +298,54 @@ def generate(
     seed: int = 0,
     alpha: float = 1.0,
     image_size: int = 64,
-    site_lacks: tuple[str, ...] | list[str] = (),
+    modalities: Sequence[str] = ("image", "report"),
+    missing_rate: float | Sequence[float] = 0.0,
+    absent: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Path]:
     """Write ``sites`` site folders under ``out``; returns their paths in order.
 
-    ``site_lacks[i]`` (optional) is the modality site i lacks entirely ("" for none).
+    Args:
+        modalities: which of image, report, audio, tabular the records hold.
+        missing_rate: share of records lacking one random modality; one value for every site
+            or one per site.
+        absent: site name -> modalities that site lacks entirely (e.g. ``{"site-2": ["audio"]}``).
     """
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown or not modalities:
+        raise ValueError(f"modalities must be among {list(MODALITIES)}; found {list(modalities)}")
+    rates = (
+        [float(missing_rate)] * sites
+        if isinstance(missing_rate, (int, float))
+        else [float(r) for r in missing_rate]
+    )
+    if len(rates) != sites or not all(0.0 <= r <= 1.0 for r in rates):
+        raise ValueError(
+            f"missing_rate must be in [0, 1], one value or one per site; found {rates}"
+        )
+    absent = dict(absent or {})
     out = Path(out)
     rng = np.random.default_rng(seed)
     specs = plan_sites(sites=sites, records=records, alpha=alpha, rng=rng)
-    lacks = list(site_lacks) + [""] * (len(specs) - len(site_lacks))
+    names = {s.name for s in specs}
+    for name, mods in absent.items():
+        if name not in names or any(m not in modalities for m in mods):
+            raise ValueError(f"absent: unknown site {name!r} or modality in {list(mods)}")
+        if set(modalities) <= set(mods):
+            raise ValueError(f"absent: site {name!r} would have no modality left")
+    specs = [
+        SiteSpec(s.name, s.num_records, s.positive_rate, r, tuple(absent.get(s.name, ())))
+        for s, r in zip(specs, rates, strict=True)
+    ]
     out.mkdir(parents=True, exist_ok=True)
     return [
-        write_site(out, spec, rng=rng, image_size=image_size, lacks=lack)
-        for spec, lack in zip(specs, lacks, strict=False)
+        write_site(
+            out,
+            spec,
+            rng=rng,
+            image_size=image_size,
+            modalities=modalities,
+            audio_rate=AUDIO_RATES[i % len(AUDIO_RATES)],
+            stereo=i % 3 == 1,
+        )
+        for i, spec in enumerate(specs)
     ]

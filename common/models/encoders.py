@@ -1,70 +1,245 @@
 """Modality encoders. Each maps one modality's batch to a ``(batch, dim)`` feature tensor.
 
 Every encoder must pass ``opacus.validators.ModuleValidator.validate`` (no BatchNorm: it mixes
-samples of a batch, which breaks per-sample gradients; GroupNorm instead) and should have a
-ghost-clipping norm sampler for its parameterised layers (Linear, Conv2d, Embedding, GroupNorm,
-LayerNorm) so DP training stays cheap.
+samples of a batch, which breaks per-sample gradients; GroupNorm instead). Layers with an
+Opacus norm sampler (Linear, Embedding / :class:`GhostEmbedding`) are ghost-clipped; convolutions
+and norms fall back to per-sample-gradient hooks (see :mod:`common.models.dp_layers`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from common.data.tokenizer import PAD_ID
+from common.errors import ConfigError
+from common.models.dp_layers import DPConv2d, GhostEmbedding
 from common.registry import Registry
 
 IMAGE_ENCODERS: Registry[nn.Module] = Registry("image encoder")
 TEXT_ENCODERS: Registry[nn.Module] = Registry("text encoder")
+AUDIO_ENCODERS: Registry[nn.Module] = Registry("audio encoder")
+TABULAR_ENCODERS: Registry[nn.Module] = Registry("tabular encoder")
+# Large negative instead of -inf: a row whose every entry is masked must give zeros, not NaN.
+NEG = -1e4
 
 
-def _conv_block(c_in: int, c_out: int, groups: int) -> list[nn.Module]:
+def _conv_block(c_in: int, c_out: int, groups: int, stride: int = 1) -> list[nn.Module]:
     return [
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+        DPConv2d(c_in, c_out, kernel_size=3, padding=1, stride=stride),
         nn.GroupNorm(groups, c_out),
         nn.ReLU(),
     ]
 
 
-@IMAGE_ENCODERS.register("cnn")
-class SmallCNN(nn.Module):
-    """Three conv blocks with GroupNorm, global average pooling and a projection."""
+class ConvTower(nn.Module):
+    """Three conv blocks with GroupNorm; the first two halve the resolution; global max pool.
 
-    def __init__(self, *, dim: int, in_channels: int = 1, width: int = 16) -> None:
+    Strided convolutions rather than max-pool layers: they downsample at a quarter of the
+    cost of the layer that follows, and under DP every conv's per-sample gradient scales with
+    its output resolution.
+    """
+
+    def __init__(self, *, in_channels: int, width: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            *_conv_block(in_channels, width, 4),
-            nn.MaxPool2d(2),
-            *_conv_block(width, 2 * width, 8),
-            nn.MaxPool2d(2),
+            *_conv_block(in_channels, width, 4, stride=2),
+            *_conv_block(width, 2 * width, 8, stride=2),
             *_conv_block(2 * width, 2 * width, 8),
-            # Global max pooling: a lesion is a small local finding; averaging would dilute it.
+            # Global max pooling: a lesion or a murmur is a small local finding; averaging over
+            # the whole image or clip would dilute it.
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
-        self.proj = nn.Linear(2 * width, dim)
+        self.out_channels = 2 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _load_local_weights(module: nn.Module, path: str, what: str) -> dict[str, torch.Tensor]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(
+            f"'image-weights' file '{path}' does not exist (fedfuse never downloads weights: "
+            f"give a local state_dict file for the {what} encoder, or leave image-weights empty)"
+        )
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"'image-weights' file '{path}' is not a torch state_dict: {exc}"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"'image-weights' file '{path}' does not hold a state_dict")
+    return state
+
+
+@IMAGE_ENCODERS.register("cnn")
+class SmallCNN(nn.Module):
+    """A small GroupNorm CNN and a projection; the default image encoder (fast under DP)."""
+
+    def __init__(
+        self, *, dim: int, in_channels: int = 1, width: int = 16, weights: str = ""
+    ) -> None:
+        super().__init__()
+        self.tower = ConvTower(in_channels=in_channels, width=width)
+        self.proj = nn.Linear(self.tower.out_channels, dim)
+        self.out_dim = dim
+        if weights:
+            state = _load_local_weights(self, weights, "cnn")
+            try:
+                self.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"'image-weights' file '{weights}' does not fit the cnn encoder "
+                    f"(embed-dim {dim}): {exc}"
+                ) from exc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(self.tower(x)))
+
+
+class _BasicBlockNoInplace(BasicBlock):
+    """torchvision's ResNet BasicBlock with an out-of-place residual addition."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+@IMAGE_ENCODERS.register("resnet18")
+class ResNet18Encoder(nn.Module):
+    """torchvision ResNet-18 with GroupNorm instead of BatchNorm, one input channel.
+
+    BatchNorm is replaced by Opacus' ``ModuleValidator.fix`` (GroupNorm, gcd(32, C) groups).
+    With ``weights`` (a local file holding a torchvision ``resnet18`` state_dict, e.g. ImageNet
+    weights saved with ``torch.save(resnet18(weights=...).state_dict(), path)`` on a machine
+    with internet), the network starts from them: the RGB stem is summed to one channel and
+    each GroupNorm takes the affine scale and shift of the BatchNorm it replaces.
+    """
+
+    def __init__(self, *, dim: int, in_channels: int = 1, weights: str = "") -> None:
+        super().__init__()
+        from opacus.validators import ModuleValidator
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None)
+        if weights:
+            state = _load_local_weights(self, weights, "resnet18")
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise ConfigError(
+                    f"'image-weights' file '{weights}' is not a torchvision resnet18 state_dict "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+        stem = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        with torch.no_grad():
+            w = stem.weight.sum(dim=1, keepdim=True)  # RGB -> gray keeps the response to gray
+            net.conv1.weight.copy_(w.repeat(1, in_channels, 1, 1) / in_channels)
+        net.fc = nn.Identity()
+        bns = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+        fixed = ModuleValidator.fix(net)
+        with torch.no_grad():
+            for name, gn in fixed.named_modules():
+                if name in bns and isinstance(gn, nn.GroupNorm):
+                    gn.weight.copy_(bns[name].weight)
+                    gn.bias.copy_(bns[name].bias)
+        for m in fixed.modules():
+            # In-place ops (ReLU(inplace=True), the residual "out += identity") would edit the
+            # outputs of Opacus' backward hooks, which autograd forbids.
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+            if type(m) is BasicBlock:
+                m.__class__ = _BasicBlockNoInplace
+        self.net = fixed
+        self.proj = nn.Linear(512, dim)
         self.out_dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.proj(self.net(x)))
 
 
+class _HashedText(nn.Module):
+    def __init__(self, *, dim: int, num_buckets: int) -> None:
+        super().__init__()
+        self.embed = GhostEmbedding(num_buckets, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.out_dim = dim
+
+
 @TEXT_ENCODERS.register("hash-mean")
-class HashedMeanEncoder(nn.Module):
+class HashedMeanEncoder(_HashedText):
     """Hashed token ids -> embeddings -> mean over non-padding tokens -> projection.
 
     ``nn.Embedding`` + masked mean rather than ``nn.EmbeddingBag``: Opacus cannot compute
     per-sample gradients of EmbeddingBag on 2-D input, and it has no ghost-clipping sampler.
     """
 
-    def __init__(self, *, dim: int, num_buckets: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(num_buckets, dim)
-        self.proj = nn.Linear(dim, dim)
-        self.out_dim = dim
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         keep = (ids != PAD_ID).unsqueeze(-1).to(self.embed.weight.dtype)
         summed = (self.embed(ids) * keep).sum(dim=1)
         mean = summed / keep.sum(dim=1).clamp_min(1.0)
         return torch.relu(self.proj(mean))
+
+
+@TEXT_ENCODERS.register("hash-attention")
+class HashedAttentionEncoder(_HashedText):
+    """Hashed token ids -> embeddings -> learned attention pooling -> projection.
+
+    A score per token (one Linear over the embedding) weights the tokens, so a few decisive
+    words ("fever", "no_fever") can outweigh filler; padding gets no weight.
+    """
+
+    def __init__(self, *, dim: int, num_buckets: int) -> None:
+        super().__init__(dim=dim, num_buckets=num_buckets)
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.embed(ids)
+        keep = ids != PAD_ID
+        scores = self.score(torch.tanh(e)).squeeze(-1).masked_fill(~keep, NEG)
+        w = torch.softmax(scores, dim=1) * keep.to(e.dtype)  # all-padding rows -> zeros
+        pooled = (w.unsqueeze(-1) * e).sum(dim=1)
+        return torch.relu(self.proj(pooled))
+
+
+@AUDIO_ENCODERS.register("logmel-cnn")
+class LogMelCNN(nn.Module):
+    """A GroupNorm CNN over a ``(1, bins, frames)`` log-mel spectrogram (or MFCC) + projection."""
+
+    def __init__(self, *, dim: int, bins: int = 32, width: int = 16) -> None:
+        super().__init__()
+        self.tower = ConvTower(in_channels=1, width=width)
+        self.proj = nn.Linear(self.tower.out_channels, dim)
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(self.tower(x)))
+
+
+@TABULAR_ENCODERS.register("mlp")
+class TabularMLP(nn.Module):
+    """Two Linear layers over ``[scaled values, observed flags]``."""
+
+    def __init__(self, *, dim: int, in_features: int) -> None:
+        super().__init__()
+        if in_features < 1:
+            raise ConfigError("the tabular encoder needs at least one column (tabular-columns)")
+        self.net = nn.Sequential(
+            nn.Linear(in_features, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU()
+        )
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,22 +1,39 @@
-"""Build the model a run config names."""
+"""Build the model a run config names: one encoder per configured modality, and a fusion head."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from common.config import RunConfig
-from common.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+from common.errors import ConfigError
+from common.models.encoders import (
+    AUDIO_ENCODERS,
+    IMAGE_ENCODERS,
+    TABULAR_ENCODERS,
+    TEXT_ENCODERS,
+)
 from common.models.fusion import FUSION_HEADS, FusionModel
 
 
+def build_encoder(modality: str, cfg: RunConfig) -> nn.Module:
+    """The encoder of one modality, chosen by name in ``cfg`` (unknown names list known ones)."""
+    d = cfg.embed_dim
+    if modality == "image":
+        return IMAGE_ENCODERS.get(cfg.image_encoder)(dim=d, weights=cfg.image_weights)
+    if modality == "report":
+        return TEXT_ENCODERS.get(cfg.text_encoder)(dim=d, num_buckets=cfg.text_buckets)
+    if modality == "audio":
+        return AUDIO_ENCODERS.get(cfg.audio_encoder)(dim=d, bins=cfg.audio_bins)
+    if modality == "tabular":
+        return TABULAR_ENCODERS.get(cfg.tabular_encoder)(
+            dim=d, in_features=2 * len(cfg.tabular_names)
+        )
+    raise ConfigError(f"no encoder for modality {modality!r}")
+
+
 def build_model(cfg: RunConfig) -> FusionModel:
-    """The fusion model for ``cfg``: image + report encoders and the named fusion head."""
-    encoders: dict[str, nn.Module] = {
-        "image": IMAGE_ENCODERS.get(cfg.image_encoder)(dim=cfg.embed_dim),
-        "report": TEXT_ENCODERS.get(cfg.text_encoder)(
-            dim=cfg.embed_dim, num_buckets=cfg.text_buckets
-        ),
-    }
+    """The fusion model for ``cfg``: encoders in ``cfg.modalities`` order + the named head."""
+    encoders = {m: build_encoder(m, cfg) for m in cfg.modality_names}
     head = FUSION_HEADS.get(cfg.fusion)(
         dim=cfg.embed_dim, num_modalities=len(encoders), num_classes=len(cfg.class_names)
     )
