@@ -102,9 +102,10 @@ class SiteRecordingMixin:
             "refused": {},
         }
         self._t0 = time.time()
-        messages = super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # Sites asked to train: one that never answers is reported, not silently dropped.
+        self._expected = {m.metadata.dst_node_id for m in messages}
         if self.client_dp is not None:
-            messages = list(messages)
             available = len(list(grid.get_node_ids()))
             self.client_dp.begin_round(sampled=len(messages), available=available)
         return messages
@@ -113,6 +114,11 @@ class SiteRecordingMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for nid in sorted(getattr(self, "_expected", set()) - answered):
+            self.current["failed"][f"node-{nid}"] = "no reply within the round's timeout"
+            log(WARNING, "Round %s: node %s sent no reply", server_round, nid)
         good: list[Message] = []
         for msg in replies:
             name = site_name(msg)
