@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import zlib
+from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
-from client.site import PrivacyState, SiteInfo, resolve_site, site_data
-from client.training import limit_threads, pick_device, plan_site_privacy, train_round
+from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics, resolve_budget
+from client.secagg_mod import secaggplus_mod
+from client.site import SiteInfo, resolve_site, site_data
+from client.training import limit_threads, pick_device, train_round
 from common.config import RunConfig
 from common.evaluation import evaluate_site
 from common.models import build_model
+from common.privacy.client_dp import clip_update_
 
 app = ClientApp()
 
 # Keys the server adds to the run config it forwards; not part of RunConfig.
-_SERVER_KEYS = ("server-round",)
+_SERVER_KEYS = ("server-round", "run-id", "run-uid")
 
 
 def _config(msg: Message) -> tuple[RunConfig, int]:
@@ -38,19 +43,26 @@ def _site_record(site: SiteInfo) -> ConfigRecord:
     return ConfigRecord({"name": site.name})
 
 
-@app.train()
+# SecAgg+: the trained model leaves the site only masked (client/secagg_mod.py).
+@app.train(mods=[secaggplus_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One round of DP training on the site's train split."""
+    """One round of DP training on the site's train split, within the site's privacy budget."""
     limit_threads()
     cfg, server_round = _config(msg)
     site = resolve_site(dict(context.node_config), cfg)
     _, datasets = site_data(site, cfg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
     model = _model(msg, cfg)
-    state = PrivacyState.load(context)
-    if cfg.private and state is None:
-        # First round at this site: plan the noise for ALL rounds of the run, once.
-        state = PrivacyState(plan_site_privacy(cfg=cfg, num_train=len(datasets["train"])), [])
-    plan = state.plan if cfg.private and state is not None else None
+    run_id, run_name = _run_key(msg)
+    budget = resolve_budget(dict(context.node_config), site.data_path)
+    try:
+        # Refuse BEFORE training when the round would take the site past its budget.
+        guard = SiteLedger(budget, site=site.name)
+        permit = guard.prepare(
+            cfg=cfg, run_id=run_id, server_round=server_round, num_train=len(datasets["train"])
+        )
+    except RoundRefused as refused:
+        return _refuse(msg, site, server_round, refused)
     # Seeded per (run seed, site, round): reproducible simulations; differs across sites.
     seed = cfg.seed * 1_000_003 + zlib.crc32(site.name.encode()) % 100_003 * 101 + server_round
     torch.manual_seed(seed)
@@ -58,32 +70,69 @@ def train(msg: Message, context: Context) -> Message:
         model,
         datasets["train"],
         cfg=cfg,
-        plan=plan,
-        history=state.events if state else [],
+        plan=permit.plan,
+        history=permit.run_events,
         seed=seed,
         device=pick_device(),
     )
-    if state is not None and result.event is not None:
-        state.events.append(result.event)
-        state.save(context)
+    try:
+        # Nothing leaves the site without its ledger entry (written atomically, budget
+        # re-checked against anything another process appended meanwhile).
+        entry = guard.record(
+            cfg=cfg,
+            run_id=run_id,
+            run_name=run_name,
+            server_round=server_round,
+            result=result,
+            global_model_hash=model_hash(global_state),
+        )
+    except RoundRefused as refused:
+        return _refuse(msg, site, server_round, refused)
+    plan = permit.plan
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
+            # Client-level DP bounds each site's share of the aggregate: equal weights.
+            "num-examples": 1 if cfg.client_level_dp else result.num_examples,
+            "train-examples": result.num_examples,
             "train-loss": result.train_loss,
             "epsilon": result.epsilon,
             "delta": cfg.target_delta,
             "noise-multiplier": plan.noise_multiplier if plan else 0.0,
-            "steps": sum(e.steps for e in state.events) if state else 0,
+            "steps": sum(e.steps for e in permit.run_events)
+            + (plan.steps_per_round if plan else 0),
+            **privacy_metrics(budget, permit, entry),
         }
     )
+    state = model.to("cpu").state_dict()
+    if cfg.client_level_dp:
+        # Client-level DP: bound this site's update here, before it is sent (or masked).
+        clip_update_(state, global_state, clip_norm=cfg.client_clip_norm)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.to("cpu").state_dict()),
+            "arrays": ArrayRecord(state),
             "metrics": metrics,
             "site": _site_record(site),
+            "ledger": ConfigRecord(
+                {"path": str(budget.ledger_path.resolve()), "hash": entry.hash, "run-id": run_id}
+            ),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _run_key(msg: Message) -> tuple[str, str]:
+    """(key of the run in the ledger, its name): the server's run uid survives a resumed run;
+    without one (another server), Flower's run id."""
+    config = msg.content["config"]
+    uid = str(config.get("run-uid", "")) or f"flwr-{msg.metadata.run_id}"
+    return uid, str(config.get("run-id", ""))
+
+
+def _refuse(msg: Message, site: SiteInfo, server_round: int, refused: RoundRefused) -> Message:
+    """An error reply (no update) that the server logs and leaves out of the round."""
+    reason = f"site {site.name} refused round {server_round}: {refused.why}"
+    log(WARNING, "%s", reason)
+    return Message(Error(code=refused.code, reason=reason), reply_to=msg)
 
 
 @app.evaluate()

@@ -1,4 +1,4 @@
-"""Where a site's data lives, and the site's privacy state kept across rounds.
+"""Where a site's data lives (its privacy state lives in its ledger: client.budget).
 
 In deployment the SuperNode's node config names the folder (``data-path``) and the site
 (``site-name``). In simulation, virtual node ``partition-id`` uses the partition-id-th folder
@@ -11,16 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
-
-from client.training import PrivacyPlan
 from common.config import RunConfig
 from common.data.dataset import SiteDataset, data_signature, load_site
 from common.data.manifest import Manifest
 from common.errors import ConfigError
-from common.privacy.accounting import DpSgdEvent
-
-STATE_KEY = "fedfuse.privacy"
 
 
 def simulation_site_dirs(data_dir: str | Path) -> list[Path]:
@@ -83,46 +77,3 @@ def site_data(site: SiteInfo, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteD
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = load_site(site.data_path, cfg)
     return _DATA_CACHE[key]
-
-
-@dataclass
-class PrivacyState:
-    """The site's plan and its DP events so far in this run (kept in ``Context.state``)."""
-
-    plan: PrivacyPlan
-    events: list[DpSgdEvent]
-
-    @classmethod
-    def load(cls, context: Context) -> PrivacyState | None:
-        if STATE_KEY not in context.state:
-            return None
-        rec = context.state[STATE_KEY]
-        sig = list(rec["event-noise"])  # type: ignore[arg-type]
-        rate = list(rec["event-rate"])  # type: ignore[arg-type]
-        steps = list(rec["event-steps"])  # type: ignore[arg-type]
-        plan = PrivacyPlan(
-            noise_multiplier=float(rec["noise-multiplier"]),  # type: ignore[arg-type]
-            sample_rate=float(rec["sample-rate"]),  # type: ignore[arg-type]
-            steps_per_round=int(rec["steps-per-round"]),  # type: ignore[arg-type]
-            num_rounds=int(rec["num-rounds"]),  # type: ignore[arg-type]
-        )
-        return cls(
-            plan=plan,
-            events=[
-                DpSgdEvent(float(a), float(b), int(c))
-                for a, b, c in zip(sig, rate, steps, strict=True)
-            ],
-        )
-
-    def save(self, context: Context) -> None:
-        context.state[STATE_KEY] = ConfigRecord(
-            {
-                "noise-multiplier": self.plan.noise_multiplier,
-                "sample-rate": self.plan.sample_rate,
-                "steps-per-round": self.plan.steps_per_round,
-                "num-rounds": self.plan.num_rounds,
-                "event-noise": [e.noise_multiplier for e in self.events],
-                "event-rate": [e.sample_rate for e in self.events],
-                "event-steps": [e.steps for e in self.events],
-            }
-        )

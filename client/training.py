@@ -31,6 +31,11 @@ for _msg in (
 ):
     warnings.filterwarnings("ignore", message=_msg)
 
+# TEST-ONLY FAULT INJECTION. With this environment variable set to "1", DP-SGD silently runs
+# WITHOUT noise while the site still records and reports the planned noise and epsilon: the
+# privacy bug the empirical audit (simulations/audit.py) must catch. Never set it in real use.
+FAULT_DROP_NOISE_ENV = "FEDFUSE_TEST_FAULT_DROP_NOISE"
+
 
 def pick_device() -> torch.device:
     """``cuda`` when a GPU is visible, else the CPU."""
@@ -119,6 +124,14 @@ def train_round(
     epsilon is infinite.
     """
     model.to(device).train()
+    # FedProx: the proximal pull towards the global weights is applied as a separate,
+    # data-independent step after each optimizer step, so it never passes through per-sample
+    # clipping and costs no privacy (post-processing).
+    anchor = (
+        [p.detach().clone() for p in model.parameters()]
+        if cfg.strategy == "fedprox" and cfg.proximal_mu > 0
+        else None
+    )
     data_gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=plan is None, generator=data_gen
@@ -129,7 +142,14 @@ def train_round(
     drop_gen = torch.Generator().manual_seed(seed + 2)
     if plan is None:
         return _train_plain(
-            model, loader, optimizer, criterion, cfg=cfg, device=device, drop_gen=drop_gen
+            model,
+            loader,
+            optimizer,
+            criterion,
+            cfg=cfg,
+            device=device,
+            anchor=anchor,
+            drop_gen=drop_gen,
         )
 
     engine = PrivacyEngine(accountant=cfg.accountant)
@@ -139,7 +159,9 @@ def train_round(
         optimizer=optimizer,
         criterion=criterion,
         data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
+        noise_multiplier=(
+            0.0 if os.environ.get(FAULT_DROP_NOISE_ENV) == "1" else plan.noise_multiplier
+        ),
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=cfg.grad_sample_mode,
@@ -162,6 +184,8 @@ def train_round(
             dp_loader,
             cfg=cfg,
             device=device,
+            anchor=anchor,
+            params=list(model.parameters()),
             drop_gen=drop_gen,
         )
     finally:
@@ -183,7 +207,29 @@ def train_round(
     return RoundResult(total / max(count, 1), len(train_set), event, epsilon)  # type: ignore[arg-type]
 
 
-def _dp_epochs(private_model, dp_optimizer, criterion, dp_loader, *, cfg, device, drop_gen):  # noqa: ANN001
+def proximal_step(
+    params: list[torch.Tensor], anchor: list[torch.Tensor] | None, *, lr: float, mu: float
+) -> None:
+    """FedProx's proximal term as its own step: w <- w - lr * mu * (w - w_global)."""
+    if anchor is None:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, anchor, strict=True):
+            p.sub_(lr * mu * (p - a))
+
+
+def _dp_epochs(
+    private_model,
+    dp_optimizer,
+    criterion,
+    dp_loader,
+    *,
+    cfg,
+    device,  # noqa: ANN001
+    anchor=None,
+    params=None,
+    drop_gen=None,
+):  # noqa: ANN001
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
         for *inputs, labels in dp_loader:
@@ -198,6 +244,7 @@ def _dp_epochs(private_model, dp_optimizer, criterion, dp_loader, *, cfg, device
             loss = criterion(private_model(*inputs), labels)
             loss.backward()
             dp_optimizer.step()
+            proximal_step(params or [], anchor, lr=cfg.learning_rate, mu=cfg.proximal_mu)
             total += float(loss.detach()) * len(labels)
             count += len(labels)
     return total, count
@@ -212,6 +259,7 @@ def _train_plain(
     cfg: RunConfig,
     device: torch.device,
     drop_gen: torch.Generator,
+    anchor: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -223,6 +271,9 @@ def _train_plain(
             loss = criterion(model(*inputs), labels)
             loss.backward()
             optimizer.step()
+            proximal_step(
+                list(model.parameters()), anchor, lr=cfg.learning_rate, mu=cfg.proximal_mu
+            )
             total += float(loss.detach()) * len(labels)
             count += len(labels)
     return RoundResult(total / max(count, 1), len(loader.dataset), None, math.inf)  # type: ignore[arg-type]

@@ -11,7 +11,9 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
+from common.deploy.cli import register as register_deploy_commands
 from common.errors import FedfuseError
 
 app = typer.Typer(
@@ -26,6 +28,38 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
+
+
+def _table_console() -> Console:
+    """Wide tables stay readable when output goes to a file or CI log (rich assumes 80)."""
+    return console if console.is_terminal else Console(highlight=False, width=160)
+
+
+class _DefaultCommandGroup(TyperGroup):
+    """A group whose first argument, when it names no sub-command, goes to ``default_command``:
+    ``fedfuse audit PATH`` runs ``fedfuse audit ledger PATH`` (once a ``ledger`` command is
+    registered) while ``fedfuse audit empirical ...`` runs the empirical audit."""
+
+    default_command = "ledger"
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if (
+            args
+            and args[0] not in self.commands
+            and not args[0].startswith("-")
+            and self.default_command in self.commands
+        ):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+audit_app = typer.Typer(
+    cls=_DefaultCommandGroup,
+    help="Audit privacy claims: `audit PATH` (= `audit ledger PATH`) verifies site ledgers and "
+    "recomputes their epsilon; `audit empirical` tests a claimed epsilon with canaries.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -53,82 +87,134 @@ def check_privacy_args(*, epsilon: float, delta: float) -> None:
 
 @app.command()
 def simulate(
+    scenario: str = typer.Option(
+        "hospitals-3",
+        "--scenario",
+        help="Built-in scenario name or a scenario .toml file (flags override its values).",
+    ),
     sites: int | None = typer.Option(
-        None, "--sites", min=1, help="Virtual sites [default: 3, or all in --data]."
+        None, "--sites", min=1, help="Virtual sites [scenario's, or all in --data]."
     ),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
-    epsilon: float = typer.Option(
-        8.0, "--epsilon", help="Each site's epsilon for the whole run (inf = no DP)."
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds."),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="Each site's epsilon for the whole run (inf = no DP) [8]."
     ),
-    delta: float = typer.Option(1e-5, "--delta", help="Each site's delta."),
+    delta: float | None = typer.Option(None, "--delta", help="Each site's delta [1e-5]."),
+    dp_level: str | None = typer.Option(
+        None,
+        "--dp-level",
+        help="record (DP-SGD at sites), client (clipping at sites + noise at the server) or both.",
+    ),
     data: Path | None = typer.Option(
         None, "--data", help="Folder of site folders [default: make synthetic]."
     ),
     out: Path = typer.Option(Path("runs"), "--out", help="Where run directories go."),
     seed: int = typer.Option(0, "--seed", help="Seed of data, model and DP noise."),
-    records: int = typer.Option(
-        1000, "--records", min=10, help="Records per synthetic site (without --data)."
+    records: int | None = typer.Option(
+        None, "--records", min=10, help="Records per synthetic site (without --data)."
     ),
     run_name: str = typer.Option("", "--run-name", help="Run directory name [default: time]."),
+    cpus_per_site: float | None = typer.Option(
+        None, "--cpus-per-site", min=0.1, help="CPUs reserved per virtual site."
+    ),
+    gpus_per_site: float | None = typer.Option(
+        None, "--gpus-per-site", min=0.0, help="GPU share per virtual site [0.5 if CUDA, else 0]."
+    ),
     missing_rate: float = typer.Option(
         0.0, "--missing-rate", help="Synthetic data: share of records lacking one modality."
     ),
     overrides: list[str] = typer.Option(
         [], "--set", help="Any run-config key, e.g. --set fusion=concat."
     ),
+    secagg: bool | None = typer.Option(
+        None, "--secagg/--no-secagg", help="Secure aggregation (SecAgg+) of the updates [on]."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a whole federation on this machine (Flower simulation engine)."""
-    check_privacy_args(epsilon=epsilon, delta=delta)
-    from common.config import RunConfig
+    if epsilon is not None or delta is not None:
+        check_privacy_args(
+            epsilon=8.0 if epsilon is None else epsilon, delta=1e-5 if delta is None else delta
+        )
+    from dataclasses import replace
 
-    raw: dict[str, Any] = {
-        "num-rounds": rounds,
-        "target-epsilon": epsilon,
-        "target-delta": delta,
-        "seed": seed,
-        "out-dir": str(out),
-        "run-name": run_name,
-    }
-    raw.update(_parse_overrides(overrides))
-    if data is None:
-        from common.data.synthetic_cli import synthetic_defaults
+    from simulations.scenarios import load_scenario
 
-        raw = synthetic_defaults(raw)
     try:
-        cfg = RunConfig.from_mapping(raw)
-    except FedfuseError as exc:
-        _fail(str(exc))
-    if data is None:
-        from common.data.synthetic_cli import ensure_synthetic
+        scen = load_scenario(scenario)
+        raw: dict[str, Any] = {"seed": seed, "out-dir": str(out), "run-name": run_name}
+        for key, value in (
+            ("num-rounds", rounds),
+            ("target-epsilon", epsilon),
+            ("target-delta", delta),
+            ("secagg", secagg),
+            ("dp-level", dp_level),
+        ):
+            if value is not None:
+                raw[key] = value
+        raw.update(_parse_overrides(overrides))
+        if data is None:
+            from common.data.synthetic_cli import synthetic_defaults
 
+            raw = synthetic_defaults({**scen.run, **raw})
+        cfg = scen.run_config(**raw)
         if not 0.0 <= missing_rate < 1.0:
             _fail(f"--missing-rate must be in range [0, 1); found {missing_rate}")
-        data = ensure_synthetic(
-            cfg,
-            sites=sites or 3,
-            records=records,
-            seed=seed,
-            missing_rate=missing_rate,
-            say=console.print,
+        spec = replace(
+            scen.data,
+            sites=sites or scen.data.sites,
+            records=records or scen.data.records,
+            missing_rate=missing_rate or scen.data.missing_rate,
+            modalities=cfg.modality_names,
         )
-    elif not data.is_dir():
+    except FedfuseError as exc:
+        _fail(str(exc))
+    data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    if cfg.secagg and sites < 2:
+        _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
+    cfg = cfg.replace(data_dir=str(data))
+    _run_simulation(
+        cfg,
+        sites,
+        verbose=verbose,
+        cpus_per_site=cpus_per_site if cpus_per_site is not None else scen.cpus_per_site,
+        gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
+    )
+
+
+def _resolve_data(
+    spec: Any, *, data: Path | None, sites: int | None, seed: int, name: str
+) -> tuple[Path, int]:
+    """The folder of site folders to use (synthetic data made once when none is given)."""
+    from simulations.scenarios import ensure_data
+
+    if data is None:
+        console.print(f"Synthetic data for {spec.sites} sites (scenario {name}) ...")
+        return ensure_data(spec, seed=seed), spec.sites
+    if not data.is_dir():
         _fail(f"--data '{data}' is not a folder (give a folder of site folders)")
     if sites is None:
         sites = sum(1 for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
         if sites == 0:
             _fail(f"--data '{data}' holds no site folders")
-    cfg = cfg.replace(data_dir=str(data))
-    _run_simulation(cfg, sites, verbose=verbose)
+    return data, sites
 
 
-def _run_simulation(cfg: Any, sites: int, *, verbose: bool) -> None:
+def _run_simulation(
+    cfg: Any,
+    sites: int,
+    *,
+    verbose: bool,
+    cpus_per_site: float = 1.0,
+    gpus_per_site: float | None = None,
+) -> None:
     from simulations.runner import simulate as run
 
     eps_text = "no DP" if not cfg.private else f"epsilon {cfg.target_epsilon:g}"
     console.print(
         f"[bold]fedfuse[/] simulating {sites} sites x {cfg.num_rounds} rounds, "
-        f"{eps_text}, delta {cfg.target_delta:g}, data {cfg.data_dir}"
+        f"{eps_text}, delta {cfg.target_delta:g}, "
+        f"{'SecAgg+' if cfg.secagg else 'no secure aggregation'}, data {cfg.data_dir}"
     )
 
     def on_round(rec: dict[str, Any]) -> None:
@@ -141,38 +227,207 @@ def _run_simulation(cfg: Any, sites: int, *, verbose: bool) -> None:
             f"test AUROC {_num(auc)}  max epsilon {eps_s} (target {cfg.target_epsilon:g})  "
             f"[{rec.get('seconds', 0):.1f}s]"
         )
-        for name, reason in {**rec.get("failed", {}), **rec.get("rejected", {})}.items():
+        left_out = {**rec.get("failed", {}), **rec.get("rejected", {}), **rec.get("refused", {})}
+        for name, reason in left_out.items():
             console.print(f"    [yellow]site {name} left out:[/] {reason}")
+        if rec.get("status") == "failed":
+            err_console.print(f"    [bold red]round {rec['round']} failed:[/] {rec.get('error')}")
+        if rec.get("stopped"):
+            console.print(f"  [bold red]run stopped:[/] {rec['stopped']}")
 
     try:
-        run_dir = run(cfg, num_sites=sites, on_round=on_round, verbose=verbose)
+        run_dir = run(
+            cfg,
+            num_sites=sites,
+            on_round=on_round,
+            verbose=verbose,
+            cpus_per_site=cpus_per_site,
+            gpus_per_site=gpus_per_site,
+        )
     except FedfuseError as exc:
         _fail(str(exc))
-    _print_privacy(run_dir)
+    privacy = _print_privacy(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
+    if privacy.get("status", "completed") != "completed":
+        _fail(f"the run {privacy['status']}: {privacy.get('reason', '')}", code=1)
 
 
 def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def _print_privacy(run_dir: Path) -> None:
+def _print_privacy(run_dir: Path) -> dict[str, Any]:
     import json
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
-    table = Table(title="Privacy spent per site (record-level, whole run)")
-    for col in ("site", "epsilon", "delta", "target", "noise multiplier", "rounds"):
+    table = Table(title="Privacy spent per site (record-level): this run, and lifetime (ledger)")
+    cols = ("site", "run epsilon", "delta", "target", "noise multiplier", "rounds")
+    for col in (*cols, "lifetime before", "lifetime after", "site budget", "refused"):
         table.add_column(col)
+
+    def num(x: Any, fmt: str = ".4f") -> str:
+        return "-" if x is None else format(float(x), fmt)
+
     for name, s in privacy["sites"].items():
         table.add_row(
             name,
-            f"{float(s['epsilon']):.4f}",
-            f"{s['delta']:g}",
-            f"{float(s['target_epsilon']):g}",
-            f"{float(s['noise_multiplier']):.4f}",
+            num(s.get("epsilon")),
+            num(s.get("delta"), "g"),
+            num(s.get("target_epsilon"), "g"),
+            num(s.get("noise_multiplier")),
             str(s["rounds"]),
+            num(s.get("lifetime_epsilon_start")),
+            num(s.get("lifetime_epsilon")),
+            num(s.get("epsilon_budget"), "g"),
+            ", ".join(f"round {r['round']}" for r in s.get("refused", [])) or "-",
         )
-    console.print(table)
+    _table_console().print(table)
+    client = privacy.get("client_level")
+    if client:
+        console.print(
+            f"Client-level DP (each site's whole contribution): epsilon "
+            f"{float(client['epsilon']):.4f} at delta {client['delta']:g}, noise multiplier "
+            f"{client['noise_multiplier']:g}, update clip {client['clip_norm']:g}, "
+            f"{client['rounds']} rounds ({client['accountant'].upper()})"
+        )
+    return privacy
+
+
+@audit_app.command("empirical")
+def audit_empirical(
+    sites: int = typer.Option(2, "--sites", min=1, help="Virtual sites."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
+    epsilon: float = typer.Option(2.0, "--epsilon", help="Each site's target epsilon."),
+    delta: float = typer.Option(1e-5, "--delta", help="Each site's delta."),
+    canaries: int = typer.Option(1000, "--canaries", min=2, help="Canaries at the audit site."),
+    guesses: int = typer.Option(200, "--guesses", min=1, help="Guesses made (the rest abstain)."),
+    guesses_in: int = typer.Option(
+        0, "--guesses-in", min=0, help="How many of the guesses say 'in' (highest scores)."
+    ),
+    white_box: bool = typer.Option(
+        False, "--white-box", help="Score by gradient alignment with the model update."
+    ),
+    no_dp: bool = typer.Option(False, "--no-dp", help="Control: train without DP."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Folder of site folders (default: make synthetic)."
+    ),
+    records: int = typer.Option(
+        200, "--records", min=10, help="Records per synthetic site (without --data)."
+    ),
+    audit_site: int = typer.Option(0, "--audit-site", min=0, help="Index of the audit site."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: runs/audit-<time>)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of data, canaries, model and noise."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Any run-config key, e.g. --set local-epochs=3."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+) -> None:
+    """Test a claimed epsilon with canaries in one training run (exit 3 on VIOLATION)."""
+    check_privacy_args(epsilon=epsilon, delta=delta)
+    import time
+
+    from simulations.audit import AuditSettings, print_audit, run_empirical_audit
+
+    try:
+        settings = AuditSettings(
+            out=out or Path("runs") / time.strftime("audit-%Y%m%d-%H%M%S"),
+            sites=sites,
+            rounds=rounds,
+            epsilon=math.inf if no_dp else epsilon,
+            delta=delta,
+            canaries=canaries,
+            guesses=guesses,
+            guesses_in=guesses_in,
+            white_box=white_box,
+            data=data,
+            records=records,
+            audit_site=audit_site,
+            seed=seed,
+            overrides=_parse_overrides(overrides),
+        )
+        result = run_empirical_audit(settings, console=console, verbose=verbose)
+    except FedfuseError as exc:
+        _fail(str(exc))
+    print_audit(result, console)
+    if result.verdict == "VIOLATION":
+        raise typer.Exit(3)
+
+
+experiment_app = typer.Typer(
+    help="Sweeps of simulated federations, with CSV and plots.", no_args_is_help=True
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{flag} must be a comma-separated list of numbers (inf allowed); found {text!r}")
+    if not vals:
+        _fail(f"{flag} is empty")
+    return vals
+
+
+def _experiment_setup(
+    scenario: str, sites: int | None, data: Path | None, seed: int, overrides: list[str]
+) -> tuple[Any, Path, int]:
+    from dataclasses import replace
+
+    from simulations.scenarios import load_scenario
+
+    try:
+        scen = load_scenario(scenario)
+        cfg = scen.run_config(**_parse_overrides(overrides))
+    except FedfuseError as exc:
+        _fail(str(exc))
+    spec = replace(scen.data, sites=sites or scen.data.sites)
+    data_dir, n = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    return cfg.replace(data_dir=str(data_dir)), data_dir, n
+
+
+@experiment_app.command("utility-vs-epsilon")
+def experiment_utility(
+    epsilons: str = typer.Option("1,2,4,8,inf", "--epsilons", help="Comma-separated; inf = no DP."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    scenario: str = typer.Option("hospitals-3", "--scenario"),
+    sites: int | None = typer.Option(None, "--sites", min=1),
+    data: Path | None = typer.Option(None, "--data"),
+    out: Path = typer.Option(Path("runs/utility-vs-epsilon"), "--out"),
+    overrides: list[str] = typer.Option([], "--set"),
+) -> None:
+    """Test AUROC against epsilon (with a centralised non-private ceiling): CSV + PNG."""
+    eps = _floats(epsilons, "--epsilons")
+    for e in eps:
+        check_privacy_args(epsilon=e, delta=0.5)
+    seed_list = [int(x) for x in _floats(seeds, "--seeds")]
+    cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    from simulations.experiments import utility_vs_epsilon
+
+    csv_path = utility_vs_epsilon(
+        cfg, num_sites=n, epsilons=eps, seeds=seed_list, out=out, progress=console.print
+    )
+    console.print(f"Results: {csv_path} and {csv_path.with_suffix('.png')}")
+
+
+@experiment_app.command("fusion")
+def experiment_fusion(
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+    scenario: str = typer.Option("hospitals-3", "--scenario"),
+    sites: int | None = typer.Option(None, "--sites", min=1),
+    data: Path | None = typer.Option(None, "--data"),
+    out: Path = typer.Option(Path("runs/fusion"), "--out"),
+    overrides: list[str] = typer.Option([], "--set"),
+) -> None:
+    """Test AUROC of each fusion head (and each single modality): CSV + PNG."""
+    seed_list = [int(x) for x in _floats(seeds, "--seeds")]
+    cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    from simulations.experiments import fusion_comparison
+
+    csv_path = fusion_comparison(cfg, num_sites=n, seeds=seed_list, out=out, progress=console.print)
+    console.print(f"Results: {csv_path} and {csv_path.with_suffix('.png')}")
 
 
 @data_app.command("synth")
@@ -272,6 +527,46 @@ def explain(
     for row in report_rows(report):
         table.add_row(*row)
     console.print(table)
+
+
+# `fedfuse audit PATH` (the audit group's default command) = `fedfuse audit ledger PATH`.
+@audit_app.command("ledger")
+def audit_ledger(
+    path: Path = typer.Argument(
+        ..., help="A ledger file, a site folder, a folder of site folders, or a run directory."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (every event) instead."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write epsilon vs rounds to this PNG."),
+    budget: float | None = typer.Option(
+        None, "--budget", help="Also fail (exit 1) if a site's lifetime epsilon exceeds this."
+    ),
+) -> None:
+    """Verify privacy ledgers and recompute epsilon with two accountants.
+
+    Exit status: 0 all good, 1 a budget exceeded, 2 a ledger tampered or inconsistent.
+    """
+    from common.privacy.audit import audit as run_audit
+    from common.privacy.audit import plot_epsilon, print_report
+
+    try:
+        report = run_audit(path, budget=budget)
+    except FedfuseError as exc:
+        _fail(str(exc))
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        print_report(report, console=console, table_console=_table_console())
+    if plot is not None:
+        plot_epsilon(report, plot)
+        if not as_json:
+            console.print(f"Plot: {plot}")
+    raise typer.Exit(report.exit_code)
+
+
+# Deployment: fedfuse certs / server run / server connect / site run (common/deploy/cli.py).
+register_deploy_commands(app)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.errors import ConfigError
+from common.secagg.params import SecAggSettings
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,16 @@ class RunConfig:
     """
 
     num_rounds: int = 3
+    # Server strategy: fedavg, fedprox (sites add a proximal step) or fedadam (server Adam).
+    strategy: str = "fedavg"
+    # FedProx's mu; 0 makes FedProx FedAvg.
+    proximal_mu: float = 0.01
+    # FedAdam's server learning rate (eta).
+    server_learning_rate: float = 0.01
     # Fraction of sites asked to train each round (1.0 = all of them).
     fraction_train: float = 1.0
+    # Fraction of sites asked to evaluate the global model each round.
+    fraction_evaluate: float = 1.0
     # The run stops if fewer sites than this can take part in a round.
     min_sites: int = 2
     local_epochs: int = 3
@@ -43,6 +52,12 @@ class RunConfig:
     accountant: str = "prv"
     # Ghost clipping computes per-sample gradient norms without materialising per-sample grads.
     grad_sample_mode: str = "ghost"
+    # record: DP-SGD at each site (each site's ledger). client: update clipping at the sites and
+    # noise on the aggregate at the server (no record-level DP at the sites). both: the two.
+    dp_level: str = "record"
+    # Client-level DP: L2 bound of a site's update, and noise std on the sum as a multiple of it.
+    client_clip_norm: float = 1.0
+    client_noise_multiplier: float = 1.0
     fusion: str = "concat"
     image_encoder: str = "cnn"
     text_encoder: str = "hash-mean"
@@ -57,6 +72,21 @@ class RunConfig:
     data_dir: str = "data/synthetic"
     out_dir: str = "runs"
     run_name: str = ""
+    # Continue the interrupted run in this run directory from its last checkpoint (its config
+    # must be the same); "" starts a new run.
+    resume_from: str = ""
+    # Secure aggregation (SecAgg+): the server sees only the masked sum of the sites' updates.
+    # The keys below are checked by common.secagg.params.SecAggSettings, which explains them.
+    secagg: bool = True
+    num_shares: int = 0
+    reconstruction_threshold: int = 0
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: float = 1000.0
+    # Seconds to wait for the sites' replies in each exchange (training included), so that a
+    # silent site cannot hang a round forever.
+    timeout: float = 3600.0
     # --- Modalities, encoders, preprocessing (see common/data/modalities.py) ---
     # Inputs the model takes, in this order (of image, report, audio, tabular). A record or a
     # whole site lacking one of them is normal: the model sees it masked out.
@@ -90,7 +120,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_int("num-rounds", self.num_rounds, low=1)
+        _check_choice("strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
+        _check_range("proximal-mu", self.proximal_mu, low=0.0, high=math.inf)
+        _check_range(
+            "server-learning-rate", self.server_learning_rate, low=0.0, high=math.inf, low_open=True
+        )
         _check_range("fraction-train", self.fraction_train, low=0.0, high=1.0, low_open=True)
+        _check_range("fraction-evaluate", self.fraction_evaluate, low=0.0, high=1.0, low_open=True)
         _check_int("min-sites", self.min_sites, low=1)
         _check_int("local-epochs", self.local_epochs, low=1)
         _check_int("batch-size", self.batch_size, low=1)
@@ -110,6 +146,17 @@ class RunConfig:
         _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
         _check_choice("accountant", self.accountant, ("prv", "rdp"))
         _check_choice("grad-sample-mode", self.grad_sample_mode, ("ghost", "hooks", "functorch"))
+        _check_choice("dp-level", self.dp_level, ("record", "client", "both"))
+        _check_range(
+            "client-clip-norm", self.client_clip_norm, low=0.0, high=math.inf, low_open=True
+        )
+        _check_range(
+            "client-noise-multiplier",
+            self.client_noise_multiplier,
+            low=0.0,
+            high=math.inf,
+            low_open=True,
+        )
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(
                 f"'classes' must name at least two distinct classes; found {self.classes!r}"
@@ -118,6 +165,9 @@ class RunConfig:
         _check_int("text-buckets", self.text_buckets, low=16)
         _check_int("max-tokens", self.max_tokens, low=1)
         _check_int("embed-dim", self.embed_dim, low=1)
+        if not isinstance(self.secagg, bool):
+            raise ConfigError(f"'secagg' must be true or false; found {self.secagg!r}")
+        SecAggSettings.from_run_config(self)  # raises ConfigError naming the bad key
         _check_modalities(self)
 
     @property
@@ -145,6 +195,15 @@ class RunConfig:
     def private(self) -> bool:
         """False when ``target-epsilon`` is infinite: training without DP (a baseline only)."""
         return math.isfinite(self.target_epsilon)
+
+    @property
+    def record_level_dp(self) -> bool:
+        """Whether the sites train with DP-SGD (not for ``dp-level = client``)."""
+        return self.private and self.dp_level != "client"
+
+    @property
+    def client_level_dp(self) -> bool:
+        return self.dp_level in ("client", "both")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -230,6 +289,15 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
             return float(value)
         if t == "str":
             return str(value)
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"Config key '{key}' must be a {t}; found {value!r}") from None
     return value

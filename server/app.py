@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,42 +11,69 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.models import build_model
+from server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
+from server.privacy_report import FederationStopped
 from server.rundir import RoundCallback, RunDirectory
-from server.strategy import FedfuseFedAvg
+from server.strategy import make_strategy
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, *, run_dir: RunDirectory, on_round: RoundCallback | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    run_dir: RunDirectory,
+    on_round: RoundCallback | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> RunDirectory:
-    """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir."""
+    """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir.
+
+    With ``checkpoint`` (a resumed run), only the rounds after ``checkpoint.round`` run, from
+    its model and strategy state.
+    """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
-    strategy = FedfuseFedAvg(
+    strategy = make_strategy(
+        cfg,
         run_dir=run_dir,
         on_round=on_round,
         fraction_train=cfg.fraction_train,
-        fraction_evaluate=1.0,
+        fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_sites,
         min_evaluate_nodes=cfg.min_sites,
         min_available_nodes=cfg.min_sites,
     )
     # The whole run config travels with every message: sites build the same model and plan.
     config = ConfigRecord(dict(cfg.to_mapping()))
+    # Sites key their ledger entries by the run's unique id (kept when a run is resumed) and
+    # show its name beside it.
+    config["run-id"] = run_dir.run_id
+    config["run-uid"] = run_dir.uid
+    initial_arrays = ArrayRecord(model.state_dict())
+    if checkpoint is not None:
+        initial_arrays = checkpoint.arrays
+        restore_strategy_state(strategy, checkpoint.strategy)
+        restore_rng(checkpoint)
+        strategy.round_offset = checkpoint.round
     status, reason = "completed", ""
     result = None
     try:
         result = strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.num_rounds,
+            initial_arrays=initial_arrays,
+            num_rounds=cfg.num_rounds - strategy.round_offset,
+            timeout=cfg.timeout,
             train_config=config,
             evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
         )
+    except FederationStopped as exc:
+        # Too few sites left (e.g. budgets exhausted): a clean stop, recorded with its reason.
+        status, reason = "stopped", str(exc)
     except Exception as exc:
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        arrays = result.arrays if result is not None else None
+        # A failed run keeps the last global model that was sent out (the previous round's).
+        arrays = result.arrays if result is not None else strategy.global_arrays
         if len(run_dir.rounds) < cfg.num_rounds and status == "completed":
             status, reason = (
                 "incomplete",
@@ -79,8 +105,8 @@ def make_server_app(
         raw = dict(context.run_config)
         raw.update(overrides or {})
         cfg = RunConfig.from_mapping(raw)
-        run_dir = RunDirectory(Path(cfg.out_dir), cfg, run_id=run_id)
-        run_federation(grid, cfg, run_dir=run_dir, on_round=on_round)
+        run_dir, checkpoint = open_run(cfg, run_id=run_id)  # a new run, or resume-from's
+        run_federation(grid, cfg, run_dir=run_dir, on_round=on_round, checkpoint=checkpoint)
 
     return server_app
 

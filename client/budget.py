@@ -1,0 +1,395 @@
+"""The site's privacy budget and ledger: before each round, train or refuse; after it, record.
+
+Only the site sets its budget: node config ``epsilon-budget`` and ``delta`` (deployment), else
+``.fedfuse/site.toml`` in the site's data folder (any site, and the only way in simulation),
+else no cap (epsilon ``inf``: spend is still recorded, but nothing is refused). The budget is a
+lifetime budget of the site's DATA: the ledger composes every round of every run on it.
+
+A run's ``target-epsilon`` is what the run may spend at the site (its own rounds composed);
+it is capped at the site's budget, never above it. The noise is planned once per run, for all
+of its rounds, so that both hold: the run's own epsilon stays within the run's target, and the
+site's lifetime epsilon (earlier events plus this run) stays within its budget. Before each
+round the site recomputes the lifetime epsilon this round would reach -- the ledger may have
+grown since the plan (another federation on the same data) or the site may have lowered its
+budget -- and refuses the round if it would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from client.training import PrivacyPlan, RoundResult, batches_per_epoch
+from common.config import RunConfig
+from common.errors import ConfigError, FedfuseError, PrivacyBudgetExhaustedError
+from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from common.privacy.ledger import (
+    LEDGER_ACCOUNTANT,
+    Ledger,
+    LedgerEntry,
+    LedgerError,
+    cumulative_epsilon,
+)
+from common.privacy.refusal import PRIVACY_REFUSAL_CODE
+
+SITE_DIR = ".fedfuse"
+SITE_FILE = "site.toml"
+LEDGER_NAME = "ledger.sqlite"
+# Used when a site sets no delta: the run config's default, and well below 1/records for any
+# site large enough to train on.
+DEFAULT_DELTA = 1e-5
+_SITE_KEYS = ("epsilon-budget", "delta")
+
+
+@dataclass(frozen=True)
+class SiteBudget:
+    """The site's own limits and where its ledger lives."""
+
+    epsilon: float
+    delta: float
+    ledger_path: Path
+    source: str
+
+
+def _number(value: Any, *, key: str, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: '{key}' must be a number; found {value!r}") from None
+
+
+def read_site_file(data_path: Path) -> dict[str, float]:
+    """``<data>/.fedfuse/site.toml`` (``epsilon-budget``, ``delta``), or {} if absent."""
+    path = data_path / SITE_DIR / SITE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(raw) - set(_SITE_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known keys: {list(_SITE_KEYS)}")
+    return {k: _number(v, key=k, where=str(path)) for k, v in raw.items()}
+
+
+def write_site_file(data_path: Path, *, epsilon_budget: float, delta: float) -> Path:
+    """Set a site's budget in its data folder (what ``.fedfuse/site.toml`` holds)."""
+    check_budget(epsilon_budget, delta, where="site budget")
+    path = data_path / SITE_DIR / SITE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    eps = "inf" if math.isinf(epsilon_budget) else repr(float(epsilon_budget))
+    path.write_text(
+        "# This site's lifetime privacy budget over its data (all runs together).\n"
+        f"epsilon-budget = {eps}\ndelta = {float(delta)!r}\n"
+    )
+    return path
+
+
+def check_budget(epsilon: float, delta: float, *, where: str) -> None:
+    if math.isnan(epsilon) or epsilon <= 0:
+        raise ConfigError(
+            f"{where}: 'epsilon-budget' must be in range (0, inf] (inf = not capped); "
+            f"found {epsilon}"
+        )
+    if math.isnan(delta) or not 0 < delta < 1:
+        raise ConfigError(f"{where}: 'delta' must be in range (0, 1); found {delta}")
+
+
+def resolve_budget(node_config: Mapping[str, Any], data_path: Path) -> SiteBudget:
+    """The site's budget and ledger file, from its node config, else its site file."""
+    site_file = read_site_file(data_path)
+    source = []
+    if "epsilon-budget" in node_config:
+        eps = _number(node_config["epsilon-budget"], key="epsilon-budget", where="node config")
+        source.append("node config")
+    elif "epsilon-budget" in site_file:
+        eps = site_file["epsilon-budget"]
+        source.append(str(data_path / SITE_DIR / SITE_FILE))
+    else:
+        eps = math.inf
+        source.append("no budget set")
+    if "delta" in node_config:
+        delta = _number(node_config["delta"], key="delta", where="node config")
+    else:
+        delta = site_file.get("delta", DEFAULT_DELTA)
+    check_budget(eps, delta, where=source[0])
+    if "ledger-path" in node_config:
+        ledger = Path(str(node_config["ledger-path"])).expanduser()
+    else:
+        ledger = data_path / SITE_DIR / LEDGER_NAME
+    return SiteBudget(eps, delta, ledger, source[0])
+
+
+def model_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the global model a round starts from (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def plan_within_budget(
+    earlier: list[DpSgdEvent],
+    *,
+    sample_rate: float,
+    steps: int,
+    budget: float,
+    delta: float,
+    sigma_low: float,
+    rtol: float = 0.01,
+) -> float | None:
+    """Smallest noise multiplier (within ``rtol`` of what is left) keeping ``earlier`` plus
+    ``steps`` new steps within ``budget`` by PRV; None when nothing useful is left.
+
+    ``sigma_low`` is known to be too small. Brackets by doubling, then bisects in log-sigma,
+    stopping once the plan uses all but ``rtol`` of what is left (not of the whole budget,
+    which would waste most of a nearly spent budget on needless noise).
+    """
+
+    def eps(sigma: float) -> float:
+        return epsilon_from_events(
+            [*earlier, DpSgdEvent(sigma, sample_rate, steps)],
+            delta=delta,
+            accountant=LEDGER_ACCOUNTANT,
+        )
+
+    spent = epsilon_from_events(earlier, delta=delta, accountant=LEDGER_ACCOUNTANT)
+    left = budget - spent
+    if left <= rtol * budget:
+        return None
+    lo, hi = sigma_low, sigma_low * 1.5
+    while eps(hi) > budget:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            return None
+    while hi / lo > 1.005:
+        mid = math.sqrt(lo * hi)
+        e = eps(mid)
+        if e > budget:
+            lo = mid
+        else:
+            hi = mid
+            if budget - e <= rtol * left:
+                break
+    return hi
+
+
+class RoundRefused(FedfuseError):
+    """The site will not train (or not release) this round; ``why`` goes back to the server."""
+
+    code = PRIVACY_REFUSAL_CODE
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__(why)
+
+
+@dataclass(frozen=True)
+class RoundPermit:
+    """What :meth:`SiteLedger.prepare` allows: the plan, this run's earlier events, and the
+    site's lifetime epsilon before the run, now, and after this round."""
+
+    plan: PrivacyPlan | None
+    run_events: list[DpSgdEvent]
+    lifetime_start: float
+    lifetime_spent: float
+    lifetime_after: float
+
+
+class SiteLedger:
+    """The site's budget applied to its ledger, for one round of one run."""
+
+    def __init__(self, budget: SiteBudget, *, site: str) -> None:
+        self.budget = budget
+        self.site = site
+        try:
+            self.ledger = Ledger(budget.ledger_path)
+        except LedgerError as exc:
+            raise RoundRefused(f"its privacy ledger cannot be used: {exc}") from exc
+
+    def _spent(self, entries: list[LedgerEntry]) -> float:
+        # The last entry's stored epsilon covers every entry (the chain is verified first).
+        if entries and entries[-1].delta == self.budget.delta:
+            return entries[-1].epsilon
+        return cumulative_epsilon(entries, delta=self.budget.delta)
+
+    def _exhausted(self, spent: float, would_reach: float) -> RoundRefused:
+        return RoundRefused(
+            str(
+                PrivacyBudgetExhaustedError(
+                    spent=spent, would_reach=would_reach, budget=self.budget.epsilon
+                )
+            )
+        )
+
+    def prepare(
+        self, *, cfg: RunConfig, run_id: str, server_round: int, num_train: int
+    ) -> RoundPermit:
+        """Decide whether this round may train; raise :class:`RoundRefused` if not."""
+        report = self.ledger.verify()
+        if not report.ok:
+            raise RoundRefused(
+                f"its privacy ledger {self.ledger.path} is broken at {report.first_broken} "
+                f"({report.problems[0]}); run `fedfuse audit {self.ledger.path}`"
+            )
+        entries = self.ledger.entries()
+        done = [e for e in entries if e.run_id == run_id and e.round == server_round]
+        if done:
+            # Trained before (a resumed run re-sends the round): training again is another
+            # release of the data, accounted as such -- never merged with the first.
+            warnings.warn(
+                f"site {self.site}: round {server_round} of this run is already in the ledger "
+                f"({done[-1].label()}); training it again is recorded as attempt "
+                f"{len(done) + 1}",
+                stacklevel=2,
+            )
+        budget = self.budget.epsilon
+        spent = self._spent(entries)
+        run_entries = [e for e in entries if e.run_id == run_id]
+        start = spent
+        if run_entries:
+            before = [e for e in entries if e.seq < run_entries[0].seq]
+            start = self._spent(before)
+        if not cfg.record_level_dp:
+            # Training without DP-SGD (no DP, or only client-level DP, whose noise the server
+            # adds) spends an unbounded epsilon here: only an uncapped site allows it.
+            if math.isfinite(budget):
+                raise self._exhausted(spent, math.inf)
+            return RoundPermit(None, [], start, spent, math.inf)
+        if spent >= budget:
+            raise self._exhausted(spent, spent)
+        prior = [e.event for e in entries]
+        plan = (
+            self._plan_from(run_entries, cfg)
+            if run_entries
+            else self._new_plan(cfg, server_round, num_train, prior)
+        )
+        event = DpSgdEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        if any(p is None for p in prior):
+            after = math.inf
+        else:
+            after = epsilon_from_events(
+                [*prior, event],  # type: ignore[list-item]
+                delta=self.budget.delta,
+                accountant=LEDGER_ACCOUNTANT,
+            )
+        if after > budget:
+            raise self._exhausted(spent, after)
+        run_events = [e.event for e in run_entries if e.event is not None]
+        return RoundPermit(plan, run_events, start, spent, after)
+
+    @staticmethod
+    def _plan_from(run_entries: list[LedgerEntry], cfg: RunConfig) -> PrivacyPlan:
+        """A restarted site continues its run with the noise it planned before (the ledger
+        holds it), instead of planning again from a lost in-memory state."""
+        first = run_entries[0]
+        return PrivacyPlan(first.noise_multiplier, first.sample_rate, first.steps, cfg.num_rounds)
+
+    def _new_plan(
+        self,
+        cfg: RunConfig,
+        server_round: int,
+        num_train: int,
+        prior: list[DpSgdEvent | None],
+    ) -> PrivacyPlan:
+        if num_train < 1:
+            raise ValueError("the site has no training records (split 'train' is empty)")
+        budget = self.budget
+        per_epoch = batches_per_epoch(num_train, cfg.batch_size)
+        q = 1.0 / per_epoch
+        steps_per_round = per_epoch * cfg.local_epochs
+        # The rounds left (all of them unless the site joins late); planned as if it trains in
+        # every one, which can only over-estimate its spend.
+        steps = steps_per_round * (cfg.num_rounds - min(server_round, cfg.num_rounds) + 1)
+        if cfg.target_epsilon > budget.epsilon or cfg.target_delta > budget.delta:
+            warnings.warn(
+                f"site {self.site}: the run asks (epsilon, delta) = ({cfg.target_epsilon:g}, "
+                f"{cfg.target_delta:g}) but the site's budget is ({budget.epsilon:g}, "
+                f"{budget.delta:g}); planning for the site's budget",
+                stacklevel=2,
+            )
+        with warnings.catch_warnings():
+            # PRV at sample rate 1 takes log(0) on its way to a correct bound; not actionable.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sigma = plan_noise_multiplier(
+                target_epsilon=min(cfg.target_epsilon, budget.epsilon),
+                target_delta=min(cfg.target_delta, budget.delta),
+                sample_rate=q,
+                steps=steps,
+                accountant=cfg.accountant,
+            )
+        earlier = [p for p in prior if p is not None]
+        if math.isfinite(budget.epsilon) and earlier:
+            lifetime = epsilon_from_events(
+                [*earlier, DpSgdEvent(sigma, q, steps)],
+                delta=budget.delta,
+                accountant=LEDGER_ACCOUNTANT,
+            )
+            if lifetime > budget.epsilon:
+                # The run's own target fits, but the site's lifetime budget binds: more noise.
+                sigma = plan_within_budget(
+                    earlier,
+                    sample_rate=q,
+                    steps=steps,
+                    budget=budget.epsilon,
+                    delta=budget.delta,
+                    sigma_low=sigma,
+                )
+                if sigma is None:
+                    raise self._exhausted(self._spent(self.ledger.entries()), lifetime)
+        return PrivacyPlan(sigma, q, steps_per_round, cfg.num_rounds)
+
+    def record(
+        self,
+        *,
+        cfg: RunConfig,
+        run_id: str,
+        run_name: str,
+        server_round: int,
+        result: RoundResult,
+        global_model_hash: str,
+    ) -> LedgerEntry:
+        """Append the round's event (atomically re-checking the budget) before anything leaves
+        the site; raise :class:`RoundRefused` if the ledger will not take it."""
+        try:
+            return self.ledger.append(
+                site=self.site,
+                run_id=run_id,
+                run_name=run_name,
+                round=server_round,
+                event=result.event,
+                max_grad_norm=cfg.max_grad_norm,
+                delta=self.budget.delta,
+                epsilon_budget=self.budget.epsilon,
+                model_hash=global_model_hash,
+            )
+        except (PrivacyBudgetExhaustedError, LedgerError) as exc:
+            raise RoundRefused(str(exc)) from exc
+
+
+def privacy_metrics(
+    budget: SiteBudget, permit: RoundPermit, entry: LedgerEntry
+) -> dict[str, float | int]:
+    """The numbers a site reports with its update (every site reports the same keys)."""
+    return {
+        "lifetime-epsilon": entry.epsilon,
+        "lifetime-epsilon-start": permit.lifetime_start,
+        "epsilon-budget": budget.epsilon,
+        "site-delta": budget.delta,
+        "ledger-seq": entry.seq,
+    }

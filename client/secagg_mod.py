@@ -1,0 +1,377 @@
+"""The site's half of SecAgg+ on Flower's Message API: a ClientApp mod for ``@app.train``.
+
+Use as ``@app.train(mods=[secaggplus_mod])``. A training request that carries the SecAgg+ record
+runs one stage of the protocol (Bell et al. 2020, "Secure single-server aggregation with
+(poly)logarithmic overhead", arXiv:2002.04156; Bonawitz et al. 2017, arXiv:1611.04482):
+
+- setup: check the round's parameters, make two EC key pairs, return the public keys;
+- share-keys: Shamir-share a fresh mask seed and the masking key among the neighbours, each
+  share encrypted for its holder (ECDH + Fernet);
+- collect-masked-vectors: train (the wrapped train function), check the update, and return
+  only ``[w, q(w * update)]`` masked with the private and the pairwise masks;
+- unmask: hand the server the shares it needs, never both secrets of the same site.
+
+The trained model never leaves the site in the clear: the reply holds the masked vector, the
+scalar metrics and the site record, and nothing else. Requests without the record pass through
+untouched, unless the node config sets ``require-secagg`` (then they are refused).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from logging import DEBUG, WARNING
+from typing import Any
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from common.secagg import masking
+from common.secagg.params import RoundParams
+from common.secagg.protocol import (
+    ARRAYS_KEY,
+    INS,
+    MASKED_ARRAY,
+    MASKED_KEY,
+    PARAMS_STATE_KEY,
+    RECORD_KEY,
+    REQUIRE_NODE_CONFIG,
+    STATE_KEY,
+    WEIGHT_METRIC,
+    Key,
+    SecAggProtocolError,
+    Stage,
+    check_record,
+    check_stage,
+    check_transition,
+)
+
+
+@dataclass
+class SiteState:
+    """What a site keeps between the stages of one round, in ``Context.state`` (ConfigRecord
+    values only: the simulation engine and the SuperNode persist the context between calls)."""
+
+    stage: str = ""
+    nid: int = 0
+    sk1: bytes = b""
+    pk1: bytes = b""
+    sk2: bytes = b""
+    pk2: bytes = b""
+    seed: bytes = b""  # the private mask seed b
+    # The neighbours this round (self included) and their public keys, in the server's order.
+    nbr_ids: list[int] = field(default_factory=list)
+    nbr_pk1: list[bytes] = field(default_factory=list)
+    nbr_pk2: list[bytes] = field(default_factory=list)
+    # The symmetric keys (ECDH of sk2 with each neighbour's pk2) sealing the key shares.
+    enc_keys: list[bytes] = field(default_factory=list)
+    # Neighbours whose shares this site holds (they finished share-keys), self included.
+    holder_ids: list[int] = field(default_factory=list)
+    seed_shares: list[bytes] = field(default_factory=list)
+    sk1_shares: list[bytes] = field(default_factory=list)
+
+    # The round's parameters as announced at setup (kept in a ConfigRecord of their own).
+    params: RoundParams | None = None
+
+    @classmethod
+    def load(cls, ctxt: Context) -> SiteState:
+        rec = ctxt.state.config_records.get(STATE_KEY)
+        if rec is None:
+            return cls()
+        state = cls(**{f.name: rec[f.name] for f in fields(cls) if f.name in rec})
+        params = ctxt.state.config_records.get(PARAMS_STATE_KEY)
+        state.params = RoundParams.from_record(params) if params else None
+        return state
+
+    def save(self, ctxt: Context) -> None:
+        ctxt.state.config_records[STATE_KEY] = ConfigRecord(
+            {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        )
+        if self.params is not None:
+            ctxt.state.config_records[PARAMS_STATE_KEY] = ConfigRecord(self.params.to_record())
+
+    @property
+    def round_params(self) -> RoundParams:
+        if self.params is None:
+            raise SecAggProtocolError("SecAgg+: no round parameters; setup did not run")
+        return self.params
+
+    def forget_secrets(self) -> None:
+        """After unmask nothing of this round is needed; keep no key material around."""
+        self.sk1 = self.sk2 = self.seed = b""
+        self.enc_keys, self.holder_ids, self.seed_shares, self.sk1_shares = [], [], [], []
+
+
+def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Run this site's part of the SecAgg+ stage named in ``msg`` (see the module docstring)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    if RECORD_KEY not in msg.content.config_records:
+        if _truthy(ctxt.node_config.get(REQUIRE_NODE_CONFIG)):
+            raise SecAggProtocolError(
+                f"this site requires secure aggregation (node config '{REQUIRE_NODE_CONFIG}') "
+                "but the server asked for a plain training round; refusing to send an update "
+                "in the clear. Run the federation with secagg=true."
+            )
+        return call_next(msg, ctxt)
+
+    ins = msg.content.config_records[RECORD_KEY]
+    stage = check_stage(ins.get(Key.STAGE))
+    state = SiteState.load(ctxt)
+    check_transition(state.stage, stage)
+    check_record(ins, stage, INS)
+    if stage == Stage.SETUP:
+        if state.stage not in ("", Stage.UNMASK):
+            log(WARNING, "SecAgg+: setup restarts an unfinished round (was at %s)", state.stage)
+        state = SiteState(nid=msg.metadata.dst_node_id)
+        out = RecordDict({RECORD_KEY: ConfigRecord(_setup(state, ins))})
+    elif stage == Stage.SHARE_KEYS:
+        out = RecordDict({RECORD_KEY: ConfigRecord(_share_keys(state, ins))})
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        out = _collect_masked_vector(state, ins, msg, ctxt, call_next)
+    else:
+        out = RecordDict({RECORD_KEY: ConfigRecord(_unmask(state, ins))})
+        state.forget_secrets()
+    state.stage = stage
+    state.save(ctxt)
+    out.config_records[RECORD_KEY][Key.STAGE] = stage
+    return Message(out, reply_to=msg)
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true", "yes")
+
+
+def _setup(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
+    state.params = RoundParams.from_record(ins)  # validates; a site refuses unsafe parameters
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    state.sk1, state.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
+    state.sk2, state.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
+    return {Key.PK1: state.pk1, Key.PK2: state.pk2}
+
+
+def _share_keys(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
+    params = state.round_params
+    ids: list[int] = list(ins[Key.NODE_IDS])  # type: ignore[arg-type]
+    pk1s: list[bytes] = list(ins[Key.PK1_LIST])  # type: ignore[arg-type]
+    pk2s: list[bytes] = list(ins[Key.PK2_LIST])  # type: ignore[arg-type]
+    if len(set(ids)) != len(ids):
+        raise SecAggProtocolError(f"SecAgg+ share-keys: '{Key.NODE_IDS}' lists a site twice")
+    if not params.threshold <= len(ids) <= params.share_num:
+        raise SecAggProtocolError(
+            f"SecAgg+ share-keys: '{Key.NODE_IDS}' lists {len(ids)} neighbours; expected "
+            f"between the threshold {params.threshold} and {params.share_num} (self included)"
+        )
+    if state.nid not in ids or (pk1s[ids.index(state.nid)], pk2s[ids.index(state.nid)]) != (
+        state.pk1,
+        state.pk2,
+    ):
+        raise SecAggProtocolError(
+            f"SecAgg+ share-keys: '{Key.PK1_LIST}'/'{Key.PK2_LIST}' do not hold this site's "
+            "own public keys; the server relayed wrong keys"
+        )
+    if len(set(pk1s + pk2s)) != 2 * len(ids):
+        raise SecAggProtocolError("SecAgg+ share-keys: some public keys are identical")
+    state.nbr_ids, state.nbr_pk1, state.nbr_pk2 = ids, pk1s, pk2s
+    state.seed = os.urandom(32)
+    seed_shares = create_shares(state.seed, params.threshold, len(ids))
+    sk1_shares = create_shares(masking.private_scalar(state.sk1), params.threshold, len(ids))
+    sk2 = bytes_to_private_key(state.sk2)
+    dsts: list[int] = []
+    ciphertexts: list[bytes] = []
+    state.enc_keys = []
+    for idx, (nid, pk2) in enumerate(zip(ids, pk2s, strict=True)):
+        if nid == state.nid:
+            state.enc_keys.append(b"")
+            state.holder_ids = [nid]
+            state.seed_shares, state.sk1_shares = [seed_shares[idx]], [sk1_shares[idx]]
+            continue
+        key = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        state.enc_keys.append(key)
+        plain = share_keys_plaintext_concat(state.nid, nid, seed_shares[idx], sk1_shares[idx])
+        dsts.append(nid)
+        ciphertexts.append(encrypt(key, plain))
+    return {Key.DESTINATIONS: dsts, Key.CIPHERTEXTS: ciphertexts}
+
+
+def _receive_shares(state: SiteState, ins: ConfigRecord) -> None:
+    params = state.round_params
+    srcs: list[int] = list(ins[Key.SOURCES])  # type: ignore[arg-type]
+    ctxts: list[bytes] = list(ins[Key.CIPHERTEXTS])  # type: ignore[arg-type]
+    if len(set(srcs)) != len(srcs) or not set(srcs) <= set(state.nbr_ids) - {state.nid}:
+        raise SecAggProtocolError(
+            f"SecAgg+ collect: '{Key.SOURCES}' must list distinct neighbours of this site; "
+            f"found {srcs}"
+        )
+    if len(srcs) + 1 < params.threshold:
+        raise SecAggProtocolError(
+            f"SecAgg+ collect: only {len(srcs) + 1} sites hold shares (threshold "
+            f"{params.threshold}); refusing to upload a vector that could not be unmasked"
+        )
+    for src, ctxt in zip(srcs, ctxts, strict=True):
+        try:
+            plain = decrypt(state.enc_keys[state.nbr_ids.index(src)], ctxt)
+        except InvalidToken:
+            raise SecAggProtocolError(
+                f"SecAgg+ collect: the ciphertext from site {src} does not authenticate"
+            ) from None
+        actual_src, dst, seed_share, sk1_share = share_keys_plaintext_separate(plain)
+        if (actual_src, dst) != (src, state.nid):
+            raise SecAggProtocolError(
+                f"SecAgg+ collect: a ciphertext relayed as {src}->{state.nid} was sealed as "
+                f"{actual_src}->{dst}"
+            )
+        state.holder_ids.append(src)
+        state.seed_shares.append(seed_share)
+        state.sk1_shares.append(sk1_share)
+
+
+def check_local_update(trained: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
+    """Why this site must not upload ``trained`` (names/shapes differ, NaN/Inf), or None."""
+    if set(trained.keys()) != set(global_arrays.keys()):
+        missing = sorted(set(global_arrays.keys()) - set(trained.keys()))
+        extra = sorted(set(trained.keys()) - set(global_arrays.keys()))
+        return f"parameter names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key in global_arrays.keys():
+        a, g = trained[key], global_arrays[key]
+        if tuple(a.shape) != tuple(g.shape):
+            return f"'{key}' has shape {tuple(a.shape)}, expected {tuple(g.shape)}"
+        if a.dtype != g.dtype:
+            return f"'{key}' has dtype {a.dtype}, expected {g.dtype}"
+        arr = a.numpy()
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            return f"'{key}' contains NaN or Inf"
+    return None
+
+
+def _collect_masked_vector(
+    state: SiteState,
+    ins: ConfigRecord,
+    msg: Message,
+    ctxt: Context,
+    call_next: ClientAppCallable,
+) -> RecordDict:
+    _receive_shares(state, ins)
+    params = state.round_params
+    if ARRAYS_KEY not in msg.content.array_records:
+        raise KeyError(f"SecAgg+ collect: the server's message lacks the model '{ARRAYS_KEY}'")
+    global_arrays = msg.content.array_records[ARRAYS_KEY]
+    reply = call_next(msg, ctxt)
+    if reply.has_error():
+        raise SecAggProtocolError(f"training failed: {reply.error.reason}")
+    content = reply.content
+    # Everything but the model goes back: scalar metrics and the site record.
+    out = RecordDict()
+    for name, rec in content.metric_records.items():
+        out.metric_records[name] = rec
+    for name, crec in content.config_records.items():
+        if name != RECORD_KEY:
+            out.config_records[name] = crec
+    trained = content.array_records.get(ARRAYS_KEY)
+    weight = next(
+        (r[WEIGHT_METRIC] for r in content.metric_records.values() if WEIGHT_METRIC in r), None
+    )
+    reason = (
+        f"the train reply has no '{ARRAYS_KEY}' ArrayRecord"
+        if trained is None
+        else f"the train reply has no '{WEIGHT_METRIC}' metric"
+        if weight is None
+        else check_local_update(trained, global_arrays)
+    )
+    if reason is not None:
+        # Refuse rather than mask garbage: the server can name this site and leave it out
+        # (its masks are then removed like those of a site that dropped out).
+        log(WARNING, "SecAgg+: not uploading this round's update: %s", reason)
+        out.config_records[RECORD_KEY] = ConfigRecord({Key.REFUSED: reason})
+        return out
+    if float(weight) > params.max_weight:  # type: ignore[arg-type]
+        log(
+            WARNING,
+            "SecAgg+: this site's weight %s exceeds max-weight %s; it counts as %s",
+            weight,
+            params.max_weight,
+            params.max_weight,
+        )
+    arrays = {k: trained[k].numpy() for k in trained.keys()}  # type: ignore[union-attr]
+    ref = {k: global_arrays[k].numpy() for k in global_arrays.keys()}
+    keys = masking.float_keys(ref)
+    delta = masking.flatten(arrays, keys) - masking.flatten(ref, keys)
+    vec, clipped = masking.encode(delta, float(weight), params)  # type: ignore[arg-type]
+    if clipped:
+        log(
+            WARNING,
+            "SecAgg+: %d of %d update entries exceeded clipping-range %g and were clipped",
+            clipped,
+            delta.size,
+            params.clipping_range,
+        )
+    # uint32 arithmetic wraps modulo 2**32, a multiple of the modulus: reduce once at the end.
+    vec += masking.prg(state.seed, vec.size)
+    sk1 = bytes_to_private_key(state.sk1)
+    for nid in state.holder_ids:
+        if nid == state.nid:
+            continue
+        pk1 = state.nbr_pk1[state.nbr_ids.index(nid)]
+        mask = masking.prg(masking.agreed_seed(sk1, pk1), vec.size)
+        # The pair's masks cancel: the larger node id adds, the smaller subtracts.
+        if state.nid > nid:
+            vec += mask
+        else:
+            vec -= mask
+    vec = masking.mod(vec, params.modulus_range)
+    out.array_records[MASKED_KEY] = ArrayRecord({MASKED_ARRAY: Array(vec)})
+    out.config_records[RECORD_KEY] = ConfigRecord({})
+    log(DEBUG, "SecAgg+: uploaded a masked vector of %d entries", vec.size)
+    return out
+
+
+def _unmask(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
+    params = state.round_params
+    active: list[int] = list(ins[Key.ACTIVE])  # type: ignore[arg-type]
+    dead: list[int] = list(ins[Key.DEAD])  # type: ignore[arg-type]
+    if set(active) & set(dead):
+        # Revealing both the seed share and the key share of one site unmasks its update.
+        raise SecAggProtocolError(
+            f"SecAgg+ unmask: sites {sorted(set(active) & set(dead))} are listed both in "
+            f"'{Key.ACTIVE}' and '{Key.DEAD}'; refusing"
+        )
+    unknown = (set(active) | set(dead)) - set(state.holder_ids)
+    if unknown or len(set(active)) != len(active) or len(set(dead)) != len(dead):
+        raise SecAggProtocolError(
+            f"SecAgg+ unmask: '{Key.ACTIVE}'/'{Key.DEAD}' must list distinct sites whose shares "
+            f"this site holds; unknown: {sorted(unknown)}"
+        )
+    if state.nid not in active:
+        raise SecAggProtocolError(f"SecAgg+ unmask: this site is not in '{Key.ACTIVE}'")
+    if len(active) < params.threshold:
+        raise SecAggProtocolError(
+            f"SecAgg+ unmask: only {len(active)} active sites (threshold {params.threshold}); "
+            "refusing to help unmask a sum of too few sites"
+        )
+    owners = active + dead
+    shares = [state.seed_shares[state.holder_ids.index(n)] for n in active] + [
+        state.sk1_shares[state.holder_ids.index(n)] for n in dead
+    ]
+    return {Key.SHARE_OWNERS: owners, Key.SHARES: shares}

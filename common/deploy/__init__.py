@@ -1,0 +1,1 @@
+"""Deployment helpers: certificates and keys, SuperLink/SuperNode command lines."""

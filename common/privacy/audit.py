@@ -1,0 +1,422 @@
+"""``fedfuse audit``: verify site ledgers and recompute their epsilon with two accountants.
+
+For every ledger found under a path (a ledger file, a site folder, a folder of site folders or a
+run directory) the audit
+
+1. verifies the hash chain and names the first broken entry;
+2. recomputes each entry's cumulative epsilon from the stored events with the ledger's own
+   accountant (Opacus PRV, Gopi et al. 2021) and checks it against the stored value;
+3. recomputes it again with an independent accountant (Opacus RDP, Mironov 2017) and flags the
+   two when they disagree in the direction that cannot happen: PRV is the tighter upper bound,
+   so PRV above RDP by more than the tolerance means one of them is wrong. RDP above PRV is
+   expected (RDP is looser: 3-50% for epsilon >= 1, up to several times for epsilon < 1) and is
+   shown, not flagged;
+4. checks every entry against the budget in force when it was written (and ``budget`` if given);
+5. for a run directory, checks that every ledger entry the server recorded for the run (its
+   hash per site and round) is still in the ledger unchanged -- this catches a consistent
+   rewrite of a whole ledger, which a hash chain alone cannot.
+
+Exit status: 0 all good, 1 a budget exceeded, 2 a ledger tampered or inconsistent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedfuseError
+from common.privacy.accounting import epsilon_from_events
+from common.privacy.ledger import (
+    LEDGER_ACCOUNTANT,
+    ChainReport,
+    Ledger,
+    LedgerEntry,
+    LedgerError,
+)
+
+# The stored cumulative epsilon must equal the recomputation with the same accountant; only
+# floating-point noise and accountant-version drift may separate them.
+CLAIM_RTOL = 0.01
+# PRV may exceed RDP only by its own discretisation error (Opacus' eps_error = 0.01).
+CROSS_RTOL = 0.01
+CROSS_ATOL = 0.01
+SECOND_ACCOUNTANT = "rdp"
+LEDGER_FILE = Path(".fedfuse") / "ledger.sqlite"
+
+EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class AuditedEvent:
+    """One ledger entry with its epsilon recomputed by both accountants."""
+
+    entry: LedgerEntry
+    epsilon_prv: float
+    epsilon_rdp: float
+
+    def as_dict(self) -> dict[str, Any]:
+        e = self.entry
+        return {
+            "seq": e.seq,
+            "site": e.site,
+            "run_id": e.run_id,
+            "run_name": e.run_name,
+            "round": e.round,
+            "attempt": e.attempt,
+            "time": e.time,
+            "mechanism": e.mechanism,
+            "noise_multiplier": e.noise_multiplier,
+            "sample_rate": e.sample_rate,
+            "steps": e.steps,
+            "max_grad_norm": e.max_grad_norm,
+            "delta": e.delta,
+            "epsilon": e.epsilon,
+            "epsilon_prv": self.epsilon_prv,
+            "epsilon_rdp": self.epsilon_rdp,
+            "epsilon_budget": e.epsilon_budget,
+            "model_hash": e.model_hash,
+            "hash": e.hash,
+        }
+
+
+@dataclass
+class LedgerAudit:
+    """The audit of one ledger file."""
+
+    path: Path
+    chain: ChainReport
+    events: list[AuditedEvent] = field(default_factory=list)
+    # Inconsistencies (exit 2) beyond the chain: stored epsilon, accountant disagreement,
+    # server anchors.
+    problems: list[str] = field(default_factory=list)
+    over_budget: list[str] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({ev.entry.site for ev in self.events})
+
+    @property
+    def lifetime_epsilon(self) -> float:
+        return self.events[-1].epsilon_prv if self.events else 0.0
+
+    @property
+    def tampered(self) -> bool:
+        return not self.chain.ok or bool(self.problems)
+
+
+@dataclass
+class AuditReport:
+    """Everything ``fedfuse audit`` found under one path."""
+
+    path: Path
+    ledgers: list[LedgerAudit]
+    budget: float | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.missing or any(a.tampered for a in self.ledgers):
+            return EXIT_TAMPERED
+        if any(a.over_budget for a in self.ledgers):
+            return EXIT_OVER_BUDGET
+        return EXIT_OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return _jsonable(
+            {
+                "path": str(self.path),
+                "exit_code": self.exit_code,
+                "status": {0: "ok", 1: "budget exceeded", 2: "tampered or inconsistent"}[
+                    self.exit_code
+                ],
+                "accountants": [LEDGER_ACCOUNTANT, SECOND_ACCOUNTANT],
+                "tolerance": {
+                    "stored_vs_recomputed_rtol": CLAIM_RTOL,
+                    "prv_above_rdp_rtol": CROSS_RTOL,
+                    "prv_above_rdp_atol": CROSS_ATOL,
+                },
+                "budget": self.budget,
+                "missing": self.missing,
+                "ledgers": [
+                    {
+                        "path": str(a.path),
+                        "sites": a.sites,
+                        "entries": a.chain.entries,
+                        "chain_ok": a.chain.ok,
+                        "first_broken": a.chain.first_broken,
+                        "chain_problems": a.chain.problems,
+                        "problems": a.problems,
+                        "over_budget": a.over_budget,
+                        "lifetime_epsilon": a.lifetime_epsilon,
+                        "events": [ev.as_dict() for ev in a.events],
+                    }
+                    for a in self.ledgers
+                ],
+            }
+        )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-9
+
+
+def audit_ledger(path: str | Path, *, budget: float | None = None) -> LedgerAudit:
+    """Verify one ledger file and recompute every entry's cumulative epsilon."""
+    ledger = Ledger(path, create=False)
+    chain = ledger.verify()
+    entries = ledger.entries()
+    audit = LedgerAudit(Path(path), chain)
+    prefix: list = []
+    infinite = False
+    for e in entries:
+        ev = e.event
+        if ev is None:
+            infinite = True
+        else:
+            prefix.append(ev)
+        if infinite:
+            prv = rdp = math.inf
+        else:
+            prv = epsilon_from_events(prefix, delta=e.delta, accountant=LEDGER_ACCOUNTANT)
+            rdp = epsilon_from_events(prefix, delta=e.delta, accountant=SECOND_ACCOUNTANT)
+        audit.events.append(AuditedEvent(e, prv, rdp))
+        if e.accountant != LEDGER_ACCOUNTANT:
+            audit.problems.append(
+                f"{e.label()}: accountant {e.accountant!r}; this audit knows {LEDGER_ACCOUNTANT!r}"
+            )
+        elif not _close(e.epsilon, prv, CLAIM_RTOL):
+            audit.problems.append(
+                f"{e.label()}: stored epsilon {e.epsilon:.6g} but its events give "
+                f"{prv:.6g} ({LEDGER_ACCOUNTANT}); tolerance {CLAIM_RTOL:.0%}"
+            )
+        if math.isfinite(prv) and prv > rdp * (1 + CROSS_RTOL) + CROSS_ATOL:
+            audit.problems.append(
+                f"{e.label()}: accountants disagree: PRV {prv:.6g} exceeds the RDP bound "
+                f"{rdp:.6g} by more than {CROSS_RTOL:.0%} + {CROSS_ATOL}"
+            )
+        if prv > e.epsilon_budget:
+            audit.over_budget.append(
+                f"{e.label()}: epsilon {prv:.4g} exceeds the site budget {e.epsilon_budget:.4g} "
+                "in force when it was written"
+            )
+    if budget is not None and audit.events and audit.lifetime_epsilon > budget:
+        last = audit.events[-1].entry
+        audit.over_budget.append(
+            f"{last.label()}: lifetime epsilon {audit.lifetime_epsilon:.4g} exceeds "
+            f"--budget {budget:.4g}"
+        )
+    return audit
+
+
+def _site_ledger(folder: Path) -> Path | None:
+    p = folder / LEDGER_FILE
+    return p if p.is_file() else None
+
+
+def find_ledgers(
+    path: str | Path,
+) -> tuple[list[Path], dict[Path, list[dict[str, Any]]], list[str]]:
+    """Ledger files under ``path``, the server's anchors for each (run directory only), and
+    the ledgers a run directory names that are not there."""
+    path = Path(path)
+    if path.is_file():
+        return [path], {}, []
+    if not path.is_dir():
+        raise FedfuseError(
+            f"audit path '{path}' does not exist: give a ledger file, a site folder, a folder "
+            "of site folders or a run directory"
+        )
+    privacy = path / "privacy.json"
+    if privacy.is_file():
+        return _run_dir_ledgers(path, privacy)
+    own = _site_ledger(path)
+    if own is not None:
+        return [own], {}, []
+    found = sorted(p for d in sorted(path.iterdir()) if d.is_dir() and (p := _site_ledger(d)))
+    if found:
+        return found, {}, []
+    raise FedfuseError(
+        f"no ledger under '{path}': expected a ledger file, a site folder holding "
+        f"{LEDGER_FILE}, a folder of such site folders, or a run directory with privacy.json"
+    )
+
+
+def _run_dir_ledgers(
+    run_dir: Path, privacy_file: Path
+) -> tuple[list[Path], dict[Path, list[dict[str, Any]]], list[str]]:
+    privacy = json.loads(privacy_file.read_text())
+    ledgers: list[Path] = []
+    anchors: dict[Path, list[dict[str, Any]]] = {}
+    missing: list[str] = []
+    for name, site in sorted(privacy.get("sites", {}).items()):
+        info = site.get("ledger") or {}
+        if not info.get("path"):
+            continue
+        p = Path(info["path"])
+        if not p.is_absolute():
+            p = (run_dir / p).resolve()
+        if not p.is_file():
+            missing.append(
+                f"site {name}: its ledger {p} is not here (audit it at the site: "
+                f"`fedfuse audit <site folder>`)"
+            )
+            continue
+        if p not in anchors:
+            ledgers.append(p)
+            anchors[p] = []
+        anchors[p] += [dict(a, site=name) for a in info.get("entries", [])]
+    if not ledgers and not missing:
+        raise FedfuseError(f"run directory '{run_dir}' names no site ledgers in privacy.json")
+    return ledgers, anchors, missing
+
+
+def check_anchors(audit: LedgerAudit, anchors: list[dict[str, Any]]) -> None:
+    """Every entry the server recorded must still be in the ledger with the same hash."""
+    by_seq = {ev.entry.seq: ev.entry for ev in audit.events}
+    for a in anchors:
+        seq, h = int(a["seq"]), str(a["hash"])
+        e = by_seq.get(seq)
+        where = f"site {a.get('site')} round {a.get('round')}"
+        if e is None:
+            audit.problems.append(
+                f"entry #{seq}: the server recorded it for {where} (hash {h[:12]}...) but the "
+                "ledger no longer holds it"
+            )
+        elif e.hash != h:
+            audit.problems.append(
+                f"{e.label()}: the server recorded hash {h[:12]}... for {where}; the ledger "
+                f"now holds {e.hash[:12]}... (the ledger was rewritten)"
+            )
+
+
+def audit(path: str | Path, *, budget: float | None = None) -> AuditReport:
+    """Audit every ledger under ``path`` (see the module docstring)."""
+    if budget is not None and (math.isnan(budget) or budget <= 0):
+        raise FedfuseError(f"--budget must be in range (0, inf]; found {budget}")
+    ledgers, anchors, missing = find_ledgers(path)
+    audits = []
+    for p in ledgers:
+        try:
+            a = audit_ledger(p, budget=budget)
+        except LedgerError as exc:
+            a = LedgerAudit(p, ChainReport(0, [str(exc)], f"ledger file {p}"))
+        check_anchors(a, anchors.get(p, []))
+        audits.append(a)
+    return AuditReport(Path(path), audits, budget=budget, missing=missing)
+
+
+def print_report(report: AuditReport, *, console: Any, table_console: Any = None) -> None:
+    """The human report: a table per ledger (site, run, round), chain state, problems, verdict."""
+    from rich.table import Table
+
+    table_console = table_console or console
+    for a in report.ledgers:
+        table = Table(title=f"{a.path}  ({a.chain.entries} entries)")
+        for col in ("site", "run", "round", "#", "sigma", "q", "steps", "delta"):
+            table.add_column(col)
+        for col in ("epsilon (ledger)", "PRV", "RDP", "budget"):
+            table.add_column(col, justify="right")
+        for ev in a.events:
+            e = ev.entry
+            table.add_row(
+                e.site,
+                e.run_name or e.run_id,
+                str(e.round) + (f" (attempt {e.attempt})" if e.attempt > 1 else ""),
+                str(e.seq),
+                f"{e.noise_multiplier:.4g}",
+                f"{e.sample_rate:.4g}",
+                str(e.steps),
+                f"{e.delta:g}",
+                f"{e.epsilon:.4f}",
+                f"{ev.epsilon_prv:.4f}",
+                f"{ev.epsilon_rdp:.4f}",
+                f"{e.epsilon_budget:g}",
+            )
+        table_console.print(table)
+        if a.chain.ok:
+            console.print("  hash chain: [green]intact[/]")
+        else:
+            console.print(f"  hash chain: [bold red]BROKEN[/] at {a.chain.first_broken}")
+        for p in a.chain.problems + a.problems:
+            console.print(f"  [red]- {p}[/]")
+        for p in a.over_budget:
+            console.print(f"  [yellow]- over budget: {p}[/]")
+    for m in report.missing:
+        console.print(f"[red]- {m}[/]")
+    console.print(
+        f"Tolerances: stored vs recomputed epsilon {CLAIM_RTOL:.0%}; PRV may exceed RDP by "
+        f"{CROSS_RTOL:.0%} + {CROSS_ATOL} at most (RDP is the looser bound)."
+    )
+    verdict = {
+        0: "[green]OK[/]",
+        1: "[yellow]BUDGET EXCEEDED[/]",
+        2: "[red]TAMPERED OR INCONSISTENT[/]",
+    }[report.exit_code]
+    console.print(f"Audit: {verdict} (exit {report.exit_code})")
+
+
+def plot_epsilon(report: AuditReport, out: str | Path) -> list[str]:
+    """Cumulative epsilon (PRV) against the site's rounds, all runs in ledger order, one curve
+    per site, with each site's budget as a dashed line. Returns the curves' labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    labels: list[str] = []
+    for a in report.ledgers:
+        for site in a.sites:
+            evs = [ev for ev in a.events if ev.entry.site == site]
+            xs = list(range(1, len(evs) + 1))
+            ys = [ev.epsilon_prv for ev in evs]
+            # Every curve starts from nothing spent, before the site's first round.
+            (line,) = ax.plot([0, *xs], [0.0, *ys], marker="o", label=site)
+            labels.append(site)
+            budgets = [ev.entry.epsilon_budget for ev in evs]
+            if any(math.isfinite(b) for b in budgets):
+                ax.step(
+                    xs,
+                    [b if math.isfinite(b) else float("nan") for b in budgets],
+                    where="post",
+                    linestyle="--",
+                    color=line.get_color(),
+                    label=f"{site} budget",
+                )
+            starts = [
+                x
+                for x, ev, prev in zip(xs[1:], evs[1:], evs[:-1], strict=True)
+                if ev.entry.run_id != prev.entry.run_id
+            ]
+            for x in starts:
+                ax.axvline(x - 0.5, color=line.get_color(), alpha=0.2, linewidth=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("round at the site (all runs, in ledger order; faint lines: a new run)")
+    ax.set_ylabel(f"cumulative epsilon ({LEDGER_ACCOUNTANT.upper()})")
+    ax.set_title("Privacy spent per site")
+    ax.grid(alpha=0.3)
+    if labels:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return labels

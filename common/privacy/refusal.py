@@ -1,0 +1,43 @@
+"""The refusal a site sends instead of an update: one format that the ClientApp writes and the
+ServerApp (any strategy or workflow) reads.
+
+A refusal travels as a Flower ``Error`` reply, which every Flower strategy and workflow already
+handles as "this node gave no result", so a refusing site can never be aggregated by mistake.
+The reason is plain text a human reads in the server log and that :func:`parse_refusal` reads
+back: ``site <name> refused round <r>: <why>``, for example ``site site-1 refused round 2:
+privacy budget exhausted: spent 2.1 of 2.5 (this round would reach 2.9)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Flower's own error codes are 0-8 (flwr.common.constant.ErrorCode); ours sits far above them.
+PRIVACY_REFUSAL_CODE = 4031
+_REASON = re.compile(r"^site (?P<site>.+?) refused round (?P<round>\d+): (?P<why>.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    site: str
+    round: int
+    why: str
+
+    @property
+    def reason(self) -> str:
+        return f"site {self.site} refused round {self.round}: {self.why}"
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.why.startswith("privacy budget exhausted")
+
+
+def parse_refusal(code: int, reason: str | None) -> Refusal | None:
+    """The refusal carried by a Flower error reply, or None for any other error."""
+    if code != PRIVACY_REFUSAL_CODE or not reason:
+        return None
+    m = _REASON.match(reason)
+    if m is None:
+        return Refusal(site="?", round=0, why=reason)
+    return Refusal(m["site"], int(m["round"]), m["why"])

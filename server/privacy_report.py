@@ -1,0 +1,94 @@
+"""What the server keeps of each site's privacy: refusals, run and lifetime spend, ledger heads.
+
+The server cannot see a site's ledger, but it records, per round, the ledger entry each site
+says it wrote (sequence number and hash). ``fedfuse audit <run dir>`` later checks that those
+entries are still in the site's ledger unchanged, which catches a rewritten ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flwr.app import Message
+
+from common.errors import FedfuseError
+from common.privacy.refusal import parse_refusal
+
+
+class FederationStopped(FedfuseError):
+    """Too few sites took part in a round (refused, failed or rejected): the run stops."""
+
+
+def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tuple[str, str, bool]:
+    """Record an error reply in the round record; returns (site, reason, is_refusal)."""
+    refusal = parse_refusal(msg.error.code, msg.error.reason)
+    if refusal is not None:
+        name = refusal.site if refusal.site != "?" else fallback_name
+        current.setdefault("refused", {})[name] = refusal.why
+        return name, refusal.why, True
+    reason = str(msg.error.reason)
+    current.setdefault("failed", {})[fallback_name] = reason
+    return fallback_name, reason, False
+
+
+def note_ledger(site: dict[str, Any], msg: Message) -> None:
+    """Keep the ledger head the site reported with its update."""
+    rec = msg.content.config_records.get("ledger")
+    if rec is None:
+        return
+    site["ledger"] = {
+        "path": str(rec.get("path", "")),
+        "hash": str(rec.get("hash", "")),
+        "seq": int(site.get("ledger-seq", 0)),
+    }
+
+
+def stop_reason(current: dict[str, Any], *, trained: int, min_sites: int) -> str | None:
+    """Why the run must stop after this round's training, or None to go on."""
+    if trained >= min_sites:
+        return None
+    left_out = [f"{n} refused: {why}" for n, why in current.get("refused", {}).items()]
+    left_out += [f"{n} failed: {why}" for n, why in current.get("failed", {}).items()]
+    left_out += [f"{n} rejected: {why}" for n, why in current.get("rejected", {}).items()]
+    detail = "; ".join(left_out) if left_out else "no site replied"
+    return (
+        f"round {current.get('round')}: only {trained} site(s) trained, fewer than "
+        f"min-sites {min_sites} ({detail})"
+    )
+
+
+def site_privacy(rounds: list[dict[str, Any]], *, target_epsilon: float, delta: float) -> dict:
+    """Per site: this run's epsilon, its lifetime epsilon before and after the run, its budget,
+    its refusals, and the ledger entries it reported (for ``fedfuse audit``)."""
+    sites: dict[str, Any] = {}
+    for rec in rounds:
+        for name, why in rec.get("refused", {}).items():
+            s = sites.setdefault(name, {"rounds": 0})
+            s.setdefault("refused", []).append({"round": rec["round"], "reason": why})
+        for name, s in rec.get("sites", {}).items():
+            if "epsilon" not in s:
+                continue
+            prev = sites.setdefault(name, {"rounds": 0})
+            prev.update(
+                {
+                    "epsilon": s["epsilon"],
+                    "delta": s.get("delta", delta),
+                    "target_epsilon": target_epsilon,
+                    "noise_multiplier": s.get("noise-multiplier"),
+                    "steps": s.get("steps"),
+                    "rounds": prev["rounds"] + 1,
+                    "last_round": rec["round"],
+                }
+            )
+            if "lifetime-epsilon" in s:
+                prev.setdefault("lifetime_epsilon_start", s.get("lifetime-epsilon-start"))
+                prev["lifetime_epsilon"] = s["lifetime-epsilon"]
+                prev["epsilon_budget"] = s.get("epsilon-budget", math.inf)
+                prev["site_delta"] = s.get("site-delta")
+            led = s.get("ledger")
+            if led:
+                entry = {"round": rec["round"], "seq": led["seq"], "hash": led["hash"]}
+                info = prev.setdefault("ledger", {"path": led["path"], "entries": []})
+                info["entries"].append(entry)
+    return dict(sorted(sites.items()))

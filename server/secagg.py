@@ -1,0 +1,546 @@
+"""The server's half of SecAgg+ on Flower's Message API, and the strategies that train through it.
+
+:class:`SecAggPlusWorkflow` runs one round of the protocol over a Grid (setup, share keys,
+collect masked vectors, unmask; see ``client/secagg_mod.py`` for the site's half) and returns
+only the weighted mean update: the server never holds one site's update in the clear, only
+masked vectors and their sum. Sites that vanish after sharing their keys are tolerated while
+every site keeps at least ``threshold`` live neighbours; below that the round fails, loudly.
+
+Unlike Flower's legacy ``SecAggPlusWorkflow`` this needs no ``LegacyContext``, masks the model
+*update* (trained minus global, a smaller range than the weights), removes only the masks a
+dropped site really added, and lets sites refuse unsafe parameters or a NaN update.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.errors import ConfigError
+from common.secagg import masking
+from common.secagg.params import RoundParams, SecAggSettings
+from common.secagg.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    MASKED_ARRAY,
+    MASKED_KEY,
+    RECORD_KEY,
+    RES,
+    Key,
+    SecAggRoundFailed,
+    Stage,
+    check_record,
+)
+from server.strategy import site_name
+
+
+@dataclass
+class SecAggOutcome:
+    """What one secure round produced. ``error`` set means it failed (``arrays`` is None)."""
+
+    arrays: ArrayRecord | None = None
+    params: RoundParams | None = None
+    # Collect-stage replies whose masked vectors are in the sum (metrics and site record only).
+    accepted: list[Message] = field(default_factory=list)
+    # Node id -> why it left the round (no reply, error) and at which stage.
+    dropped: dict[int, str] = field(default_factory=dict)
+    # Node id -> why its contribution was left out (refused by the site, malformed vector).
+    rejected: dict[int, str] = field(default_factory=dict)
+    # Node id -> site name, from every reply that carried a site record.
+    names: dict[int, str] = field(default_factory=dict)
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class SecAggPlusWorkflow:
+    """One SecAgg+ round over a Message-API Grid (Bell et al. 2020, arXiv:2002.04156).
+
+    Parameters
+    ----------
+    settings
+        The run's secure-aggregation settings (validated run-config keys).
+    rng
+        Shuffles the sites before they are placed on the neighbour ring; pass a seeded
+        ``random.Random`` for reproducible tests. The ring is public, so no secret randomness
+        is needed.
+    """
+
+    def __init__(self, settings: SecAggSettings, *, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.rng = rng or random.Random()
+
+    def __call__(
+        self,
+        grid: Grid,
+        *,
+        node_ids: Iterable[int],
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        server_round: int,
+        names: Mapping[int, str] | None = None,
+    ) -> SecAggOutcome:
+        """Train the sampled ``node_ids`` on ``arrays`` and securely aggregate their updates."""
+        ids = list(dict.fromkeys(node_ids))
+        out = SecAggOutcome(names=dict(names or {}))
+        try:
+            params = self.settings.for_round(len(ids))
+        except ConfigError as exc:
+            out.error = str(exc)
+            return out
+        out.params = params
+        rnd = _Round(self, grid, ids, params, arrays, config, server_round, out)
+        log(
+            INFO,
+            "SecAgg+ round %s: %s sites, %s shares each, threshold %s",
+            server_round,
+            len(ids),
+            params.share_num,
+            params.threshold,
+        )
+        for stage, step in (
+            (Stage.SETUP, rnd.setup),
+            (Stage.SHARE_KEYS, rnd.share_keys),
+            (Stage.COLLECT_MASKED_VECTORS, rnd.collect),
+            (Stage.UNMASK, rnd.unmask),
+        ):
+            t0 = time.perf_counter()
+            ok = step()
+            out.seconds[stage] = round(time.perf_counter() - t0, 4)
+            if not ok:
+                log(ERROR, "SecAgg+ round %s failed at %s: %s", server_round, stage, out.error)
+                out.arrays = None
+                return out
+        return out
+
+
+class _Round:
+    """The state of one secure round on the server: who is still in, and what they sent."""
+
+    def __init__(
+        self,
+        wf: SecAggPlusWorkflow,
+        grid: Grid,
+        ids: list[int],
+        params: RoundParams,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        server_round: int,
+        out: SecAggOutcome,
+    ) -> None:
+        self.grid, self.params, self.arrays, self.config = grid, params, arrays, config
+        self.round, self.out, self.timeout = server_round, out, wf.settings.timeout
+        self.sampled = set(ids)
+        ring = list(ids)
+        wf.rng.shuffle(ring)
+        n, k = len(ring), params.share_num
+        # Each site's neighbours (itself included): everyone when k = n (SecAgg), else the k
+        # nearest on a random ring (SecAgg+). The relation is symmetric.
+        self.nbrs: dict[int, set[int]] = {
+            nid: set(ring) if k >= n else {ring[(i + d) % n] for d in range(-(k // 2), k // 2 + 1)}
+            for i, nid in enumerate(ring)
+        }
+        self.pk1: dict[int, bytes] = {}
+        self.pk2: dict[int, bytes] = {}
+        self.u1: set[int] = set()  # sent public keys
+        self.u2: set[int] = set()  # shared their secrets
+        self.u3: set[int] = set()  # uploaded a valid masked vector
+        self.forward: dict[int, tuple[list[int], list[bytes]]] = {}
+        self.total: np.ndarray | None = None
+        self.ref = {k: arrays[k].numpy() for k in arrays.keys()}
+        self.length = masking.vector_length(self.ref)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def name(self, nid: int) -> str:
+        return self.out.names.get(nid, f"node-{nid}")
+
+    def exchange(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
+        """Send one stage's messages; return the well-formed replies by node, note the rest."""
+        messages = [
+            Message(
+                content=content,
+                dst_node_id=nid,
+                message_type=MessageType.TRAIN,
+                group_id=str(self.round),
+            )
+            for nid, content in contents.items()
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        ok: dict[int, Message] = {}
+        for msg in replies:
+            nid = msg.metadata.src_node_id
+            if nid not in contents or nid in ok:
+                continue
+            if msg.has_error():
+                self.out.dropped[nid] = f"{stage}: {msg.error.reason}"
+                continue
+            if "site" in msg.content.config_records:
+                self.out.names[nid] = site_name(msg)
+            rec = msg.content.config_records.get(RECORD_KEY)
+            try:
+                if rec is None:
+                    raise KeyError(f"the reply has no '{RECORD_KEY}' record")
+                if rec.get(Key.STAGE) != stage:
+                    raise ValueError(f"the reply is for stage {rec.get(Key.STAGE)!r}")
+                check_record(rec, stage, RES)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.out.dropped[nid] = f"{stage}: malformed reply: {exc}"
+                continue
+            ok[nid] = msg
+        for nid in contents:
+            if nid not in ok and nid not in self.out.dropped:
+                self.out.dropped[nid] = f"{stage}: no reply within {self.timeout:g} s"
+        for nid in set(contents) - set(ok):
+            log(
+                WARNING,
+                "SecAgg+ %s: site %s left the round: %s",
+                stage,
+                self.name(nid),
+                self.out.dropped.get(nid) or self.out.rejected.get(nid),
+            )
+        return ok
+
+    def enough(self, stage: str, owners: set[int], alive: set[int]) -> bool:
+        """Does every site in ``owners`` keep ``threshold`` neighbours in ``alive``?"""
+        t = self.params.threshold
+        for nid in sorted(owners):
+            live = len(self.nbrs[nid] & alive)
+            if live < t:
+                self.out.error = (
+                    f"after stage {stage}, {len(alive)} of {len(self.sampled)} sites remain and "
+                    f"site {self.name(nid)} keeps {live} live neighbours (itself included), "
+                    f"fewer than the reconstruction threshold {t}"
+                )
+                return False
+        return True
+
+    def record(self, stage: str, body: dict[str, Any]) -> RecordDict:
+        return RecordDict({RECORD_KEY: ConfigRecord({Key.STAGE: stage, **body})})
+
+    # -- the four stages -------------------------------------------------------------------
+
+    def setup(self) -> bool:
+        body = self.params.to_record()
+        replies = self.exchange(
+            Stage.SETUP, {nid: self.record(Stage.SETUP, body) for nid in self.sampled}
+        )
+        for nid, msg in replies.items():
+            rec = msg.content.config_records[RECORD_KEY]
+            self.pk1[nid], self.pk2[nid] = rec[Key.PK1], rec[Key.PK2]  # type: ignore[assignment]
+        self.u1 = set(replies)
+        return self.enough(Stage.SETUP, self.u1, self.u1)
+
+    def share_keys(self) -> bool:
+        contents = {}
+        for nid in self.u1:
+            ids = sorted(self.nbrs[nid] & self.u1)
+            contents[nid] = self.record(
+                Stage.SHARE_KEYS,
+                {
+                    Key.NODE_IDS: ids,
+                    Key.PK1_LIST: [self.pk1[i] for i in ids],
+                    Key.PK2_LIST: [self.pk2[i] for i in ids],
+                },
+            )
+        replies = self.exchange(Stage.SHARE_KEYS, contents)
+        sent: dict[int, tuple[list[int], list[bytes]]] = {}
+        for nid, msg in replies.items():
+            rec = msg.content.config_records[RECORD_KEY]
+            dsts: list[int] = list(rec[Key.DESTINATIONS])  # type: ignore[arg-type]
+            if sorted(dsts) != sorted(self.nbrs[nid] & self.u1 - {nid}):
+                self.out.dropped[nid] = (
+                    f"{Stage.SHARE_KEYS}: malformed reply: shares addressed to {sorted(dsts)}, "
+                    "not to its neighbours"
+                )
+                continue
+            sent[nid] = (dsts, list(rec[Key.CIPHERTEXTS]))  # type: ignore[arg-type]
+        self.u2 = set(sent)
+        self.forward = {nid: ([], []) for nid in self.u2}
+        for src, (dsts, ctxts) in sent.items():
+            for dst, ctxt in zip(dsts, ctxts, strict=True):
+                if dst in self.u2:
+                    self.forward[dst][0].append(src)
+                    self.forward[dst][1].append(ctxt)
+        return self.enough(Stage.SHARE_KEYS, self.u2, self.u2)
+
+    def collect(self) -> bool:
+        contents = {}
+        for nid in self.u2:
+            srcs, ctxts = self.forward[nid]
+            content = self.record(
+                Stage.COLLECT_MASKED_VECTORS, {Key.SOURCES: srcs, Key.CIPHERTEXTS: ctxts}
+            )
+            content.array_records[ARRAYS_KEY] = self.arrays
+            content.config_records[CONFIG_KEY] = self.config
+            contents[nid] = content
+        replies = self.exchange(Stage.COLLECT_MASKED_VECTORS, contents)
+        m = self.params.modulus_range
+        total = np.zeros(self.length, dtype=np.uint32)  # wraps modulo 2**32 (see masking.prg)
+        for nid, msg in replies.items():
+            rec = msg.content.config_records[RECORD_KEY]
+            if Key.REFUSED in rec:
+                self.out.rejected[nid] = f"the site refused to upload: {rec[Key.REFUSED]}"
+                continue
+            reason, vec = self.check_vector(msg.content.array_records.get(MASKED_KEY), m)
+            if reason:
+                self.out.rejected[nid] = reason
+                continue
+            total += vec
+            self.u3.add(nid)
+            self.out.accepted.append(msg)
+        for nid, reason in self.out.rejected.items():
+            log(WARNING, "SecAgg+: contribution of site %s rejected: %s", self.name(nid), reason)
+        self.total = total
+        return self.enough(Stage.COLLECT_MASKED_VECTORS, self.u2, self.u3)
+
+    def check_vector(self, rec: ArrayRecord | None, m: int) -> tuple[str | None, Any]:
+        if rec is None or MASKED_ARRAY not in rec:
+            return f"the reply holds no masked vector ('{MASKED_KEY}')", None
+        arr = rec[MASKED_ARRAY]
+        if arr.dtype != "uint32" or tuple(arr.shape) != (self.length,):
+            return (
+                f"the masked vector has dtype {arr.dtype} and shape {tuple(arr.shape)}; "
+                f"expected uint32 and ({self.length},) for this model"
+            ), None
+        vec = arr.numpy()
+        if vec.size and int(vec.max()) >= m:
+            return f"the masked vector has entries >= modulus-range {m}", None
+        return None, vec
+
+    def unmask(self) -> bool:
+        dead = self.u2 - self.u3
+        contents = {
+            nid: self.record(
+                Stage.UNMASK,
+                {
+                    Key.ACTIVE: sorted(self.nbrs[nid] & self.u3),
+                    Key.DEAD: sorted(self.nbrs[nid] & dead),
+                },
+            )
+            for nid in self.u3
+        }
+        replies = self.exchange(Stage.UNMASK, contents)
+        shares: dict[int, list[bytes]] = {nid: [] for nid in self.u2}
+        for nid, msg in replies.items():
+            rec = msg.content.config_records[RECORD_KEY]
+            owners: list[int] = list(rec[Key.SHARE_OWNERS])  # type: ignore[arg-type]
+            asked = self.nbrs[nid] & self.u2
+            if not set(owners) <= asked or len(set(owners)) != len(owners):
+                self.out.dropped[nid] = f"{Stage.UNMASK}: malformed reply: shares of {owners}"
+                continue
+            for owner, share in zip(owners, rec[Key.SHARES], strict=True):  # type: ignore[arg-type]
+                shares[owner].append(share)  # type: ignore[arg-type]
+        p = self.params
+        total = self.total
+        assert total is not None
+        for nid in sorted(self.u2):
+            if nid in dead and not self.nbrs[nid] & self.u3:
+                continue  # nobody in the sum holds a mask shared with it
+            if len(shares[nid]) < p.threshold:
+                self.out.error = (
+                    f"after stage {Stage.UNMASK}, only {len(shares[nid])} shares of site "
+                    f"{self.name(nid)}'s {'key' if nid in dead else 'mask seed'} arrived, fewer "
+                    f"than the reconstruction threshold {p.threshold}"
+                )
+                return False
+            try:
+                secret = combine_shares(shares[nid][: p.threshold])
+            except ValueError:
+                secret = b""
+            if nid in self.u3:
+                if len(secret) != 32:
+                    self.out.error = f"the mask seed of site {self.name(nid)} did not reconstruct"
+                    return False
+                total -= masking.prg(secret, self.length)
+                continue
+            # A dropped site: remove the pairwise masks its live neighbours added.
+            sk1 = masking.key_from_scalar(secret, self.pk1[nid]) if secret else None
+            if sk1 is None:
+                self.out.error = f"the masking key of site {self.name(nid)} did not reconstruct"
+                return False
+            for other in sorted(self.nbrs[nid] & self.u3):
+                mask = masking.prg(masking.agreed_seed(sk1, self.pk1[other]), self.length)
+                if other > nid:
+                    total -= mask
+                else:
+                    total += mask
+        try:
+            _, mean = masking.decode(masking.mod(total, p.modulus_range), len(self.u3), p)
+        except ValueError as exc:
+            self.out.error = str(exc)
+            return False
+        keys = masking.float_keys(self.ref)
+        delta = masking.unflatten(mean, self.ref, keys)
+        new = {
+            k: Array((self.ref[k] + delta[k]).astype(self.ref[k].dtype) if k in delta else a)
+            for k, a in self.ref.items()
+        }
+        self.out.arrays = ArrayRecord(new)  # type: ignore[arg-type]
+        log(
+            INFO,
+            "SecAgg+ round %s: unmasked the sum of %s sites (%s dropped after sharing keys)",
+            self.round,
+            len(self.u3),
+            len(dead),
+        )
+        return True
+
+
+class SecAggAggregation(FedAvg):
+    """FedAvg's exchange and weighted mean, replaced by one SecAgg+ round.
+
+    Not used alone: :func:`secagg_variant` puts it under a fedfuse strategy (a
+    ``SiteRecordingMixin`` over a Flower FedAvg-family strategy), right above ``FedAvg`` in the
+    method order, so that FedProx's config and FedAdam's server optimiser still apply, on the
+    securely aggregated mean.
+
+    ``Strategy.start`` sends what ``configure_train`` returns in a single exchange; SecAgg+ needs
+    four, so the protocol runs inside ``configure_train`` (which has the Grid) and ``start``'s own
+    exchange is left empty. ``aggregate_train`` hands the unmasked mean on, so evaluation,
+    per-site metrics and the run directory work as without SecAgg+. A round that cannot finish
+    is recorded, then raises :class:`SecAggRoundFailed`: the run stops with the previous model.
+    """
+
+    secagg_settings: SecAggSettings = SecAggSettings()
+    # Shuffles the neighbour ring; tests pin it. The ring is public: no secret randomness needed.
+    secagg_rng: random.Random | None = None
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        names = getattr(self, "_secagg_names", {})
+        self.secagg_outcome: SecAggOutcome | None = None
+        if messages:
+            workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng)
+            self.secagg_outcome = workflow(
+                grid,
+                node_ids=[m.metadata.dst_node_id for m in messages],
+                arrays=arrays,
+                config=config,
+                server_round=server_round,
+                names=names,
+            )
+            names.update(self.secagg_outcome.names)
+        self._secagg_names = names
+        return []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        outcome = getattr(self, "secagg_outcome", None)
+        if outcome is None:
+            return None, None
+        current: dict[str, Any] = getattr(self, "current", {})
+        current.setdefault("sites", {})
+
+        def name(nid: int) -> str:
+            return self._secagg_names.get(nid, f"node-{nid}")
+
+        for nid, reason in outcome.dropped.items():
+            current.setdefault("failed", {})[name(nid)] = reason
+        for nid, reason in outcome.rejected.items():
+            current.setdefault("rejected", {})[name(nid)] = reason
+        for msg in outcome.accepted:
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            current["sites"].setdefault(name(msg.metadata.src_node_id), {}).update(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            )
+        current["secagg"] = {
+            "sites": len(outcome.accepted),
+            "dropped": len(outcome.dropped),
+            "rejected": len(outcome.rejected),
+            "threshold": outcome.params.threshold if outcome.params else None,
+            "seconds": outcome.seconds,
+        }
+        if outcome.error is not None:
+            self._secagg_fail(server_round, outcome.error, current)
+        metrics = self.train_metrics_aggr_fn(
+            [m.content for m in outcome.accepted], self.weighted_by_key
+        )
+        arrays = outcome.arrays
+        client_dp = getattr(self, "client_dp", None)
+        if client_dp is not None and arrays is not None and outcome.accepted:
+            # Client-level DP under SecAgg+: sites clipped their updates and sent weight 1, so
+            # the unmasked aggregate is the mean of clipped models; the noise goes on the sum.
+            arrays = ArrayRecord(
+                client_dp.noisy_mean_from_sum(
+                    self.global_arrays.to_torch_state_dict(),
+                    mean_to_delta_sum(
+                        outcome.arrays.to_torch_state_dict(),
+                        self.global_arrays.to_torch_state_dict(),
+                        len(outcome.accepted),
+                    ),
+                )
+            )
+            current["client-dp"] = client_dp.summary()
+        return arrays, metrics
+
+    def _secagg_fail(self, server_round: int, error: str, current: dict[str, Any]) -> None:
+        reason = (
+            f"secure aggregation failed in round {server_round}: {error}. "
+            "The global model of the previous round is kept."
+        )
+        log(ERROR, "%s", reason)
+        eps = [s["epsilon"] for s in current["sites"].values() if "epsilon" in s]
+        current.update(
+            {"status": "failed", "error": reason, "num-sites": 0},
+            **{"max-epsilon": max(eps) if eps else None},
+        )
+        if hasattr(self, "run_dir"):  # record the failed round (its privacy spend is real)
+            current["seconds"] = round(time.time() - getattr(self, "_t0", time.time()), 3)
+            self.run_dir.add_round(dict(current))
+            if getattr(self, "on_round", None) is not None:
+                self.on_round(dict(current))
+        raise SecAggRoundFailed(reason)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        names = getattr(self, "_secagg_names", {})
+        for msg in replies:
+            if msg.has_content() and "site" in msg.content.config_records:
+                names[msg.metadata.src_node_id] = site_name(msg)
+        self._secagg_names = names
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def mean_to_delta_sum(
+    mean: dict[str, Any], global_state: dict[str, Any], count: int
+) -> dict[str, Any]:
+    """Sum of the sites' updates from the (equal-weight) mean of their models."""
+    import torch
+
+    return {
+        k: (mean[k].to(torch.float64) - g.to(torch.float64)) * count
+        for k, g in global_state.items()
+        if torch.is_floating_point(g)
+    }
+
+
+@functools.cache
+def secagg_variant(
+    strategy_cls: type, settings: SecAggSettings, rng: random.Random | None = None
+) -> type:
+    """``strategy_cls`` whose rounds aggregate through SecAgg+ with ``settings``."""
+    return type(
+        f"SecAgg{strategy_cls.__name__}",
+        (strategy_cls, SecAggAggregation),
+        {
+            "secagg_settings": settings,
+            "secagg_rng": rng,
+            "__doc__": f"{strategy_cls.__name__} with SecAgg+ aggregation (server/secagg.py).",
+        },
+    )
