@@ -32,7 +32,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from client.training import plan_site_privacy, train_round  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.data.dataset import load_site  # noqa: E402
-from common.data.synthetic import TABULAR_COLUMNS, generate  # noqa: E402
+from common.data.synthetic import TABULAR_COLUMNS, TABULAR_RANGES, generate  # noqa: E402
 from common.metrics import predict, scores  # noqa: E402
 from common.models import build_model  # noqa: E402
 
@@ -46,7 +46,10 @@ def federate(cfg: RunConfig, sites: list[Path], *, seed: int) -> float:
     cfg = cfg.replace(seed=seed)
     data = [load_site(s, cfg)[1] for s in sites]
     model = build_model(cfg)
-    plans = [plan_site_privacy(cfg=cfg, num_train=len(d["train"])) for d in data]
+    plans = [
+        plan_site_privacy(cfg=cfg, num_train=len(d["train"])) if cfg.private else None
+        for d in data
+    ]
     history: list[list] = [[] for _ in sites]
     for rnd in range(1, cfg.num_rounds + 1):
         states, weights = [], []
@@ -62,7 +65,8 @@ def federate(cfg: RunConfig, sites: list[Path], *, seed: int) -> float:
                 seed=seed * 1000 + i * 10 + rnd,
                 device=torch.device("cpu"),
             )
-            history[i].append(res.event)
+            if res.event is not None:
+                history[i].append(res.event)
             assert res.epsilon <= cfg.target_epsilon + 1e-6
             states.append(local.state_dict())
             weights.append(res.num_examples)
@@ -100,6 +104,7 @@ def main() -> None:
     base = RunConfig(
         modalities=",".join(ALL),
         tabular_columns=",".join(TABULAR_COLUMNS),
+        tabular_ranges=TABULAR_RANGES,
         num_rounds=args.rounds,
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,

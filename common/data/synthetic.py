@@ -26,6 +26,10 @@ from PIL import Image
 CLASSES = ("no_finding", "pneumonia")
 MODALITIES = ("image", "report", "audio", "tabular")
 TABULAR_COLUMNS = ("crp", "wbc", "temp")
+# Reference ranges for the run config's tabular-ranges. Under label skew, standardising with
+# each site's own mean/std would move a "raised" CRP to 0 at a site where most patients are
+# ill: fixed clinical ranges keep a value's meaning the same at every site.
+TABULAR_RANGES = "crp=0:200,wbc=0:25,temp=35:41"
 # Sample rate of each site's recordings, by site index (cycled): several rates on purpose.
 AUDIO_RATES = (4000, 8000, 2000)
 AUDIO_SECONDS = 2.0

@@ -7,16 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.data.synthetic import MODALITIES, TABULAR_COLUMNS, generate
+from common.data.synthetic import MODALITIES, TABULAR_COLUMNS, TABULAR_RANGES, generate
 from common.errors import ConfigError
 
 
 def synthetic_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Run-config keys the synthetic data implies: its lab columns when tabular is used."""
+    """Run-config keys the synthetic data implies: its lab columns and their reference ranges
+    when tabular is used (unless the user set them)."""
     out = dict(raw)
     mods = [m.strip() for m in str(out.get("modalities", RunConfig.modalities)).split(",")]
     if "tabular" in mods and not out.get("tabular-columns"):
         out["tabular-columns"] = ",".join(TABULAR_COLUMNS)
+        out.setdefault("tabular-ranges", TABULAR_RANGES)
     return out
 
 

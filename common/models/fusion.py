@@ -17,6 +17,7 @@ from common.registry import Registry
 
 FUSION_HEADS: Registry[nn.Module] = Registry("fusion head")
 NEG = -1e4  # "minus infinity" that keeps fully-masked rows finite
+GATE_BOUND = 2.0
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,10 @@ class GatedHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack(feats, dim=1) * mask.unsqueeze(-1)  # (B, M, D)
-        w = masked_softmax(self.gate(torch.cat([stacked.flatten(1), mask], dim=1)), mask)
+        # Bounded gate logits (weight ratios at most e^4): under DP a few noisy steps must not
+        # be able to switch a modality off for good.
+        logits = GATE_BOUND * torch.tanh(self.gate(torch.cat([stacked.flatten(1), mask], dim=1)))
+        w = masked_softmax(logits, mask)
         self.last_weights = w.detach()
         scaled = stacked * (w * mask.sum(dim=1, keepdim=True)).unsqueeze(-1)
         return self.mlp(torch.cat([scaled.flatten(1), mask], dim=1))
