@@ -47,8 +47,7 @@ def federate(cfg: RunConfig, sites: list[Path], *, seed: int) -> float:
     data = [load_site(s, cfg)[1] for s in sites]
     model = build_model(cfg)
     plans = [
-        plan_site_privacy(cfg=cfg, num_train=len(d["train"])) if cfg.private else None
-        for d in data
+        plan_site_privacy(cfg=cfg, num_train=len(d["train"])) if cfg.private else None for d in data
     ]
     history: list[list] = [[] for _ in sites]
     for rnd in range(1, cfg.num_rounds + 1):
