@@ -265,7 +265,15 @@ def alternate(
 
 
 def measure(
-    *, engine: str, sites: int, size: str, training: str, rounds: int, records: int, out: Path
+    *,
+    engine: str,
+    sites: int,
+    size: str,
+    training: str,
+    rounds: int,
+    records: int,
+    out: Path,
+    accountant: str = "rdp",
 ) -> tuple[dict[bool, tuple[float, float]], int]:
     data = ensure_data(DataSpec(sites=max(sites, 20), records=records), seed=0)
     cfg = RunConfig(
@@ -277,6 +285,7 @@ def measure(
         batch_size=64,
         text_buckets=TEXT_BUCKETS[size],
         target_epsilon=8.0,
+        accountant=accountant,
         min_sites=sites,
     )
     app = client_app_for(training)
@@ -327,6 +336,12 @@ def main() -> None:
     )
     ap.add_argument("--records", type=int, default=200, help="records per synthetic site")
     ap.add_argument(
+        "--accountant",
+        default="rdp",
+        choices=["rdp", "prv"],
+        help="the sites' accountant (rdp plans the noise faster; it does not touch SecAgg+)",
+    )
+    ap.add_argument(
         "--engine",
         default="inprocess",
         choices=["inprocess", "simulation"],
@@ -357,6 +372,7 @@ def main() -> None:
                         rounds=args.rounds,
                         records=args.records,
                         out=Path(tmp),
+                        accountant=args.accountant,
                     )
                     (w0, p0), (w1, p1) = res[False], res[True]
                     print(

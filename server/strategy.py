@@ -147,7 +147,8 @@ class SiteRecordingMixin:
             good.append(msg)
         # Counted from the recorded sites (not from `good`), so that a workflow that records
         # sites itself and passes no replies here (secure aggregation) counts the same way.
-        trained = len(self.current["sites"])
+        outcome = getattr(self, "secagg_outcome", None)  # set by server/secagg.py's workflow
+        trained = len(self.current["sites"]) if outcome is None else len(outcome.accepted)
         stop = stop_reason(self.current, trained=trained, min_sites=self.min_train_nodes)
         if stop is not None:
             # Keep what happened in this round (refusals included) before stopping the run.

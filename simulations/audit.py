@@ -329,12 +329,14 @@ def gradient_alignment_scores(
     return torch.cat(scores).numpy().astype(np.float64)
 
 
-# LEDGER HOOK (for the merge with the ledger branch): read the claim from the audit site's ledger
-# instead -- the cumulative epsilon of this run's last entry -- keeping this signature. Until
-# then the claim is what the site's client reported in its last round (computed by the
-# accountant from its DP events), as the server wrote it to the run's privacy.json.
 def claimed_epsilon(run_dir: Path, site: str) -> float:
-    """The epsilon the audit site claims for the whole run (``inf`` when trained without DP)."""
+    """The epsilon the audit site claims for the whole run (``inf`` when trained without DP).
+
+    The claim is the site's ledger: the cumulative epsilon of its last ledger entry, as the
+    site reported it with its update (``lifetime_epsilon`` in privacy.json). The audit site is
+    a fresh copy, so its ledger holds this run only; if it held earlier spend, the claim for the
+    canaries (which were in this run only) is this run's epsilon from the same DP events.
+    """
     privacy = json.loads((run_dir / "privacy.json").read_text())
     site_rec = privacy["sites"].get(site)
     if site_rec is None:
@@ -342,6 +344,9 @@ def claimed_epsilon(run_dir: Path, site: str) -> float:
             f"the run in {run_dir} has no privacy record for the audit site '{site}'; "
             "the site did not train (see metrics.jsonl)"
         )
+    lifetime, start = site_rec.get("lifetime_epsilon"), site_rec.get("lifetime_epsilon_start")
+    if lifetime is not None and start is not None and float(start) == 0.0:
+        return float(lifetime)
     return float(site_rec["epsilon"])  # "inf" (no DP) parses as float('inf')
 
 

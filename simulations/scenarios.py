@@ -62,7 +62,15 @@ class DataSpec:
     def folder_name(self, seed: int) -> str:
         """A data folder name that changes whenever the generated data would."""
         spec = json.dumps(
-            [self.sites, self.records, self.alpha, self.seed_or(seed), list(self.site_lacks)]
+            [
+                self.sites,
+                self.records,
+                self.alpha,
+                self.seed_or(seed),
+                list(self.site_lacks),
+                self.missing_rate,
+                list(self.modalities),
+            ]
         )
         digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
         return f"synthetic-{self.sites}x{self.records}-seed{self.seed_or(seed)}-{digest}"
@@ -147,13 +155,16 @@ def ensure_data(spec: DataSpec, *, seed: int, root: Path = Path("data")) -> Path
     out = root / spec.folder_name(seed)
     done = out / ".complete"
     if not done.exists():
+        absent = {f"site-{i}": [lack] for i, lack in enumerate(spec.site_lacks) if lack}
         generate(
             out,
             sites=spec.sites,
             records=spec.records,
             seed=spec.seed_or(seed),
             alpha=spec.alpha,
-            site_lacks=spec.site_lacks,
+            modalities=spec.modalities,
+            missing_rate=spec.missing_rate,
+            absent=absent,
         )
         done.write_text("ok\n")
     return out

@@ -307,3 +307,38 @@ def test_round_parameters_for_the_sampled_sites() -> None:
         s.for_round(1024)
     with pytest.raises(ConfigError, match="exceeds the 3 shares"):
         SecAggSettings(reconstruction_threshold=4).for_round(3)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sites", "1"], "secure aggregation needs at least 2 sites"),
+        (["--set", "num-shares=4"], "'num-shares' must be 0"),
+        (["--no-secagg", "--set", "timeout=0"], "'timeout' must be a finite number > 0"),
+    ],
+)
+def test_simulate_refuses_bad_secagg_settings_before_anything_runs(
+    tmp_path, synth_root, args, needle
+) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+        "PYTHONPATH": str(root),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "HOME": str(tmp_path),
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "common.cli", "simulate", "--data", str(synth_root), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert needle in res.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs, nothing trained

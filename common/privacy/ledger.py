@@ -31,7 +31,7 @@ from pathlib import Path
 from common.errors import FedfuseError, PrivacyBudgetExhaustedError
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: entries have an attempt number
 GENESIS_HASH = "0" * 64
 # Opacus' DP-SGD with Poisson sampling: the only mechanism a site runs on its records.
 DP_SGD = "poisson-sampled-gaussian"
