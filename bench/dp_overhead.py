@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -113,17 +112,23 @@ class Trainer:
 
 
 def peak_memory_child(mode: str, records: int, threads: int) -> None:
-    """In a fresh process: RSS growth (MiB) of building and running one epoch of ``mode``."""
+    """In a fresh process: peak RSS growth (MiB) over the RSS before the model exists, while
+    building ``mode``'s trainer and running two epochs (RSS sampled every 2 ms)."""
+    import gc
+
+    from bench._procmem import PeakMemory, tree_rss_bytes
+
     torch.set_num_threads(threads)
     cfg = RunConfig()
     with tempfile.TemporaryDirectory() as tmp:
         data = site_tensors(records, cfg, Path(tmp))
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    base = tree_rss_bytes()
+    with PeakMemory(interval=0.002) as mem:
         trainer = Trainer(mode, data, cfg)
         trainer.epoch()
         trainer.epoch()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{(peak - base) / 1024:.1f}")
+    print(f"{(mem.peak - base) / 2**20:.1f}")
 
 
 def main() -> None:
@@ -193,8 +198,9 @@ def main() -> None:
             f"{memory.get(m, '-'):>10}"
         )
     print(
-        f"\n(medians of {args.repeats} interleaved epochs; peak MiB = RSS growth of a fresh "
-        "process over 2 epochs)"
+        f"\n(medians of {args.repeats} interleaved epochs; CPU = process time of the one training"
+        " thread, the figure to trust when other jobs load the machine; peak MiB = RSS growth"
+        " of a fresh process while it builds the model and trains 2 epochs)"
     )
 
 
