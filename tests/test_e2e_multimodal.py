@@ -16,7 +16,6 @@ from simulations.runner import simulate
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_four_modalities_with_missing_records(tmp_path):
     sites = generate(
         tmp_path / "data",
