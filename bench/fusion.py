@@ -93,7 +93,7 @@ def main() -> None:
     print(
         f"3 sites x ~{args.records} records, rounds {args.rounds}, local epochs "
         f"{args.local_epochs}, batch {args.batch_size}, epsilon {args.epsilon} per site, "
-        f"seeds {seeds}; final test AUROC (weighted mean of the sites), mean ± half-range over seeds"
+        f"seeds {seeds}; final test AUROC (weighted mean of the sites), mean ± half-range"
     )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
