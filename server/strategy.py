@@ -107,7 +107,9 @@ class SiteRecordingMixin:
         self._expected = {m.metadata.dst_node_id for m in messages}
         if self.client_dp is not None:
             available = len(list(grid.get_node_ids()))
-            self.client_dp.begin_round(sampled=len(messages), available=available)
+            self._available = available
+            if messages:  # under SecAgg+ the workflow sampled the sites (server/secagg.py)
+                self.client_dp.begin_round(sampled=len(messages), available=available)
         return messages
 
     def aggregate_train(
