@@ -156,9 +156,12 @@ def test_non_private_training_needs_an_uncapped_site_and_is_recorded(tmp_path: P
         _round(_guard(path, 8.0), "x", 1, no_dp)
     _, entry = _round(_guard(path), "x", 1, no_dp)
     assert entry.mechanism == "none" and entry.epsilon == math.inf
-    # From then on the data has no finite guarantee: a capped site refuses everything.
+    # From then on the data has no finite guarantee: a capped site refuses everything...
     with pytest.raises(RoundRefused, match="spent inf of 8"):
         _round(_guard(path, 8.0), "y", 1)
+    # ...while an uncapped one still trains (with DP) and records it.
+    _, later = _round(_guard(path), "z", 1)
+    assert later.mechanism == "poisson-sampled-gaussian" and later.epsilon == math.inf
 
 
 def test_a_broken_ledger_stops_training(tmp_path: Path):
