@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import ConfigError
+from common.privacy.refusal import find_refusal
 from common.secagg import masking
 from common.secagg.params import RoundParams, SecAggSettings
 from common.secagg.protocol import (
@@ -450,7 +451,11 @@ class SecAggAggregation(FedAvg):
             return self._secagg_names.get(nid, f"node-{nid}")
 
         for nid, reason in outcome.dropped.items():
-            current.setdefault("failed", {})[name(nid)] = reason
+            refusal = find_refusal(reason)  # a site that refused the round (its budget)
+            if refusal is not None:
+                current.setdefault("refused", {})[name(nid)] = refusal.why
+            else:
+                current.setdefault("failed", {})[name(nid)] = reason
         for nid, reason in outcome.rejected.items():
             current.setdefault("rejected", {})[name(nid)] = reason
         for msg in outcome.accepted:

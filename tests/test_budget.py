@@ -265,3 +265,18 @@ def test_a_site_killed_between_rounds_continues_from_its_ledger(tmp_path: Path, 
     assert again["lifetime-epsilon"] == pytest.approx(
         epsilon_from_events([e.event for e in entries], delta=1e-5)
     )
+
+
+def test_refusal_text_round_trips_directly_and_inside_a_secagg_dropout():
+    from common.privacy.refusal import PRIVACY_REFUSAL_CODE, find_refusal, parse_refusal
+
+    reason = "site site-1 refused round 2: privacy budget exhausted: spent 4.025 of 4.035"
+    direct = parse_refusal(PRIVACY_REFUSAL_CODE, reason)
+    assert (direct.site, direct.round, direct.budget_exhausted) == ("site-1", 2, True)
+    assert parse_refusal(2, reason) is None  # any other error code is a failure, not a refusal
+    # SecAgg+'s client mod wraps the train reply's error in its own exception text.
+    wrapped = f"stage collect: <class 'SecAggProtocolError'>:<'training failed: {reason}'>"
+    found = find_refusal(wrapped)
+    assert (found.site, found.round) == ("site-1", 2)
+    assert found.why == "privacy budget exhausted: spent 4.025 of 4.035"
+    assert find_refusal("stage collect: no reply") is None
