@@ -271,7 +271,7 @@ class SiteLedger:
             if math.isfinite(budget):
                 raise self._exhausted(spent, math.inf)
             return RoundPermit(None, [], start, spent, math.inf)
-        if spent >= budget:
+        if math.isfinite(budget) and spent >= budget:
             raise self._exhausted(spent, spent)
         prior = [e.event for e in entries]
         plan = (

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import ConfigError
+from common.privacy.refusal import find_refusal
 from common.secagg import masking
 from common.secagg.params import RoundParams, SecAggSettings
 from common.secagg.protocol import (
@@ -44,6 +45,7 @@ from common.secagg.protocol import (
     Stage,
     check_record,
 )
+from server.privacy_report import note_ledger
 from server.strategy import site_name
 
 
@@ -449,14 +451,18 @@ class SecAggAggregation(FedAvg):
             return self._secagg_names.get(nid, f"node-{nid}")
 
         for nid, reason in outcome.dropped.items():
-            current.setdefault("failed", {})[name(nid)] = reason
+            refusal = find_refusal(reason)  # a site that refused the round (its budget)
+            if refusal is not None:
+                current.setdefault("refused", {})[name(nid)] = refusal.why
+            else:
+                current.setdefault("failed", {})[name(nid)] = reason
         for nid, reason in outcome.rejected.items():
             current.setdefault("rejected", {})[name(nid)] = reason
         for msg in outcome.accepted:
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            current["sites"].setdefault(name(msg.metadata.src_node_id), {}).update(
-                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            )
+            site_rec = current["sites"].setdefault(name(msg.metadata.src_node_id), {})
+            site_rec.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            note_ledger(site_rec, msg)  # the ledger head the site reported beside its update
         current["secagg"] = {
             "sites": len(outcome.accepted),
             "dropped": len(outcome.dropped),
@@ -472,6 +478,10 @@ class SecAggAggregation(FedAvg):
         arrays = outcome.arrays
         client_dp = getattr(self, "client_dp", None)
         if client_dp is not None and arrays is not None and outcome.accepted:
+            sampled = len(outcome.accepted) + len(outcome.dropped) + len(outcome.rejected)
+            client_dp.begin_round(
+                sampled=sampled, available=getattr(self, "_available", sampled) or sampled
+            )
             # Client-level DP under SecAgg+: sites clipped their updates and sent weight 1, so
             # the unmasked aggregate is the mean of clipped models; the noise goes on the sum.
             arrays = ArrayRecord(

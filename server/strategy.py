@@ -107,7 +107,9 @@ class SiteRecordingMixin:
         self._expected = {m.metadata.dst_node_id for m in messages}
         if self.client_dp is not None:
             available = len(list(grid.get_node_ids()))
-            self.client_dp.begin_round(sampled=len(messages), available=available)
+            self._available = available
+            if messages:  # under SecAgg+ the workflow sampled the sites (server/secagg.py)
+                self.client_dp.begin_round(sampled=len(messages), available=available)
         return messages
 
     def aggregate_train(
@@ -145,10 +147,16 @@ class SiteRecordingMixin:
             )
             note_ledger(self.current["sites"][name], msg)
             good.append(msg)
-        # Counted from the recorded sites (not from `good`), so that a workflow that records
-        # sites itself and passes no replies here (secure aggregation) counts the same way.
-        outcome = getattr(self, "secagg_outcome", None)  # set by server/secagg.py's workflow
-        trained = len(self.current["sites"]) if outcome is None else len(outcome.accepted)
+        if self.client_dp is not None and good:
+            good = self.client_dp.privatize_replies(
+                good, self.global_arrays, weight_key=self.weighted_by_key
+            )
+            self.current["client-dp"] = self.client_dp.summary()
+        arrays, metrics = super().aggregate_train(server_round, good)
+        # After aggregation, counted from the recorded sites: under SecAgg+ the replies here are
+        # empty and the secure aggregation records the sites it summed, the ones that dropped
+        # (refusals included), and raises its own failure first when a round cannot finish.
+        trained = len(self.current["sites"])
         stop = stop_reason(self.current, trained=trained, min_sites=self.min_train_nodes)
         if stop is not None:
             # Keep what happened in this round (refusals included) before stopping the run.
@@ -158,12 +166,6 @@ class SiteRecordingMixin:
                 self.on_round(dict(self.current))
             log(WARNING, "Stopping the run: %s", stop)
             raise FederationStopped(stop)
-        if self.client_dp is not None:
-            good = self.client_dp.privatize_replies(
-                good, self.global_arrays, weight_key=self.weighted_by_key
-            )
-            self.current["client-dp"] = self.client_dp.summary()
-        arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None:
             self.current["train-loss"] = metrics.get("train-loss")
         eps = [s["epsilon"] for s in self.current["sites"].values() if "epsilon" in s]

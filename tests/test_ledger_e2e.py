@@ -17,7 +17,7 @@ from client.budget import write_site_file
 from common.privacy.audit import audit, plot_epsilon
 from common.privacy.client_dp import client_level_epsilon
 from common.privacy.ledger import Ledger
-from simulations.runner import simulate
+from simulations.runner import FederationFailedError, simulate
 
 
 def _ledger(site: Path) -> Ledger:
@@ -71,11 +71,17 @@ def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tm
             spent = _ledger(data / name).entries()[-1].epsilon
             write_site_file(data / name, epsilon_budget=spent + 0.01, delta=1e-5)
 
-    run2 = simulate(
-        cfg.replace(run_name="second", min_sites=1, num_rounds=3),
-        num_sites=2,
-        on_round=lower_budgets,
-    )
+    # A run that stops is a failure the caller sees (simulate raises; the CLI exits non-zero),
+    # and its run directory keeps what happened.
+    with pytest.raises(FederationFailedError, match="privacy budget exhausted"):
+        simulate(
+            # One site left in round 3: secure aggregation needs two, so this run goes without
+            # it (run 1 above covers the ledger and client-level DP under SecAgg+).
+            cfg.replace(run_name="second", min_sites=1, num_rounds=3, secagg=False),
+            num_sites=2,
+            on_round=lower_budgets,
+        )
+    run2 = Path(cfg.out_dir) / "second"
     p2 = json.loads((run2 / "privacy.json").read_text())
     rounds = [json.loads(x) for x in (run2 / "metrics.jsonl").read_text().splitlines()]
 

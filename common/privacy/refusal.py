@@ -16,6 +16,8 @@ from dataclasses import dataclass
 # Flower's own error codes are 0-8 (flwr.common.constant.ErrorCode); ours sits far above them.
 PRIVACY_REFUSAL_CODE = 4031
 _REASON = re.compile(r"^site (?P<site>.+?) refused round (?P<round>\d+): (?P<why>.*)$", re.DOTALL)
+# The same text inside another error (a ClientApp mod that wraps the reply's error in its own).
+_EMBEDDED = re.compile(r"site (?P<site>\S+) refused round (?P<round>\d+): (?P<why>[^'\n]*)")
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,12 @@ def parse_refusal(code: int, reason: str | None) -> Refusal | None:
     if m is None:
         return Refusal(site="?", round=0, why=reason)
     return Refusal(m["site"], int(m["round"]), m["why"])
+
+
+def find_refusal(text: str | None) -> Refusal | None:
+    """A refusal quoted inside another error's text (e.g. SecAgg+'s "training failed: ..."),
+    or None."""
+    m = _EMBEDDED.search(text or "")
+    if m is None:
+        return None
+    return Refusal(m["site"], int(m["round"]), m["why"].rstrip(" .>"))
