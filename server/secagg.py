@@ -45,7 +45,7 @@ from common.secagg.protocol import (
     Stage,
     check_record,
 )
-from server.privacy_report import note_ledger
+from server.privacy_report import note_error, note_ledger
 from server.strategy import site_name
 
 
@@ -59,6 +59,8 @@ class SecAggOutcome:
     accepted: list[Message] = field(default_factory=list)
     # Node id -> why it left the round (no reply, error) and at which stage.
     dropped: dict[int, str] = field(default_factory=dict)
+    # Node id -> its error reply, for those that left with one (e.g. a budget refusal).
+    errors: dict[int, Message] = field(default_factory=dict)
     # Node id -> why its contribution was left out (refused by the site, malformed vector).
     rejected: dict[int, str] = field(default_factory=dict)
     # Node id -> site name, from every reply that carried a site record.
@@ -188,6 +190,7 @@ class _Round:
                 continue
             if msg.has_error():
                 self.out.dropped[nid] = f"{stage}: {msg.error.reason}"
+                self.out.errors[nid] = msg
                 continue
             if "site" in msg.content.config_records:
                 self.out.names[nid] = site_name(msg)
@@ -412,8 +415,10 @@ class SecAggAggregation(FedAvg):
     ``Strategy.start`` sends what ``configure_train`` returns in a single exchange; SecAgg+ needs
     four, so the protocol runs inside ``configure_train`` (which has the Grid) and ``start``'s own
     exchange is left empty. ``aggregate_train`` hands the unmasked mean on, so evaluation,
-    per-site metrics and the run directory work as without SecAgg+. A round that cannot finish
-    is recorded, then raises :class:`SecAggRoundFailed`: the run stops with the previous model.
+    per-site metrics and the run directory work as without SecAgg+. The round's sites are
+    recorded in ``configure_train``, right after the protocol, so the strategy's checks see
+    them. A round that cannot finish is recorded there, then raises :class:`SecAggRoundFailed`:
+    the run stops with the previous model.
     """
 
     secagg_settings: SecAggSettings = SecAggSettings()
@@ -423,36 +428,42 @@ class SecAggAggregation(FedAvg):
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         messages = list(super().configure_train(server_round, arrays, config, grid))
         names = getattr(self, "_secagg_names", {})
-        self.secagg_outcome: SecAggOutcome | None = None
-        if messages:
-            workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng)
-            self.secagg_outcome = workflow(
-                grid,
-                node_ids=[m.metadata.dst_node_id for m in messages],
-                arrays=arrays,
-                config=config,
-                server_round=server_round,
-                names=names,
-            )
-            names.update(self.secagg_outcome.names)
         self._secagg_names = names
+        self.secagg_outcome: SecAggOutcome | None = None
+        if not messages:
+            return []
+        workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng)
+        outcome = workflow(
+            grid,
+            node_ids=[m.metadata.dst_node_id for m in messages],
+            arrays=arrays,
+            config=config,
+            server_round=server_round,
+            names=names,
+        )
+        names.update(outcome.names)
+        self.secagg_outcome = outcome
+        # Record the round's sites now: the strategy's own checks (min-sites) run on them
+        # before aggregate_train, and receive no replies of their own.
+        current = self._secagg_record(outcome)
+        if outcome.error is not None:
+            self._secagg_fail(server_round, outcome.error, current)
         return []
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        outcome = getattr(self, "secagg_outcome", None)
-        if outcome is None:
-            return None, None
-        current: dict[str, Any] = getattr(self, "current", {})
+    def _secagg_record(self, outcome: SecAggOutcome) -> dict[str, Any]:
+        if not isinstance(getattr(self, "current", None), dict):
+            self.current: dict[str, Any] = {}
+        current = self.current
         current.setdefault("sites", {})
 
         def name(nid: int) -> str:
             return self._secagg_names.get(nid, f"node-{nid}")
 
         for nid, reason in outcome.dropped.items():
-            refusal = find_refusal(reason)  # a site that refused the round (its budget)
-            if refusal is not None:
+            refusal = find_refusal(reason)  # a refusal quoted in a dropout (its budget)
+            if nid in outcome.errors:  # an error reply: a refusal (budget) or a failure
+                note_error(current, outcome.errors[nid], name(nid))
+            elif refusal is not None:
                 current.setdefault("refused", {})[name(nid)] = refusal.why
             else:
                 current.setdefault("failed", {})[name(nid)] = reason
@@ -460,9 +471,9 @@ class SecAggAggregation(FedAvg):
             current.setdefault("rejected", {})[name(nid)] = reason
         for msg in outcome.accepted:
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            site_rec = current["sites"].setdefault(name(msg.metadata.src_node_id), {})
-            site_rec.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            note_ledger(site_rec, msg)  # the ledger head the site reported beside its update
+            site = current["sites"].setdefault(name(msg.metadata.src_node_id), {})
+            site.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            note_ledger(site, msg)
         current["secagg"] = {
             "sites": len(outcome.accepted),
             "dropped": len(outcome.dropped),
@@ -470,15 +481,24 @@ class SecAggAggregation(FedAvg):
             "threshold": outcome.params.threshold if outcome.params else None,
             "seconds": outcome.seconds,
         }
-        if outcome.error is not None:
-            self._secagg_fail(server_round, outcome.error, current)
+        return current
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        outcome = getattr(self, "secagg_outcome", None)
+        if outcome is None or outcome.arrays is None:
+            return None, None
+        current: dict[str, Any] = getattr(self, "current", {})
         metrics = self.train_metrics_aggr_fn(
             [m.content for m in outcome.accepted], self.weighted_by_key
         )
         arrays = outcome.arrays
         client_dp = getattr(self, "client_dp", None)
         if client_dp is not None and arrays is not None and outcome.accepted:
-            sampled = len(outcome.accepted) + len(outcome.dropped) + len(outcome.rejected)
+            # A site that uploaded, then missed unmask, is both accepted and dropped: count once.
+            accepted = {m.metadata.src_node_id for m in outcome.accepted}
+            sampled = len(accepted | set(outcome.dropped) | set(outcome.rejected))
             client_dp.begin_round(
                 sampled=sampled, available=getattr(self, "_available", sampled) or sampled
             )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -70,3 +72,11 @@ def weighted_mean(updates: Sequence[dict[str, np.ndarray]], weights: Sequence[fl
         k: sum(wi * u[k].astype(np.float64) for wi, u in zip(w, updates, strict=True)) / w.sum()
         for k in updates[0]
     }
+
+
+def fresh_sites(sites: Sequence[Path], dest: Path) -> Path:
+    """A copy of the fixture's site folders without the privacy ledgers other runs left there
+    (a site's ledger lives in its folder and carries its spend from run to run)."""
+    for site in sites:
+        shutil.copytree(site, dest / site.name, ignore=shutil.ignore_patterns(".fedfuse"))
+    return dest

@@ -19,18 +19,18 @@ from server.app import run_federation
 from server.rundir import RunDirectory
 from simulations.inprocess import InProcessGrid
 from simulations.runner import FederationFailedError, check_run_status, simulate
-from tests.secagg_helpers import stage_of
+from tests.secagg_helpers import fresh_sites, stage_of
 
 
 @pytest.mark.e2e
 def test_a_failed_secure_round_is_loud_and_keeps_the_previous_model(
-    synth_root: Path, tmp_path: Path
+    synth_sites: list[Path], tmp_path: Path
 ) -> None:
     """Round 2 loses two of three sites after they shared their keys: below the threshold (2).
     The run raises, records the failure in metrics, summary and status, and model.pt is the
     model the sites received in round 2, i.e. the result of round 1."""
     cfg = RunConfig(
-        data_dir=str(synth_root),
+        data_dir=str(fresh_sites(synth_sites, tmp_path / "data")),
         out_dir=str(tmp_path / "runs"),
         num_rounds=3,
         local_epochs=1,
@@ -72,7 +72,7 @@ def test_a_failed_secure_round_is_loud_and_keeps_the_previous_model(
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_same_seed_with_and_without_secagg_gives_the_same_model(
-    synth_root: Path, tmp_path: Path
+    synth_sites: list[Path], tmp_path: Path
 ) -> None:
     """3 sites x 2 rounds with DP on Flower's simulation engine, SecAgg+ on and off, same seed.
 
@@ -83,7 +83,8 @@ def test_same_seed_with_and_without_secagg_gives_the_same_model(
     models = {}
     for secagg in (True, False):
         cfg = RunConfig(
-            data_dir=str(synth_root),
+            # Each run its own copy: a site's ledger would carry the first run's spend over.
+            data_dir=str(fresh_sites(synth_sites, tmp_path / f"data-{secagg}")),
             out_dir=str(tmp_path / "runs"),
             num_rounds=2,
             local_epochs=1,
