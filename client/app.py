@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import zlib
+import dataclasses
 from logging import WARNING
 
 import torch
@@ -18,11 +18,15 @@ from common.config import RunConfig
 from common.evaluation import evaluate_site
 from common.models import build_model
 from common.privacy.client_dp import clip_update_
+from common.privacy.site_secret import load_or_create_secret, round_seed
 
 app = ClientApp()
 
 # Keys the server adds to the run config it forwards; not part of RunConfig.
 _SERVER_KEYS = ("server-round", "run-id", "run-uid")
+# Config keys that name or place a run but do not shape a site's update (a resumed run changes
+# them); every other key feeds the round's seed.
+_NOT_TRAINING = frozenset({"run-id", "run-name", "resume-from", "out-dir", "data-dir"})
 
 
 def _config(msg: Message) -> tuple[RunConfig, int]:
@@ -63,8 +67,22 @@ def train(msg: Message, context: Context) -> Message:
         )
     except RoundRefused as refused:
         return _refuse(msg, site, server_round, refused)
-    # Seeded per (run seed, site, round): reproducible simulations; differs across sites.
-    seed = cfg.seed * 1_000_003 + zlib.crc32(site.name.encode()) % 100_003 * 101 + server_round
+    # The round's randomness (noise, sampling, dropout) is keyed with the site's secret over
+    # everything the server sent that shapes the update: unpredictable to the server, never
+    # reused on different inputs (common/privacy/site_secret.py).
+    seed = round_seed(
+        load_or_create_secret(site.data_path),
+        {
+            "site": site.name,
+            "data": str(site.data_path.resolve()),
+            "round": server_round,
+            "model": model_hash(global_state),
+            "config": {
+                k: v for k, v in dict(msg.content["config"]).items() if k not in _NOT_TRAINING
+            },
+            "plan": dataclasses.asdict(permit.plan) if permit.plan else None,
+        },
+    )
     torch.manual_seed(seed)
     result = train_round(
         model,

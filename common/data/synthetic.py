@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.privacy.site_secret import write_synthetic_secret
+
 CLASSES = ("no_finding", "pneumonia")
 MODALITIES = ("image", "report", "audio", "tabular")
 TABULAR_COLUMNS = ("crp", "wbc", "temp")
@@ -341,7 +343,7 @@ def generate(
         for s, r in zip(specs, rates, strict=True)
     ]
     out.mkdir(parents=True, exist_ok=True)
-    return [
+    paths = [
         write_site(
             out,
             spec,
@@ -353,3 +355,8 @@ def generate(
         )
         for i, spec in enumerate(specs)
     ]
+    for path in paths:
+        # Synthetic data only: the site's DP secret follows from the public seed, so that a
+        # simulation is reproducible (a real site's secret is random; common/privacy/site_secret).
+        write_synthetic_secret(path, seed=seed, site=path.name)
+    return paths
