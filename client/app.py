@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from logging import WARNING
 
 import torch
@@ -12,9 +13,10 @@ from flwr.common.logger import log
 
 from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics, resolve_budget
 from client.secagg_mod import secaggplus_mod
-from client.site import SiteInfo, resolve_site, site_data
-from client.training import limit_threads, pick_device, train_round
+from client.site import SiteInfo, manifest_digest, resolve_site, site_data
+from client.training import PrivacyPlan, limit_threads, pick_device, train_round
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.evaluation import evaluate_site
 from common.models import build_model
 from common.privacy.client_dp import clip_update_
@@ -24,9 +26,31 @@ app = ClientApp()
 
 # Keys the server adds to the run config it forwards; not part of RunConfig.
 _SERVER_KEYS = ("server-round", "run-id", "run-uid")
-# Config keys that name or place a run but do not shape a site's update (a resumed run changes
-# them); every other key feeds the round's seed.
-_NOT_TRAINING = frozenset({"run-id", "run-name", "resume-from", "out-dir", "data-dir"})
+# Config keys that do not change the update a site computes: they name or place the run (a
+# resumed run changes them), tune the server's side, or only change how the update travels
+# (SecAgg+ masks the same update; its rounding draws fresh randomness). Every other key feeds
+# the round's seed, so any change to what the site computes draws fresh noise.
+_NOT_TRAINING = frozenset(
+    {
+        "run-id",
+        "run-uid",  # picks the run's ledger entries, hence the plan: the plan itself is hashed
+        "run-name",
+        "resume-from",
+        "out-dir",
+        "data-dir",
+        "fraction-train",
+        "fraction-evaluate",
+        "min-sites",
+        "timeout",
+        "secagg",
+        "num-shares",
+        "reconstruction-threshold",
+        "clipping-range",
+        "quantization-range",
+        "modulus-range",
+        "max-weight",
+    }
+)
 
 
 def _config(msg: Message) -> tuple[RunConfig, int]:
@@ -67,22 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     except RoundRefused as refused:
         return _refuse(msg, site, server_round, refused)
-    # The round's randomness (noise, sampling, dropout) is keyed with the site's secret over
-    # everything the server sent that shapes the update: unpredictable to the server, never
-    # reused on different inputs (common/privacy/site_secret.py).
-    seed = round_seed(
-        load_or_create_secret(site.data_path),
-        {
-            "site": site.name,
-            "data": str(site.data_path.resolve()),
-            "round": server_round,
-            "model": model_hash(global_state),
-            "config": {
-                k: v for k, v in dict(msg.content["config"]).items() if k not in _NOT_TRAINING
-            },
-            "plan": dataclasses.asdict(permit.plan) if permit.plan else None,
-        },
-    )
+    seed = _round_seed(msg, context, cfg, site, server_round, global_state, permit.plan)
     torch.manual_seed(seed)
     result = train_round(
         model,
@@ -136,6 +145,44 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _round_seed(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    site: SiteInfo,
+    server_round: int,
+    global_state: dict[str, torch.Tensor],
+    plan: PrivacyPlan | None,
+) -> int:
+    """The seed of the round's randomness (DP noise, Poisson batches, modality dropout).
+
+    Keyed with the site's secret over everything the server sent that shapes the update:
+    unpredictable to the server, never reused on different inputs (so the ledger's composition
+    of independent releases holds; common/privacy/site_secret.py). ``noise-seed = "public"``
+    (simulation only) seeds from (seed, site, round), as controlled comparisons need.
+    """
+    if cfg.noise_seed == "public":
+        if "partition-id" not in context.node_config:
+            raise ConfigError(
+                f"site {site.name}: run config noise-seed = 'public' lets the server regenerate "
+                "the site's DP noise; a deployed site accepts only noise-seed = 'secret'"
+            )
+        return cfg.seed * 1_000_003 + zlib.crc32(site.name.encode()) % 100_003 * 101 + server_round
+    return round_seed(
+        load_or_create_secret(site.data_path),
+        {
+            "site": site.name,
+            "data": manifest_digest(site),
+            "round": server_round,
+            "model": model_hash(global_state),
+            "config": {
+                k: v for k, v in dict(msg.content["config"]).items() if k not in _NOT_TRAINING
+            },
+            "plan": dataclasses.asdict(plan) if plan else None,
+        },
+    )
 
 
 def _run_key(msg: Message) -> tuple[str, str]:

@@ -7,6 +7,7 @@ In deployment the SuperNode's node config names the folder (``data-path``) and t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,9 @@ def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> SiteInfo:
 _DATA_CACHE: dict[tuple[Any, ...], tuple[Manifest, dict[str, SiteDataset]]] = {}
 
 
-def site_data(site: SiteInfo, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteDataset]]:
-    manifest_file = next(
+def manifest_file(site: SiteInfo) -> Path:
+    """The site's manifest (csv or jsonl); the folder itself when it has none."""
+    return next(
         (
             site.data_path / n
             for n in ("manifest.csv", "manifest.jsonl")
@@ -68,7 +70,17 @@ def site_data(site: SiteInfo, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteD
         ),
         site.data_path,
     )
-    mtime = manifest_file.stat().st_mtime_ns if manifest_file.exists() else 0
+
+
+def manifest_digest(site: SiteInfo) -> str:
+    """SHA-256 of the site's manifest (which records, labels and files it trains on)."""
+    path = manifest_file(site)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def site_data(site: SiteInfo, cfg: RunConfig) -> tuple[Manifest, dict[str, SiteDataset]]:
+    manifest_file_ = manifest_file(site)
+    mtime = manifest_file_.stat().st_mtime_ns if manifest_file_.exists() else 0
     key = (
         str(site.data_path.resolve()),
         mtime,

@@ -117,6 +117,12 @@ class RunConfig:
     # Probability of hiding each present modality of a training record (never all of them),
     # so the global model still works at a site that lacks a modality entirely.
     modality_dropout: float = 0.1
+    # Where a site's DP randomness (noise, batches, dropout) comes from. "secret": keyed with the
+    # site's own secret over everything the server sent (common/privacy/site_secret.py); the
+    # only mode a deployed site accepts. "public": from (seed, site, round) alone, so that two
+    # simulations that differ in one setting draw the same noise (controlled comparisons);
+    # simulation only -- the server could regenerate such noise.
+    noise_seed: str = "secret"
 
     def __post_init__(self) -> None:
         _check_int("num-rounds", self.num_rounds, low=1)
@@ -257,6 +263,7 @@ def _check_modalities(cfg: RunConfig) -> None:
     _check_choice("augment", cfg.augment, ("none", "light"))
     _check_choice("task", cfg.task, ("single-label", "multi-label"))
     _check_range("modality-dropout", cfg.modality_dropout, low=0.0, high=1.0, high_open=True)
+    _check_choice("noise-seed", cfg.noise_seed, ("secret", "public"))
 
 
 def _parse_ranges(text: str) -> dict[str, tuple[float, float]]:

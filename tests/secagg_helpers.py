@@ -76,7 +76,8 @@ def weighted_mean(updates: Sequence[dict[str, np.ndarray]], weights: Sequence[fl
 
 def fresh_sites(sites: Sequence[Path], dest: Path) -> Path:
     """A copy of the fixture's site folders without the privacy ledgers other runs left there
-    (a site's ledger lives in its folder and carries its spend from run to run)."""
+    (a site's ledger lives in its folder and carries its spend from run to run). The site's DP
+    secret is kept: the copies draw the same noise for the same inputs."""
     for site in sites:
-        shutil.copytree(site, dest / site.name, ignore=shutil.ignore_patterns(".fedfuse"))
+        shutil.copytree(site, dest / site.name, ignore=shutil.ignore_patterns("ledger.sqlite*"))
     return dest

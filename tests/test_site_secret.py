@@ -15,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app
 from common.config import RunConfig
 from common.data.synthetic import generate
+from common.errors import ConfigError
 from common.models import build_model
 from common.privacy.site_secret import (
     SiteSecretError,
@@ -113,3 +114,26 @@ def test_the_noise_depends_on_the_site_secret_not_only_on_public_values(
     secret_path(site).write_bytes(original)
     back = _train_once(site)
     assert all(torch.equal(first[k], back[k]) for k in first)
+
+
+def test_a_deployed_site_refuses_public_noise_seeds(tmp_path: Path, synth_sites: list[Path]):
+    """`noise-seed = public` is for simulations: a site started with a data path refuses it."""
+    site = tmp_path / "site-0"
+    shutil.copytree(synth_sites[0], site)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 98, 7, 1
+    cfg = RunConfig(num_rounds=1, local_epochs=1, batch_size=64, noise_seed="public")
+    config = ConfigRecord({**cfg.to_mapping(), "server-round": 1, "run-uid": "u-public"})
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord(build_model(cfg).state_dict()), "config": config}),
+        dst_node_id=7,
+        message_type="train",
+    )
+    context = Context(
+        run_id=98,
+        node_id=7,
+        node_config={"data-path": str(site)},
+        state=RecordDict(),
+        run_config={},
+    )
+    with pytest.raises(ConfigError, match="noise-seed = 'public'"):
+        app(msg, context)  # a SuperNode turns the exception into an error reply
