@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from client.site import simulation_site_dirs
 from client.training import pick_device, train_round
@@ -20,16 +20,21 @@ from common.metrics import evaluate
 from common.models import build_model
 
 
-def centralised_baseline(cfg: RunConfig, *, num_sites: int | None = None) -> dict[str, float]:
-    """Train for ``num_rounds * local_epochs`` epochs on the pooled train splits; evaluate on
-    the pooled test splits. Returns loss, accuracy, AUROC and seconds."""
-    t0 = time.time()
+def _splits(cfg: RunConfig, num_sites: int | None) -> tuple[list[Dataset], list[Dataset]]:
     dirs = simulation_site_dirs(cfg.data_dir)[:num_sites]
     train_sets, test_sets = [], []
     for d in dirs:
         _, ds = load_site(Path(d), cfg)
         train_sets.append(ds["train"])
         test_sets.append(ds["test"])
+    return train_sets, test_sets
+
+
+def centralised_baseline(cfg: RunConfig, *, num_sites: int | None = None) -> dict[str, float]:
+    """Train for ``num_rounds * local_epochs`` epochs on the pooled train splits; evaluate on
+    the pooled test splits. Returns loss, accuracy, AUROC and seconds."""
+    t0 = time.time()
+    train_sets, test_sets = _splits(cfg, num_sites)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     device = pick_device()
@@ -50,3 +55,19 @@ def centralised_baseline(cfg: RunConfig, *, num_sites: int | None = None) -> dic
         "accuracy": res["accuracy"],
         "seconds": time.time() - t0,
     }
+
+
+def pooled_test_metrics(
+    cfg: RunConfig, model_file: Path, *, num_sites: int | None = None
+) -> dict[str, float]:
+    """A federation's final global model on the pooled test splits: the baseline's metric.
+
+    The federation's own report averages the sites' AUROCs, each on its own test split; under
+    label skew that is a different (and noisier) number than the pooled AUROC, so comparisons
+    with the centralised ceiling use this. Simulation only (it reads every site's data).
+    """
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(model_file, weights_only=True))
+    _, test_sets = _splits(cfg, num_sites)
+    res = evaluate(model, ConcatDataset(test_sets), device=pick_device())
+    return {"auroc": res["auroc"], "loss": res["loss"], "accuracy": res["accuracy"]}

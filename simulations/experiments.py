@@ -1,7 +1,9 @@
 """Experiment sweeps over simulated federations, written as CSV and drawn as PNG.
 
 - utility vs epsilon: test AUROC of the final global model for each epsilon (inf = no DP) and
-  seed, beside the centralised non-private baseline (the ceiling);
+  seed, beside the centralised non-private baseline (the ceiling). ``auroc`` is measured on the
+  pooled test splits of all sites for both (the same metric); ``sites_auroc`` is the
+  federation's own report (mean of the sites' AUROCs, each on its own split);
 - fusion: each fusion head (and, where the model supports it, each single modality).
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from simulations.baseline import centralised_baseline
+from simulations.baseline import centralised_baseline, pooled_test_metrics
 from simulations.runner import simulate
 
 Progress = Callable[[str], None]
@@ -26,6 +28,7 @@ FIELDS = [
     "epsilon",
     "seed",
     "auroc",
+    "sites_auroc",
     "loss",
     "accuracy",
     "max_epsilon",
@@ -34,14 +37,17 @@ FIELDS = [
 ]
 
 
-def _final(run_dir: Path) -> dict[str, Any]:
+def _final(run_dir: Path, cfg: RunConfig, num_sites: int | None) -> dict[str, Any]:
+    """The final global model's pooled-test metrics (as the baseline's), and the run's own."""
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rounds[-1]
     eps = last.get("max-epsilon")
+    pooled = pooled_test_metrics(cfg, run_dir / "model.pt", num_sites=num_sites)
     return {
-        "auroc": last.get("eval-auroc"),
-        "loss": last.get("eval-loss"),
-        "accuracy": last.get("eval-accuracy"),
+        "auroc": pooled["auroc"],
+        "sites_auroc": last.get("eval-auroc"),
+        "loss": pooled["loss"],
+        "accuracy": pooled["accuracy"],
         "max_epsilon": math.inf if eps in (None, "inf") else eps,
         "seconds": sum(r.get("seconds", 0) for r in rounds),
     }
@@ -88,7 +94,7 @@ def utility_vs_epsilon(
                 target_epsilon=float(eps), seed=seed, out_dir=str(out / "runs"), run_name=name
             )
             run_dir = simulate(run_cfg, num_sites=num_sites)
-            res = _final(run_dir)
+            res = _final(run_dir, run_cfg, num_sites)
             rows.append(
                 {
                     "experiment": "utility-vs-epsilon",
@@ -180,7 +186,7 @@ def fusion_comparison(
                     "run-name": f"{name.replace(':', '-')}-seed{seed}",
                 }
             )
-            res = _final(simulate(run_cfg, num_sites=num_sites))
+            res = _final(simulate(run_cfg, num_sites=num_sites), run_cfg, num_sites)
             rows.append(
                 {
                     "experiment": "fusion",

@@ -1,6 +1,7 @@
 """Scenario presets parse; the experiment runner writes a CSV and valid PNGs (tiny grid)."""
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -99,6 +100,10 @@ def test_utility_vs_epsilon_tiny_grid_on_the_smoke_scenario(tmp_path):
     with Image.open(out / "utility_vs_epsilon.png") as im:
         im.verify()
         assert im.format == "PNG"
-    for run in ("eps2-seed0", "epsinf-seed0"):
+    for run, row in zip(("eps2-seed0", "epsinf-seed0"), rows[1:], strict=True):
         assert (out / "runs" / run / "learning_curve.png").exists()
+        # auroc: the final model on the pooled test splits (the baseline's metric);
+        # sites_auroc: the run's own report.
+        last = json.loads((out / "runs" / run / "metrics.jsonl").read_text().splitlines()[-1])
+        assert float(row["sites_auroc"]) == pytest.approx(last["eval-auroc"])
     assert (out / "runs" / "eps2-seed0" / "epsilon.png").exists()
