@@ -37,9 +37,10 @@ from common.data.synthetic import generate  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.models.dp_layers import GhostEmbedding, ghost_coverage  # noqa: E402
 from common.models.objectives import make_criterion  # noqa: E402
+from common.privacy.bookkeeping import make_private_bookkeeping  # noqa: E402
 
 warnings.filterwarnings("ignore")
-MODES = ("plain", "ghost", "hooks", "ghost-stock-embedding")
+MODES = ("plain", "bookkeeping", "ghost", "hooks", "ghost-stock-embedding")
 
 
 def site_tensors(records: int, cfg: RunConfig, work: Path) -> TensorDataset:
@@ -75,7 +76,19 @@ class Trainer:
         optimizer = make_optimizer(model, cfg)
         criterion = make_criterion(cfg)
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
-        if mode != "plain":
+        if mode == "bookkeeping":
+            engine = PrivacyEngine(accountant="prv")
+            model, optimizer, criterion, loader = make_private_bookkeeping(
+                engine,
+                module=model,
+                optimizer=optimizer,
+                criterion=criterion,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=True,
+            )
+        elif mode != "plain":
             engine = PrivacyEngine(accountant="prv")
             made = engine.make_private(
                 module=model,
