@@ -110,7 +110,7 @@ def test_models_match_hooks_mode(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch
     y = torch.arange(n) % len(cfg.class_names)
     kinds = assert_matches_hooks(model, inputs, y)
     if cfg == RunConfig():
-        assert sorted(set(kinds.values())) == ["conv", "embedding", "linear", "per-sample"]
+        assert sorted(set(kinds.values())) == ["conv", "embedding", "group-norm", "linear"]
 
 
 class _Seq(nn.Module):
@@ -179,7 +179,7 @@ def test_conv_and_norm_layers(conv: dict, monkeypatch: pytest.MonkeyPatch) -> No
     ).double()
     x = torch.randn(7, conv["c_in"], 8, 8, dtype=torch.float64)
     kinds = assert_matches_hooks(model, [x], torch.arange(7) % 3)
-    assert kinds == {"0": "conv", "1": "per-sample", "4": "per-sample", "5": "linear"}
+    assert kinds == {"0": "conv", "1": "group-norm", "4": "per-sample", "5": "linear"}
 
 
 def test_large_per_record_gradients_are_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:

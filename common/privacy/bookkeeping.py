@@ -64,7 +64,9 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
 # ---- per layer type: squared per-record gradient norms, and the clipped gradient sum ----------
 
 
-def _linear_sq_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _linear_sq_norms(
+    layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, _rec: _Record
+) -> torch.Tensor:
     n = g.shape[0]
     sq = torch.zeros(n, dtype=g.dtype, device=g.device)
     a = a.to(g.dtype)
@@ -110,7 +112,9 @@ def _embedding_rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):  #
     return ids, grads
 
 
-def _embedding_sq_norms(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _embedding_sq_norms(
+    layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, _rec: _Record
+) -> torch.Tensor:
     """Record ``n``'s gradient for row ``v`` sums its output gradients at the positions that
     looked ``v`` up; one 1-D ``unique`` over ``record * vocab + id`` groups them."""
     n = ids.shape[0]
@@ -135,49 +139,89 @@ def _embedding_clipped(
     return {layer.weight: out}
 
 
-def _conv_sq_norms(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    # Per-record weight gradients (grouped-convolution backward or bmm, see DPConv2d), reduced to
-    # norms at once: the clipped sum below needs only the re-weighted output gradients. In
-    # chunks of records: one grouped backward over a whole batch allocates tens of MiB that the
-    # C allocator maps and unmaps on every step (page faults cost 3/4 of its time here), while
-    # chunks of a few MiB are served from the heap.
+def _conv_sq_norms(
+    layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, rec: _Record
+) -> torch.Tensor:
+    # Per-record weight gradients (grouped-convolution backward or bmm, see DPConv2d), in chunks
+    # of records: one grouped backward over a whole batch allocates tens of MiB that the C
+    # allocator maps and unmaps on every step (page faults were 3/4 of its time here), while
+    # chunks of a few MiB come from the heap. Kept for the clipped sum when they are small.
     n = g.shape[0]
-    per_record = layer.weight.numel()
-    chunk = max(1, CHUNK_ELEMENTS // per_record)
+    chunk = max(1, CHUNK_ELEMENTS // layer.weight.numel())
+    keep = n * layer.weight.numel() <= KEEP_GRAD_SAMPLE_ELEMENTS
+    kept: list[torch.Tensor] = []
     sq = torch.empty(n, dtype=g.dtype, device=g.device)
     for i in range(0, n, chunk):
-        grads = dp_conv2d_grad_sample(layer, [x[i : i + chunk]], g[i : i + chunk])
-        part = None
-        for gs in grads.values():
-            s = torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1).pow(2)
-            part = s if part is None else part + s
-        sq[i : i + chunk] = part
+        gw = dp_conv2d_grad_sample(layer, [x[i : i + chunk]], g[i : i + chunk])[layer.weight]
+        gw = gw.reshape(gw.shape[0], -1)
+        sq[i : i + chunk] = torch.linalg.vector_norm(gw, dim=1).pow(2)
+        if keep:
+            kept.append(gw)
+    if layer.bias is not None and layer.bias.requires_grad:
+        gb = g.sum(dim=(2, 3))
+        sq += gb.pow(2).sum(dim=1)
+        rec.kept = {layer.bias: gb}
+    if keep:
+        rec.kept = {**(rec.kept or {}), layer.weight: kept}
     return sq
 
 
 def _conv_clipped(
-    layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, _rec: _Record
+    layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, rec: _Record
 ) -> dict[nn.Parameter, torch.Tensor]:
-    cg = g * coef.view(-1, 1, 1, 1)
+    kept = rec.kept or {}
     out: dict[nn.Parameter, torch.Tensor] = {}
-    if layer.weight.requires_grad:
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            cg,
-            x.to(g.dtype),
-            layer.weight.detach(),
-            None,
-            list(layer.stride),
-            list(layer.padding),
-            list(layer.dilation),
-            False,
-            [0, 0],
-            1,
-            [False, True, False],
-        )
-        out[layer.weight] = gw
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = cg.sum(dim=(0, 2, 3))
+        out[layer.bias] = coef @ kept[layer.bias]
+    if layer.weight in kept:
+        total, start = None, 0
+        for gw in kept[layer.weight]:
+            part = coef[start : start + gw.shape[0]] @ gw
+            total = part if total is None else total + part
+            start += gw.shape[0]
+        out[layer.weight] = total
+        return out
+    # Too large to keep: one weight-only convolution backward on the re-weighted gradients.
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        g * coef.view(-1, 1, 1, 1),
+        x.to(g.dtype),
+        layer.weight.detach(),
+        None,
+        list(layer.stride),
+        list(layer.padding),
+        list(layer.dilation),
+        False,
+        [0, 0],
+        1,
+        [False, True, False],
+    )
+    out[layer.weight] = gw
     return out
+
+
+def _group_norm_sq_norms(
+    layer: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, rec: _Record
+) -> torch.Tensor:
+    """Record n's affine gradients: weight ``sum_hw g * x_hat``, bias ``sum_hw g`` per channel
+    (Opacus' GroupNorm sampler), in chunks of records so the normalised activations stay small."""
+    n, c = x.shape[0], x.shape[1]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    grads: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        gw = torch.empty(n, c, dtype=g.dtype, device=g.device)
+        for i in range(0, n, chunk):
+            xh = nn.functional.group_norm(
+                x[i : i + chunk].to(g.dtype), layer.num_groups, eps=layer.eps
+            )
+            gw[i : i + chunk] = xh.mul_(g[i : i + chunk]).reshape(xh.shape[0], c, -1).sum(dim=2)
+        grads[layer.weight] = gw
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = g.reshape(n, c, -1).sum(dim=2)
+    rec.kept = grads
+    sq = torch.zeros(n, dtype=g.dtype, device=g.device)
+    for gs_p in grads.values():
+        sq += gs_p.pow(2).sum(dim=1)
+    return sq
 
 
 def _conv_supported(layer: nn.Module) -> bool:
@@ -229,16 +273,25 @@ def _kind(layer: nn.Module) -> str:
         return "embedding"
     if _conv_supported(layer):
         return "conv"
+    if isinstance(layer, nn.GroupNorm):
+        return "group-norm"
     if _generic_sampler(layer) is not None:
         return "per-sample"
     return ""
 
 
-_SQ = {"linear": _linear_sq_norms, "embedding": _embedding_sq_norms, "conv": _conv_sq_norms}
+_SQ = {
+    "linear": _linear_sq_norms,
+    "embedding": _embedding_sq_norms,
+    "conv": _conv_sq_norms,
+    "group-norm": _group_norm_sq_norms,
+    "per-sample": _generic_sq_norms,
+}
 _CLIPPED = {
     "linear": _linear_clipped,
     "embedding": _embedding_clipped,
     "conv": _conv_clipped,
+    "group-norm": _generic_clipped,
     "per-sample": _generic_clipped,
 }
 
@@ -327,11 +380,7 @@ class BookKeepingClipper:
         sq = torch.zeros(n, dtype=loss_per_sample.dtype, device=loss_per_sample.device)
         for r, g in zip(records, backprops, strict=True):
             r.backprop = torch.zeros_like(r.output) if g is None else g.detach()
-            kind = self._kinds[r.module]
-            if kind == "per-sample":
-                sq += _generic_sq_norms(r.module, r.activation, r.backprop, r)
-            else:
-                sq += _SQ[kind](r.module, r.activation, r.backprop)
+            sq += _SQ[self._kinds[r.module]](r.module, r.activation, r.backprop, r)
         norms = sq.sqrt()
         self.per_sample_gradient_norms = norms
         coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
