@@ -6,9 +6,11 @@ Trains the default fusion model (run config defaults: cnn + hash-mean + concat, 
 one synthetic site, alternating one non-private epoch and one DP epoch of each mode so that
 machine load hits all of them alike, and prints the median per-epoch wall and CPU time, the
 DP/non-private ratio, and each mode's peak memory (measured in a child process each).
-Modes: ``ghost`` (the default: ghost clipping, with per-sample-gradient hooks for layers that
-have no norm sampler), ``hooks`` (per-sample gradients for every layer), and, for reference,
-``ghost-stock-embedding`` (ghost clipping with Opacus' own embedding norm sampler).
+Modes: ``bookkeeping`` (the default, common/privacy/bookkeeping.py: per-record norms and the
+clipped gradient from one backward pass), ``ghost`` (Opacus' ghost clipping: two backward
+passes, per-sample-gradient hooks for layers without a norm sampler), ``hooks`` (Opacus'
+per-sample gradients for every layer), and ``ghost-stock-embedding`` (ghost clipping with
+Opacus' own embedding norm sampler).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ from common.data.synthetic import generate  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.models.dp_layers import GhostEmbedding, ghost_coverage  # noqa: E402
 from common.models.objectives import make_criterion  # noqa: E402
-from common.privacy.bookkeeping import make_private_bookkeeping  # noqa: E402
+from common.privacy.bookkeeping import (  # noqa: E402
+    bookkeeping_coverage,
+    make_private_bookkeeping,
+)
 
 warnings.filterwarnings("ignore")
 MODES = ("plain", "bookkeeping", "ghost", "hooks", "ghost-stock-embedding")
@@ -166,7 +171,8 @@ def main() -> None:
         f"{cfg.fusion}, embed-dim {cfg.embed_dim}, image {cfg.image_size}px, batch "
         f"{cfg.batch_size}; {args.threads} thread(s), torch {torch.__version__}"
     )
-    print("ghost-clipping coverage:", ghost_coverage(build_model(cfg)))
+    print("book-keeping rules:", bookkeeping_coverage(build_model(cfg)))
+    print("Opacus ghost-clipping coverage:", ghost_coverage(build_model(cfg)))
     with tempfile.TemporaryDirectory() as tmp:
         data = site_tensors(args.records, cfg, Path(tmp))
     print(f"train records: {len(data)}  ({args.records} generated; the rest are val/test)")

@@ -15,7 +15,11 @@ import common.privacy.bookkeeping as bk
 from common.config import RunConfig
 from common.models import build_model
 from common.models.dp_layers import DPConv2d, GhostEmbedding
-from common.privacy.bookkeeping import BookKeepingClipper, make_private_bookkeeping
+from common.privacy.bookkeeping import (
+    BookKeepingClipper,
+    bookkeeping_coverage,
+    make_private_bookkeeping,
+)
 from tests.test_model_contract import random_inputs, small_cfg, subset_mask
 
 
@@ -111,6 +115,12 @@ def test_models_match_hooks_mode(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch
     kinds = assert_matches_hooks(model, inputs, y)
     if cfg == RunConfig():
         assert sorted(set(kinds.values())) == ["conv", "embedding", "group-norm", "linear"]
+        assert bookkeeping_coverage(build_model(cfg)) == {
+            "conv": ["DPConv2d x3"],
+            "embedding": ["GhostEmbedding x1"],
+            "group-norm": ["GroupNorm x3"],
+            "linear": ["Linear x4"],
+        }
 
 
 class _Seq(nn.Module):

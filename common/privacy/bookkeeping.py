@@ -26,6 +26,7 @@ Parameter tying (a layer called twice in one forward) is rejected.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -294,6 +295,17 @@ _CLIPPED = {
     "group-norm": _generic_clipped,
     "per-sample": _generic_clipped,
 }
+
+
+def bookkeeping_coverage(model: nn.Module) -> dict[str, list[str]]:
+    """Trainable layer types of ``model`` by the rule that clips them: ``{rule: ["Type xN"]}``
+    (rules: ``linear``, ``embedding``, ``conv``, ``group-norm``, ``per-sample``; ``none`` would
+    make :class:`BookKeepingClipper` refuse the model)."""
+    found: dict[str, Counter[str]] = {}
+    for m in model.modules():
+        if _trainable(m):
+            found.setdefault(_kind(m) or "none", Counter())[type(m).__name__] += 1
+    return {k: [f"{t} x{c}" for t, c in sorted(v.items())] for k, v in sorted(found.items())}
 
 
 class BookKeepingClipper:
