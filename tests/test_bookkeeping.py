@@ -68,7 +68,8 @@ def assert_matches_hooks(model, inputs, y, loss_fn=None, clip=None, by_autograd=
     clipper.backward(loss_fn(model(*inputs), y))
     torch.testing.assert_close(clipper.per_sample_gradient_norms, norms, rtol=1e-5, atol=1e-7)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, clipped[p], rtol=1e-5, atol=1e-7, msg=name)
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, clipped[p], rtol=1e-5, atol=1e-7, msg=name)
     kinds = clipper.kinds()
     clipper.remove()
     return kinds
@@ -193,10 +194,43 @@ def test_conv_and_norm_layers(conv: dict, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_large_per_record_gradients_are_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing kept: the conv weight's clipped sum comes from a weight-only conv backward, the
+    # LayerNorm's from its sampler on re-weighted output gradients.
     monkeypatch.setattr(bk, "KEEP_GRAD_SAMPLE_ELEMENTS", 0)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2)).double()
-    assert_matches_hooks(model, [torch.randn(10, 5, dtype=torch.float64)], torch.arange(10) % 2)
+    model = nn.Sequential(
+        DPConv2d(2, 3, 3, padding=1, stride=2),
+        nn.Flatten(),
+        nn.LayerNorm(48),
+        nn.Linear(48, 2),
+    ).double()
+    x = torch.randn(10, 2, 8, 8, dtype=torch.float64)
+    assert_matches_hooks(model, [x], torch.arange(10) % 2)
+
+
+def test_frozen_conv_weight_with_trainable_bias() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(DPConv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(192, 2)).double()
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
+    assert_matches_hooks(model, [x], torch.arange(6) % 2)
+    assert model[0].weight.grad is None
+
+
+def test_empty_batch_gives_zero_gradients() -> None:
+    cfg = RunConfig()
+    model = build_model(cfg).train()
+    clipper = BookKeepingClipper(model, max_grad_norm=1.0)
+    out = model(
+        torch.ones(0, 2),
+        torch.randn(0, 1, cfg.image_size, cfg.image_size),
+        torch.zeros(0, cfg.max_tokens, dtype=torch.long),
+    )
+    clipper.backward(
+        nn.functional.cross_entropy(out, torch.zeros(0, dtype=torch.long), reduction="none")
+    )
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
 
 
 def test_one_dp_step_equals_opacus_ghost_clipping() -> None:

@@ -12,11 +12,13 @@ layer by layer, with no second backward:
   ``(c g)^T a``.
 - ``nn.Embedding`` (and :class:`~common.models.dp_layers.GhostEmbedding`): norms from one 1-D
   ``unique``; the clipped sum is an ``index_add`` of the re-weighted output gradients.
-- ``nn.Conv2d`` (groups 1): per-record weight gradients for the norms, discarded at once; the
-  clipped sum is one weight-only convolution backward on the re-weighted output gradients.
-- every other layer with an Opacus grad sampler (GroupNorm, LayerNorm, ...): per-record
-  gradients from that sampler; small ones are kept and summed with the coefficients, large
-  ones recomputed from the re-weighted output gradients (samplers are linear in them).
+- ``nn.Conv2d`` (groups 1, zero padding): per-record weight gradients (DPConv2d's grouped
+  backward) in chunks of records, reduced to norms and, when small, kept for the clipped sum
+  ``c @ grads``; otherwise one weight-only convolution backward on the re-weighted gradients.
+- ``nn.GroupNorm``: per-record affine gradients (Opacus' formula) in chunks of records.
+- every other layer with an Opacus grad sampler (LayerNorm, ...): per-record gradients from
+  that sampler; small ones are kept and summed with the coefficients, large ones recomputed
+  from the re-weighted output gradients (samplers are linear in them).
 
 The coefficients are Opacus' own (``min(1, C / (norm + 1e-6))``) and noise, scaling and
 accounting stay with Opacus' ``DPOptimizerFastGradientClipping``, so a step is the same DP-SGD
@@ -26,6 +28,7 @@ Parameter tying (a layer called twice in one forward) is rejected.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,9 +60,14 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(n, rest)``; unlike ``reshape(n, -1)`` also for an empty batch."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def _sq(x: torch.Tensor) -> torch.Tensor:
     """Per-record squared norm of a ``(n, ...)`` tensor."""
-    return x.reshape(x.shape[0], -1).pow(2).sum(dim=1)
+    return _rows(x).pow(2).sum(dim=1)
 
 
 # ---- per layer type: squared per-record gradient norms, and the clipped gradient sum ----------
@@ -77,8 +85,8 @@ def _linear_sq_norms(
         if layer.bias is not None and layer.bias.requires_grad:
             sq += _sq(g)
         return sq
-    a = a.reshape(n, -1, a.shape[-1])
-    g = g.reshape(n, -1, g.shape[-1])
+    a = a.flatten(1, -2)
+    g = g.flatten(1, -2)
     if layer.weight.requires_grad:
         t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
         if t * t <= d_in * d_out:  # ghost (Gram) form is cheaper than the per-record gradient
@@ -106,7 +114,7 @@ def _linear_clipped(
 def _embedding_rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):  # noqa: ANN202
     """Flattened ids and output gradients, with padding positions (no gradient) dropped."""
     n = ids.shape[0]
-    ids = ids.reshape(n, -1).to(torch.int64)
+    ids = _rows(ids).to(torch.int64)
     grads = g.reshape(n, ids.shape[1], g.shape[-1])
     if layer.padding_idx is not None:
         grads = grads * (ids != layer.padding_idx).unsqueeze(-1).to(grads.dtype)
@@ -148,22 +156,24 @@ def _conv_sq_norms(
     # allocator maps and unmaps on every step (page faults were 3/4 of its time here), while
     # chunks of a few MiB come from the heap. Kept for the clipped sum when they are small.
     n = g.shape[0]
-    chunk = max(1, CHUNK_ELEMENTS // layer.weight.numel())
-    keep = n * layer.weight.numel() <= KEEP_GRAD_SAMPLE_ELEMENTS
-    kept: list[torch.Tensor] = []
-    sq = torch.empty(n, dtype=g.dtype, device=g.device)
-    for i in range(0, n, chunk):
-        gw = dp_conv2d_grad_sample(layer, [x[i : i + chunk]], g[i : i + chunk])[layer.weight]
-        gw = gw.reshape(gw.shape[0], -1)
-        sq[i : i + chunk] = torch.linalg.vector_norm(gw, dim=1).pow(2)
+    sq = torch.zeros(n, dtype=g.dtype, device=g.device)
+    rec.kept = {}
+    if layer.weight.requires_grad:
+        chunk = max(1, CHUNK_ELEMENTS // layer.weight.numel())
+        keep = n * layer.weight.numel() <= KEEP_GRAD_SAMPLE_ELEMENTS
+        kept = []
+        for i in range(0, n, chunk):
+            gw = dp_conv2d_grad_sample(layer, [x[i : i + chunk]], g[i : i + chunk])[layer.weight]
+            gw = _rows(gw)
+            sq[i : i + chunk] = torch.linalg.vector_norm(gw, dim=1).pow(2)
+            if keep:
+                kept.append(gw)
         if keep:
-            kept.append(gw)
+            rec.kept[layer.weight] = kept
     if layer.bias is not None and layer.bias.requires_grad:
         gb = g.sum(dim=(2, 3))
         sq += gb.pow(2).sum(dim=1)
-        rec.kept = {layer.bias: gb}
-    if keep:
-        rec.kept = {**(rec.kept or {}), layer.weight: kept}
+        rec.kept[layer.bias] = gb
     return sq
 
 
@@ -174,11 +184,12 @@ def _conv_clipped(
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = coef @ kept[layer.bias]
+    if not layer.weight.requires_grad:
+        return out
     if layer.weight in kept:
-        total, start = None, 0
+        total, start = torch.zeros_like(layer.weight).reshape(-1), 0
         for gw in kept[layer.weight]:
-            part = coef[start : start + gw.shape[0]] @ gw
-            total = part if total is None else total + part
+            total += coef[start : start + gw.shape[0]] @ gw
             start += gw.shape[0]
         out[layer.weight] = total
         return out
@@ -206,7 +217,7 @@ def _group_norm_sq_norms(
     """Record n's affine gradients: weight ``sum_hw g * x_hat``, bias ``sum_hw g`` per channel
     (Opacus' GroupNorm sampler), in chunks of records so the normalised activations stay small."""
     n, c = x.shape[0], x.shape[1]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    chunk = max(1, CHUNK_ELEMENTS // max(1, x[0].numel())) if n else 1
     grads: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
         gw = torch.empty(n, c, dtype=g.dtype, device=g.device)
@@ -214,10 +225,10 @@ def _group_norm_sq_norms(
             xh = nn.functional.group_norm(
                 x[i : i + chunk].to(g.dtype), layer.num_groups, eps=layer.eps
             )
-            gw[i : i + chunk] = xh.mul_(g[i : i + chunk]).reshape(xh.shape[0], c, -1).sum(dim=2)
+            gw[i : i + chunk] = xh.mul_(g[i : i + chunk]).flatten(2).sum(dim=2)
         grads[layer.weight] = gw
     if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = g.reshape(n, c, -1).sum(dim=2)
+        grads[layer.bias] = g.flatten(2).sum(dim=2)
     rec.kept = grads
     sq = torch.zeros(n, dtype=g.dtype, device=g.device)
     for gs_p in grads.values():
@@ -344,7 +355,7 @@ class BookKeepingClipper:
 
     def kinds(self) -> dict[str, str]:
         """``{layer name: rule}`` for every trainable layer (``linear``, ``embedding``, ``conv``,
-        ``per-sample``)."""
+        ``group-norm``, ``per-sample``)."""
         return {n: self._kinds[m] for n, m in self.module.named_modules() if m in self._kinds}
 
     def remove(self) -> None:
