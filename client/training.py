@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.config import RunConfig
 from common.models.objectives import make_criterion, modality_dropout
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from common.privacy.bookkeeping import make_private_bookkeeping
 
 # Opacus' ghost clipping runs two backward passes through hooks that warn on every step, and its
 # engine warns that secure RNG is off (fedfuse seeds noise on purpose in simulation). Neither is
@@ -154,7 +155,7 @@ def train_round(
 
     engine = PrivacyEngine(accountant=cfg.accountant)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    made = engine.make_private(
+    private_kwargs = dict(
         module=model,
         optimizer=optimizer,
         criterion=criterion,
@@ -164,10 +165,13 @@ def train_round(
         ),
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=True,
-        grad_sample_mode=cfg.grad_sample_mode,
         noise_generator=noise_gen,
     )
-    if cfg.grad_sample_mode == "ghost":
+    if cfg.grad_sample_mode == "bookkeeping":
+        made = make_private_bookkeeping(engine, **private_kwargs)
+    else:
+        made = engine.make_private(grad_sample_mode=cfg.grad_sample_mode, **private_kwargs)
+    if cfg.grad_sample_mode in ("bookkeeping", "ghost"):
         private_model, dp_optimizer, criterion, dp_loader = made
     else:
         private_model, dp_optimizer, dp_loader = made

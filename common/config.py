@@ -50,8 +50,10 @@ class RunConfig:
     max_grad_norm: float = 1.0
     # PRV is the tightest of Opacus' accountants that is still an upper bound.
     accountant: str = "prv"
-    # Ghost clipping computes per-sample gradient norms without materialising per-sample grads.
-    grad_sample_mode: str = "ghost"
+    # "bookkeeping": per-sample gradient norms (ghost norms where a layer allows) and the clipped
+    # gradient from ONE backward pass (common/privacy/bookkeeping.py); "ghost": Opacus' ghost
+    # clipping (two backward passes); "hooks"/"functorch": Opacus' per-sample gradients.
+    grad_sample_mode: str = "bookkeeping"
     # record: DP-SGD at each site (each site's ledger). client: update clipping at the sites and
     # noise on the aggregate at the server (no record-level DP at the sites). both: the two.
     dp_level: str = "record"
@@ -151,7 +153,11 @@ class RunConfig:
         _check_range("max-grad-norm", self.max_grad_norm, low=0.0, high=math.inf, low_open=True)
         _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
         _check_choice("accountant", self.accountant, ("prv", "rdp"))
-        _check_choice("grad-sample-mode", self.grad_sample_mode, ("ghost", "hooks", "functorch"))
+        _check_choice(
+            "grad-sample-mode",
+            self.grad_sample_mode,
+            ("bookkeeping", "ghost", "hooks", "functorch"),
+        )
         _check_choice("dp-level", self.dp_level, ("record", "client", "both"))
         _check_range(
             "client-clip-norm", self.client_clip_norm, low=0.0, high=math.inf, low_open=True
