@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.secagg_mod import secaggplus_mod
+from common.privacy.site_secret import secret_path
 from common.secagg.protocol import RECORD_KEY, Key
 
 
@@ -79,5 +80,9 @@ def fresh_sites(sites: Sequence[Path], dest: Path) -> Path:
     (a site's ledger lives in its folder and carries its spend from run to run). The site's DP
     secret is kept: the copies draw the same noise for the same inputs."""
     for site in sites:
-        shutil.copytree(site, dest / site.name, ignore=shutil.ignore_patterns("ledger.sqlite*"))
+        shutil.copytree(site, dest / site.name, ignore=shutil.ignore_patterns(".fedfuse"))
+        secret = secret_path(site)
+        if secret.exists():  # nothing else of .fedfuse: no ledger, no budget other tests set
+            secret_path(dest / site.name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(secret, secret_path(dest / site.name))
     return dest
