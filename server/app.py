@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from logging import WARNING
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
@@ -92,11 +95,15 @@ def make_server_app(
     *,
     on_round: RoundCallback | None = None,
     run_id: str | None = None,
+    expect_sites: int | None = None,
 ) -> ServerApp:
     """A ServerApp whose run config is the Flower run config with ``overrides`` on top.
 
     ``fedfuse simulate`` passes its resolved config here (Flower's in-process simulation has no
-    run config of its own); ``flwr run .`` uses the module-level :data:`app`.
+    run config of its own); ``flwr run .`` uses the module-level :data:`app`. With
+    ``expect_sites`` (a simulation, which knows its sites), round 1 waits until that many
+    sites are connected: a strategy samples as soon as ``min-sites`` are, and on a loaded
+    machine the virtual sites come online one by one.
     """
     server_app = ServerApp()
 
@@ -106,9 +113,23 @@ def make_server_app(
         raw.update(overrides or {})
         cfg = RunConfig.from_mapping(raw)
         run_dir, checkpoint = open_run(cfg, run_id=run_id)  # a new run, or resume-from's
+        if expect_sites:
+            wait_for_sites(grid, expect_sites)
         run_federation(grid, cfg, run_dir=run_dir, on_round=on_round, checkpoint=checkpoint)
 
     return server_app
+
+
+def wait_for_sites(grid: Grid, count: int, *, timeout: float = 600.0) -> int:
+    """Wait until ``count`` sites are connected (at most ``timeout`` seconds); how many are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        online = len(list(grid.get_node_ids()))
+        if online >= count or time.monotonic() >= deadline:
+            if online < count:
+                log(WARNING, "only %d of %d sites connected after %.0f s", online, count, timeout)
+            return online
+        time.sleep(0.2)
 
 
 app = make_server_app()

@@ -88,7 +88,9 @@ def simulate(
         run_dir = Path(cfg.resume_from)
     elif (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another run name")
-    server_app = make_server_app(cfg.to_mapping(), on_round=on_round, run_id=run_id)
+    server_app = make_server_app(
+        cfg.to_mapping(), on_round=on_round, run_id=run_id, expect_sites=num_sites
+    )
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
