@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
@@ -102,7 +101,9 @@ def rdp_epsilon(events: Iterable[DpSgdEvent | DdgEvent], *, delta: float) -> flo
         else:
             total += np.asarray(
                 compute_rdp(
-                    q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps,
+                    q=e.sample_rate,
+                    noise_multiplier=e.noise_multiplier,
+                    steps=e.steps,
                     orders=list(orders),
                 )
             )

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -273,3 +275,24 @@ def decode_sum(
             f"({bound:.4g}): a site's contribution was malformed or the masks did not cancel"
         )
     return unrotate(body.astype(np.float64) / spec.scale, seed)[: spec.dim]
+
+
+# The record the SecAgg+ mod adds to the training message (the round's SecAgg+ parameters the
+# site's noise depends on), and the one the training reply carries the site's vector in.
+ROUND_KEY = "secagg-round"
+VECTOR_KEY = "ddp"
+VECTOR_ARRAY = "vector"
+
+
+def spec_from_config(cfg: Any, arrays: Mapping[str, np.ndarray]) -> DdpSpec:
+    """The mechanism for ``cfg`` (a RunConfig) over the float parameters of ``arrays``."""
+    from common.secagg import masking
+
+    dim = sum(int(np.asarray(arrays[k]).size) for k in masking.float_keys(arrays))
+    return DdpSpec(
+        clip_norm=float(cfg.client_clip_norm),
+        noise_multiplier=float(cfg.client_noise_multiplier),
+        norm_units=int(cfg.ddp_norm_units),
+        beta=float(cfg.ddp_beta),
+        dim=dim,
+    )
