@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -95,15 +96,16 @@ def rdp_epsilon(events: Iterable[DpSgdEvent | DdgEvent], *, delta: float) -> flo
         return 0.0
     orders = orders_for([e.sample_rate for e in events])
     total = np.zeros(len(orders))
-    for e in events:
+    # RDP adds up: identical events are computed once.
+    for e, count in Counter(events).items():
         if isinstance(e, DdgEvent):
-            total += e.rdp(orders)
+            total += count * e.rdp(orders)
         else:
             total += np.asarray(
                 compute_rdp(
                     q=e.sample_rate,
                     noise_multiplier=e.noise_multiplier,
-                    steps=e.steps,
+                    steps=e.steps * count,
                     orders=list(orders),
                 )
             )

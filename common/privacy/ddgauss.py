@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -213,5 +214,8 @@ def ddg_epsilon(events: Sequence[DdgEvent], *, delta: float) -> float:
     if not events:
         return 0.0
     orders = orders_for([e.sample_rate for e in events])
-    total = sum((e.rdp(orders) for e in events), np.zeros(len(orders)))
+    total = np.zeros(len(orders))
+    # RDP adds up over rounds: identical rounds are computed once (exact, and fast).
+    for event, count in Counter(events).items():
+        total += count * event.rdp(orders)
     return epsilon_from_rdp(orders, total, delta=delta)
