@@ -132,6 +132,8 @@ def main() -> None:
         "distributed-T=n": dict(dp_level="distributed", reconstruction_threshold=args.sites),
     }
     results: dict[str, list[dict]] = {k: [] for k in variants}
+    # Warm-up (imports, first-use costs) so that the first timed run is not penalised.
+    run("warmup", base.replace(num_rounds=1, target_epsilon=math.inf, run_name="w"), args.sites)
     for seed in range(args.seeds):
         for name, extra in variants.items():
             # Client- and distributed-level runs train without DP-SGD (sites are uncapped).
