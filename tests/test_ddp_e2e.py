@@ -44,7 +44,10 @@ def _cfg(tmp_path: Path, sites: list[Path], **kw) -> RunConfig:
 def test_server_sees_only_noised_sums_with_the_configured_variance(
     synth_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str
 ) -> None:
-    cfg = _cfg(tmp_path, synth_sites, dp_level=level, client_noise_multiplier=0.5)
+    # RDP plans DP-SGD's noise (record+distributed) in a fraction of PRV's time.
+    cfg = _cfg(
+        tmp_path, synth_sites, dp_level=level, client_noise_multiplier=0.5, accountant="rdp"
+    )
     # Spy (not a mock): keep what each site noised, to know the clean sum the server must
     # never see. The real function still runs.
     seen: list[tuple[dict, dict, client_ddp.SiteDdpRound]] = []
@@ -133,3 +136,49 @@ def test_a_configuration_that_could_wrap_around_is_refused_before_training(
     assert grid.received == []  # no site was asked to do anything
     for site in (Path(cfg.data_dir) / p.name for p in synth_sites):
         assert not (site / ".fedfuse" / "ledger.sqlite").exists()
+
+
+@pytest.mark.e2e
+def test_with_a_site_dropped_the_sum_still_carries_the_target_noise(
+    synth_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The noise is sized for the threshold: with 3 sites, T = 2 and one site silent from the
+    collect stage on, the two survivors' noise is exactly the target z * Delta_2 (units)."""
+    cfg = _cfg(tmp_path, synth_sites, dp_level="distributed", client_noise_multiplier=0.5)
+    seen: list[tuple[dict, dict, client_ddp.SiteDdpRound]] = []
+    real = client_ddp.noisy_vector
+
+    def spy(trained, global_arrays, rnd, *, seed):
+        seen.append((trained, global_arrays, rnd))
+        return real(trained, global_arrays, rnd, seed=seed)
+
+    monkeypatch.setattr(client_ddp, "noisy_vector", spy)
+
+    def respond(msg) -> bool:  # site 2 vanishes after sharing its keys
+        return not (
+            grid.partition(msg.metadata.dst_node_id) == 2
+            and stage_of(msg) in (Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
+        )
+
+    grid = InProcessGrid(client_app, 3, respond=respond)
+    run_dir = RunDirectory(cfg.out_dir, cfg, run_id=cfg.run_name)
+    run_federation(grid, cfg, run_dir=run_dir)
+    assert run_dir.rounds[0]["num-sites"] == 2 and len(seen) == 2
+    glob = seen[0][1]
+    keys = masking.float_keys(glob)
+    spec = seen[0][2].spec
+    clean_sum = np.sum(
+        [
+            (d := masking.flatten(t, keys) - masking.flatten(glob, keys))
+            * min(1.0, cfg.client_clip_norm / np.linalg.norm(d))
+            for t, _, _ in seen
+        ],
+        axis=0,
+    )
+    final = torch.load(run_dir.path / "model.pt")
+    noisy_sum = 2 * (
+        masking.flatten({k: final[k].double().numpy() for k in keys}, keys)
+        - masking.flatten(glob, keys)
+    )
+    target_std = spec.central_std / spec.scale  # z * Delta_2 in model units
+    assert (noisy_sum - clean_sum).std() == pytest.approx(target_std, rel=0.03)
