@@ -45,9 +45,7 @@ def test_server_sees_only_noised_sums_with_the_configured_variance(
     synth_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str
 ) -> None:
     # RDP plans DP-SGD's noise (record+distributed) in a fraction of PRV's time.
-    cfg = _cfg(
-        tmp_path, synth_sites, dp_level=level, client_noise_multiplier=0.5, accountant="rdp"
-    )
+    cfg = _cfg(tmp_path, synth_sites, dp_level=level, client_noise_multiplier=0.5, accountant="rdp")
     # Spy (not a mock): keep what each site noised, to know the clean sum the server must
     # never see. The real function still runs.
     seen: list[tuple[dict, dict, client_ddp.SiteDdpRound]] = []
