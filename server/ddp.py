@@ -11,9 +11,11 @@ every sum (SecAgg+ cannot finish a round with fewer).
 
 from __future__ import annotations
 
+from logging import WARNING
 from typing import Any
 
 import numpy as np
+from flwr.common.logger import log
 
 from common.privacy.ddgauss import DdgEvent, ddg_epsilon
 from common.secagg.ddp import DdpSpec, spec_from_config
@@ -36,7 +38,24 @@ class DistributedDp:
     def account(self, spec: DdpSpec, *, threshold: int, sampled: int, available: int) -> None:
         """One finished round: its event, at sampling rate sampled/available."""
         rate = min(1.0, sampled / available) if available else 1.0
-        self.events.append(spec.event(threshold=threshold, sample_rate=rate))
+        event = spec.event(threshold=threshold, sample_rate=rate)
+        if not self.events and self.cfg.dp_level == "distributed":
+            # The noise comes from client-noise-multiplier, not from target-epsilon (as for
+            # dp-level client): say so when the whole run will spend more than the target.
+            planned = ddg_epsilon([event] * int(self.cfg.num_rounds), delta=self.delta)
+            if planned > self.cfg.target_epsilon:
+                log(
+                    WARNING,
+                    "distributed DP: %s rounds at client-noise-multiplier %g will spend "
+                    "epsilon %.3g (delta %g) per site, above target-epsilon %g; raise "
+                    "client-noise-multiplier or lower num-rounds to stay within it",
+                    self.cfg.num_rounds,
+                    self.cfg.client_noise_multiplier,
+                    planned,
+                    self.delta,
+                    self.cfg.target_epsilon,
+                )
+        self.events.append(event)
         self.last = {
             "scale": spec.scale,
             "dim": spec.dim,
