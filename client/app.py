@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client import ddp
 from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics, resolve_budget
 from client.secagg_mod import secaggplus_mod
 from client.site import SiteInfo, manifest_digest, resolve_site, site_data
@@ -19,8 +20,10 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.evaluation import evaluate_site
 from common.models import build_model
+from common.privacy.accounting import epsilon_from_events
 from common.privacy.client_dp import clip_update_
 from common.privacy.site_secret import load_or_create_secret, round_seed
+from common.secagg.ddp import VECTOR_KEY
 
 app = ClientApp()
 
@@ -83,11 +86,22 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(msg, cfg)
     run_id, run_name = _run_key(msg)
     budget = resolve_budget(dict(context.node_config), site.data_path)
+    # Distributed DP: the round's mechanism (raises if SecAgg+ is off or the sum could wrap).
+    ddp_round = (
+        ddp.site_round(msg, cfg, {k: v.numpy() for k, v in global_state.items()})
+        if cfg.distributed_dp
+        else None
+    )
+    ddp_event = ddp_round.event if ddp_round else None
     try:
         # Refuse BEFORE training when the round would take the site past its budget.
         guard = SiteLedger(budget, site=site.name)
         permit = guard.prepare(
-            cfg=cfg, run_id=run_id, server_round=server_round, num_train=len(datasets["train"])
+            cfg=cfg,
+            run_id=run_id,
+            server_round=server_round,
+            num_train=len(datasets["train"]),
+            distributed=ddp_event,
         )
     except RoundRefused as refused:
         return _refuse(msg, site, server_round, refused)
@@ -112,17 +126,21 @@ def train(msg: Message, context: Context) -> Message:
             server_round=server_round,
             result=result,
             global_model_hash=model_hash(global_state),
+            distributed=ddp_event,
         )
     except RoundRefused as refused:
         return _refuse(msg, site, server_round, refused)
     plan = permit.plan
+    epsilon = result.epsilon
+    if ddp_event is not None and plan is None:  # distributed DP alone bounds this run's spend
+        epsilon = epsilon_from_events([*permit.run_events, ddp_event], delta=cfg.target_delta)
     metrics = MetricRecord(
         {
             # Client-level DP bounds each site's share of the aggregate: equal weights.
-            "num-examples": 1 if cfg.client_level_dp else result.num_examples,
+            "num-examples": 1 if cfg.client_level_dp or cfg.distributed_dp else result.num_examples,
             "train-examples": result.num_examples,
             "train-loss": result.train_loss,
-            "epsilon": result.epsilon,
+            "epsilon": epsilon,
             "delta": cfg.target_delta,
             "noise-multiplier": plan.noise_multiplier if plan else 0.0,
             "steps": sum(e.steps for e in permit.run_events)
@@ -144,6 +162,14 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
+    if ddp_round is not None:
+        # The noised integer vector the SecAgg+ mod masks (the model itself never leaves).
+        content.array_records[VECTOR_KEY] = ddp.noisy_vector(
+            {k: v.numpy() for k, v in state.items()},
+            {k: v.numpy() for k, v in global_state.items()},
+            ddp_round,
+            seed=seed,
+        )
     return Message(content=content, reply_to=msg)
 
 

@@ -35,6 +35,7 @@ from client.training import PrivacyPlan, RoundResult, batches_per_epoch
 from common.config import RunConfig
 from common.errors import ConfigError, FedfuseError, PrivacyBudgetExhaustedError
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from common.privacy.ddgauss import DdgEvent
 from common.privacy.ledger import (
     LEDGER_ACCOUNTANT,
     Ledger,
@@ -238,9 +239,19 @@ class SiteLedger:
         )
 
     def prepare(
-        self, *, cfg: RunConfig, run_id: str, server_round: int, num_train: int
+        self,
+        *,
+        cfg: RunConfig,
+        run_id: str,
+        server_round: int,
+        num_train: int,
+        distributed: DdgEvent | None = None,
     ) -> RoundPermit:
-        """Decide whether this round may train; raise :class:`RoundRefused` if not."""
+        """Decide whether this round may train; raise :class:`RoundRefused` if not.
+
+        ``distributed``: the round's distributed-DP event (``dp-level = distributed``), which
+        is then what the round spends (without DP-SGD it is the only bound the site has).
+        """
         report = self.ledger.verify()
         if not report.ok:
             raise RoundRefused(
@@ -265,6 +276,24 @@ class SiteLedger:
         if run_entries:
             before = [e for e in entries if e.seq < run_entries[0].seq]
             start = self._spent(before)
+        if not cfg.record_level_dp and distributed is not None:
+            # Distributed DP only: the site's own noise share, summed with at least the
+            # threshold of other shares, bounds what the round reveals (client level, hence
+            # also record level), under the recorded assumption.
+            prior_d = [e.event for e in entries]
+            after_d = (
+                math.inf
+                if any(p is None for p in prior_d)
+                else epsilon_from_events(
+                    [*prior_d, distributed],  # type: ignore[list-item]
+                    delta=self.budget.delta,
+                    accountant=LEDGER_ACCOUNTANT,
+                )
+            )
+            if after_d > budget:
+                raise self._exhausted(spent, after_d)
+            events_d = [e.event for e in run_entries if e.event is not None]
+            return RoundPermit(None, events_d, start, spent, after_d)  # type: ignore[arg-type]
         if not cfg.record_level_dp:
             # Training without DP-SGD (no DP, or only client-level DP, whose noise the server
             # adds) spends an unbounded epsilon here: only an uncapped site allows it.
@@ -363,6 +392,7 @@ class SiteLedger:
         server_round: int,
         result: RoundResult,
         global_model_hash: str,
+        distributed: DdgEvent | None = None,
     ) -> LedgerEntry:
         """Append the round's event (atomically re-checking the budget) before anything leaves
         the site; raise :class:`RoundRefused` if the ledger will not take it."""
@@ -372,7 +402,9 @@ class SiteLedger:
                 run_id=run_id,
                 run_name=run_name,
                 round=server_round,
-                event=result.event,
+                # Distributed DP alone: its event is the round's; with DP-SGD, a note beside it.
+                event=result.event if result.event is not None else distributed,
+                distributed=distributed if result.event is not None else None,
                 max_grad_norm=cfg.max_grad_norm,
                 delta=self.budget.delta,
                 epsilon_budget=self.budget.epsilon,

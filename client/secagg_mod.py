@@ -47,10 +47,11 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from common.secagg import masking
+from common.secagg import ddp, masking
 from common.secagg.params import RoundParams
 from common.secagg.protocol import (
     ARRAYS_KEY,
+    CONFIG_KEY,
     INS,
     MASKED_ARRAY,
     MASKED_KEY,
@@ -278,6 +279,14 @@ def _collect_masked_vector(
     if ARRAYS_KEY not in msg.content.array_records:
         raise KeyError(f"SecAgg+ collect: the server's message lacks the model '{ARRAYS_KEY}'")
     global_arrays = msg.content.array_records[ARRAYS_KEY]
+    # Distributed DP sizes each site's noise share by these (client/ddp.py).
+    msg.content.config_records[ddp.ROUND_KEY] = ConfigRecord(
+        {
+            "threshold": params.threshold,
+            "sample-num": params.sample_num,
+            "modulus": params.modulus_range,
+        }
+    )
     reply = call_next(msg, ctxt)
     if reply.has_error():
         raise SecAggProtocolError(f"training failed: {reply.error.reason}")
@@ -314,11 +323,26 @@ def _collect_masked_vector(
             params.max_weight,
             params.max_weight,
         )
-    arrays = {k: trained[k].numpy() for k in trained.keys()}  # type: ignore[union-attr]
-    ref = {k: global_arrays[k].numpy() for k in global_arrays.keys()}
-    keys = masking.float_keys(ref)
-    delta = masking.flatten(arrays, keys) - masking.flatten(ref, keys)
-    vec, clipped = masking.encode(delta, float(weight), params)  # type: ignore[arg-type]
+    noisy = content.array_records.get(ddp.VECTOR_KEY)
+    dp_level = (
+        str(msg.content.config_records[CONFIG_KEY].get("dp-level", ""))
+        if (CONFIG_KEY in msg.content.config_records)
+        else ""
+    )
+    if noisy is not None:
+        # Distributed DP: the site already noised its update (client/ddp.py); mask that.
+        vec, clipped = ddp.to_modular(noisy[ddp.VECTOR_ARRAY].numpy(), params.modulus_range), 0
+    elif "distributed" in dp_level:
+        reason = f"dp-level {dp_level!r} but the training reply holds no noised vector"
+        log(WARNING, "SecAgg+: not uploading this round's update: %s", reason)
+        out.config_records[RECORD_KEY] = ConfigRecord({Key.REFUSED: reason})
+        return out
+    else:
+        arrays = {k: trained[k].numpy() for k in trained.keys()}  # type: ignore[union-attr]
+        ref = {k: global_arrays[k].numpy() for k in global_arrays.keys()}
+        keys = masking.float_keys(ref)
+        delta = masking.flatten(arrays, keys) - masking.flatten(ref, keys)
+        vec, clipped = masking.encode(delta, float(weight), params)  # type: ignore[arg-type]
     if clipped:
         log(
             WARNING,

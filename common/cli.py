@@ -103,7 +103,8 @@ def simulate(
     dp_level: str | None = typer.Option(
         None,
         "--dp-level",
-        help="record (DP-SGD at sites), client (clipping at sites + noise at the server) or both.",
+        help="record (DP-SGD at sites), client (clipping at sites + noise at the server), both, "
+        "distributed (sites add the noise inside SecAgg+) or record+distributed.",
     ),
     data: Path | None = typer.Option(
         None, "--data", help="Folder of site folders [default: make synthetic]."

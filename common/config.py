@@ -56,10 +56,17 @@ class RunConfig:
     grad_sample_mode: str = "bookkeeping"
     # record: DP-SGD at each site (each site's ledger). client: update clipping at the sites and
     # noise on the aggregate at the server (no record-level DP at the sites). both: the two.
+    # distributed: as client, but each site adds its share of the noise before SecAgg+ masks
+    # it (the server never sees an un-noised sum). record+distributed: DP-SGD and distributed.
     dp_level: str = "record"
     # Client-level DP: L2 bound of a site's update, and noise std on the sum as a multiple of it.
     client_clip_norm: float = 1.0
     client_noise_multiplier: float = 1.0
+    # Distributed DP (dp-level distributed / record+distributed, common/secagg/ddp.py): the
+    # clipped update's L2 bound in integer units (finer rounding as it grows, until the noisy
+    # sum could wrap around modulus-range), and the conditional-rounding failure probability.
+    ddp_norm_units: int = 4096
+    ddp_beta: float = 0.5
     fusion: str = "concat"
     image_encoder: str = "cnn"
     text_encoder: str = "hash-mean"
@@ -158,7 +165,15 @@ class RunConfig:
             self.grad_sample_mode,
             ("bookkeeping", "ghost", "hooks", "functorch"),
         )
-        _check_choice("dp-level", self.dp_level, ("record", "client", "both"))
+        _check_choice("dp-level", self.dp_level, DP_LEVELS)
+        if self.distributed_dp and not self.secagg:
+            raise ConfigError(
+                f"'dp-level' {self.dp_level!r} adds the noise inside secure aggregation and "
+                "needs 'secagg' = true (without it each site's update would travel with only "
+                "its own share of the noise)"
+            )
+        _check_int("ddp-norm-units", self.ddp_norm_units, low=1)
+        _check_range("ddp-beta", self.ddp_beta, low=0.0, high=1.0, low_open=True, high_open=True)
         _check_range(
             "client-clip-norm", self.client_clip_norm, low=0.0, high=math.inf, low_open=True
         )
@@ -210,12 +225,18 @@ class RunConfig:
 
     @property
     def record_level_dp(self) -> bool:
-        """Whether the sites train with DP-SGD (not for ``dp-level = client``)."""
-        return self.private and self.dp_level != "client"
+        """Whether the sites train with DP-SGD (not for ``dp-level`` client or distributed)."""
+        return self.private and self.dp_level not in ("client", "distributed")
 
     @property
     def client_level_dp(self) -> bool:
+        """Central client-level DP: the server adds the noise (server/client_dp.py)."""
         return self.dp_level in ("client", "both")
+
+    @property
+    def distributed_dp(self) -> bool:
+        """Client-level DP whose noise the sites add inside SecAgg+ (common/secagg/ddp.py)."""
+        return self.dp_level in ("distributed", "record+distributed")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -239,6 +260,7 @@ class RunConfig:
 
 
 KNOWN_MODALITIES = ("image", "report", "audio", "tabular")
+DP_LEVELS = ("record", "client", "both", "distributed", "record+distributed")
 
 
 def _check_modalities(cfg: RunConfig) -> None:

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import ConfigError
 from common.privacy.refusal import find_refusal
+from common.secagg import ddp as ddp_mech
 from common.secagg import masking
 from common.secagg.params import RoundParams, SecAggSettings
 from common.secagg.protocol import (
@@ -45,6 +46,7 @@ from common.secagg.protocol import (
     Stage,
     check_record,
 )
+from server.ddp import DistributedDp, make_distributed_dp
 from server.privacy_report import note_error, note_ledger
 from server.strategy import site_name
 
@@ -67,6 +69,8 @@ class SecAggOutcome:
     names: dict[int, str] = field(default_factory=dict)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # Distributed DP: the round's mechanism (None for plain SecAgg+).
+    ddp_spec: ddp_mech.DdpSpec | None = None
 
 
 class SecAggPlusWorkflow:
@@ -82,9 +86,17 @@ class SecAggPlusWorkflow:
         is needed.
     """
 
-    def __init__(self, settings: SecAggSettings, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: SecAggSettings,
+        *,
+        rng: random.Random | None = None,
+        ddp: DistributedDp | None = None,
+    ) -> None:
         self.settings = settings
         self.rng = rng or random.Random()
+        # Distributed DP: sites mask noised integer vectors instead of quantised updates.
+        self.ddp = ddp
 
     def __call__(
         self,
@@ -101,6 +113,12 @@ class SecAggPlusWorkflow:
         out = SecAggOutcome(names=dict(names or {}))
         try:
             params = self.settings.for_round(len(ids))
+            if self.ddp is not None:
+                # Refused before any site trains when the noisy sum could wrap around.
+                out.ddp_spec = self.ddp.spec({k: arrays[k].numpy() for k in arrays.keys()})
+                out.ddp_spec.check_modulus(
+                    num_sites=len(ids), threshold=params.threshold, modulus=params.modulus_range
+                )
         except ConfigError as exc:
             out.error = str(exc)
             return out
@@ -164,7 +182,10 @@ class _Round:
         self.forward: dict[int, tuple[list[int], list[bytes]]] = {}
         self.total: np.ndarray | None = None
         self.ref = {k: arrays[k].numpy() for k in arrays.keys()}
-        self.length = masking.vector_length(self.ref)
+        self.spec = out.ddp_spec
+        self.length = (
+            1 + self.spec.padded if self.spec is not None else masking.vector_length(self.ref)
+        )
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -383,7 +404,22 @@ class _Round:
                 else:
                     total += mask
         try:
-            _, mean = masking.decode(masking.mod(total, p.modulus_range), len(self.u3), p)
+            if self.spec is not None:
+                # Distributed DP: the sum is already noised; centre, unscale, unrotate.
+                noisy_sum = ddp_mech.decode_sum(
+                    masking.mod(total, p.modulus_range),
+                    self.spec,
+                    num_sites=len(self.u3),
+                    threshold=p.threshold,
+                    modulus=p.modulus_range,
+                    seed=ddp_mech.rotation_seed(
+                        str(self.config.get("run-uid", "")),
+                        int(self.config.get("server-round", self.round)),  # type: ignore[arg-type]
+                    ),
+                )
+                mean = noisy_sum / len(self.u3)
+            else:
+                _, mean = masking.decode(masking.mod(total, p.modulus_range), len(self.u3), p)
         except ValueError as exc:
             self.out.error = str(exc)
             return False
@@ -432,7 +468,12 @@ class SecAggAggregation(FedAvg):
         self.secagg_outcome: SecAggOutcome | None = None
         if not messages:
             return []
-        workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng)
+        if not hasattr(self, "ddp"):
+            run_dir = getattr(self, "run_dir", None)
+            self.ddp = (
+                make_distributed_dp(run_dir.cfg, run_dir.rounds) if run_dir is not None else None
+            )
+        workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng, ddp=self.ddp)
         outcome = workflow(
             grid,
             node_ids=[m.metadata.dst_node_id for m in messages],
@@ -448,6 +489,14 @@ class SecAggAggregation(FedAvg):
         current = self._secagg_record(outcome)
         if outcome.error is not None:
             self._secagg_fail(server_round, outcome.error, current)
+        if self.ddp is not None and outcome.ddp_spec is not None and outcome.params is not None:
+            self.ddp.account(
+                outcome.ddp_spec,
+                threshold=outcome.params.threshold,
+                sampled=outcome.params.sample_num,
+                available=len(list(grid.get_node_ids())),
+            )
+            current["client-dp"] = self.ddp.summary()
         return []
 
     def _secagg_record(self, outcome: SecAggOutcome) -> dict[str, Any]:

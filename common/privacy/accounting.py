@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import create_accountant
+from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
+
+from common.privacy.ddgauss import DdgEvent, epsilon_from_rdp, orders_for
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -62,11 +67,18 @@ def _check(delta: float, accountant: str) -> None:
 
 
 def epsilon_from_events(
-    events: Iterable[DpSgdEvent], *, delta: float, accountant: str = "prv"
+    events: Iterable[DpSgdEvent | DdgEvent], *, delta: float, accountant: str = "prv"
 ) -> float:
-    """Epsilon at ``delta`` of the composition of all ``events`` (0.0 for none)."""
+    """Epsilon at ``delta`` of the composition of all ``events`` (0.0 for none).
+
+    With any distributed discrete Gaussian event among them, every event is composed in RDP
+    (PRV has no model of the DDGauss mechanism), whichever ``accountant`` is named.
+    """
     _check(delta, accountant)
-    history = compose_identical(events)
+    events = list(events)
+    if any(isinstance(e, DdgEvent) for e in events):
+        return rdp_epsilon(events, delta=delta)
+    history = compose_identical(events)  # type: ignore[arg-type]
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
@@ -75,6 +87,29 @@ def epsilon_from_events(
         # PRV warns when its discretisation is coarse for tiny step counts; the bound holds.
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=delta))
+
+
+def rdp_epsilon(events: Iterable[DpSgdEvent | DdgEvent], *, delta: float) -> float:
+    """Epsilon of DP-SGD and DDGauss events composed in RDP (Opacus' analysis for DP-SGD)."""
+    events = list(events)
+    if not events:
+        return 0.0
+    orders = orders_for([e.sample_rate for e in events])
+    total = np.zeros(len(orders))
+    # RDP adds up: identical events are computed once.
+    for e, count in Counter(events).items():
+        if isinstance(e, DdgEvent):
+            total += count * e.rdp(orders)
+        else:
+            total += np.asarray(
+                compute_rdp(
+                    q=e.sample_rate,
+                    noise_multiplier=e.noise_multiplier,
+                    steps=e.steps * count,
+                    orders=list(orders),
+                )
+            )
+    return epsilon_from_rdp(orders, total, delta=delta)
 
 
 def plan_noise_multiplier(

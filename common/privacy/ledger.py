@@ -30,6 +30,8 @@ from pathlib import Path
 
 from common.errors import FedfuseError, PrivacyBudgetExhaustedError
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events
+from common.privacy.ddgauss import MECHANISM as DDGAUSS
+from common.privacy.ddgauss import DdgEvent
 
 SCHEMA_VERSION = "2"  # 2: entries have an attempt number
 GENESIS_HASH = "0" * 64
@@ -38,6 +40,28 @@ DP_SGD = "poisson-sampled-gaussian"
 # Training without noise (a non-private baseline): epsilon is infinite from then on.
 NON_PRIVATE = "none"
 MECHANISMS = (DP_SGD, NON_PRIVATE)
+# Distributed DP (common/secagg/ddp.py) writes its event's full parameters into the mechanism,
+# "distributed-discrete-gaussian[sites>=T,dim=...,sensitivity=...,local-std=...,...]", the
+# assumption (at least T sites' noise in every sum) included. With DP-SGD in the same round
+# ("record+distributed") the entry is "poisson-sampled-gaussian+distributed-...[...]": its
+# numbers are the DP-SGD event, which alone bounds the site's record-level epsilon (the
+# distributed noise is post-processing of DP-SGD's output, and its guarantee is conditional).
+
+
+def mechanism_known(mechanism: str) -> bool:
+    """Whether ``mechanism`` is one this ledger writes (with a well-formed DDGauss part)."""
+    if mechanism in MECHANISMS:
+        return True
+    rest = mechanism.removeprefix(DP_SGD + "+")
+    if not rest.startswith(DDGAUSS):
+        return False
+    try:
+        ev = DdgEvent.parse(rest)
+    except ValueError:
+        return False
+    return ev is not None and ev.mechanism() == rest
+
+
 # The ledger's own accountant for the cumulative epsilon (PRV: the tightest upper bound Opacus
 # has; Gopi et al. 2021, arXiv:2106.02848).
 LEDGER_ACCOUNTANT = "prv"
@@ -78,11 +102,19 @@ class LedgerEntry:
     hash: str
 
     @property
-    def event(self) -> DpSgdEvent | None:
-        """The DP event (None for non-private training, whose epsilon is infinite)."""
-        if self.mechanism != DP_SGD:
-            return None
-        return DpSgdEvent(self.noise_multiplier, self.sample_rate, self.steps)
+    def event(self) -> DpSgdEvent | DdgEvent | None:
+        """The DP event that bounds the site's epsilon (None for non-private training, whose
+        epsilon is infinite)."""
+        if self.mechanism == DP_SGD or self.mechanism.startswith(DP_SGD + "+"):
+            return DpSgdEvent(self.noise_multiplier, self.sample_rate, self.steps)
+        if self.mechanism.startswith(DDGAUSS):
+            return DdgEvent.parse(self.mechanism)
+        return None
+
+    @property
+    def distributed(self) -> DdgEvent | None:
+        """The round's distributed-DP event (client level, conditional on its sites), if any."""
+        return DdgEvent.parse(self.mechanism) if DDGAUSS in self.mechanism else None
 
     def content(self) -> dict[str, object]:
         d = asdict(self)
@@ -117,7 +149,7 @@ def cumulative_epsilon(
 ) -> float:
     """Epsilon at ``delta`` of every event in ``entries`` composed (inf after any non-private
     training)."""
-    events: list[DpSgdEvent] = []
+    events: list[DpSgdEvent | DdgEvent] = []
     for e in entries:
         ev = e.event
         if ev is None:
@@ -289,15 +321,18 @@ class Ledger:
         run_id: str,
         run_name: str,
         round: int,
-        event: DpSgdEvent | None,
+        event: DpSgdEvent | DdgEvent | None,
         max_grad_norm: float,
         delta: float,
         epsilon_budget: float,
         model_hash: str,
+        distributed: DdgEvent | None = None,
     ) -> LedgerEntry:
         """Append one round's event, atomically, if it keeps the site within its budget.
 
-        ``event=None`` records non-private training (infinite epsilon). Inside one write
+        ``event=None`` records non-private training (infinite epsilon); a :class:`DdgEvent`
+        records a distributed-DP round; ``distributed`` notes the distributed-DP event of a
+        DP-SGD round (record+distributed), which its epsilon does not use. Inside one write
         transaction: the chain is verified, the cumulative epsilon over every earlier entry
         plus this event is computed with PRV at ``delta``, and the entry is written only if
         that epsilon is at most ``epsilon_budget``.
@@ -343,6 +378,12 @@ class Ledger:
                     spent=spent, would_reach=epsilon, budget=epsilon_budget
                 )
             prev = entries[-1].hash if entries else GENESIS_HASH
+            if isinstance(event, DdgEvent):
+                mechanism = event.mechanism()
+            elif event is not None:
+                mechanism = DP_SGD + (f"+{distributed.mechanism()}" if distributed else "")
+            else:
+                mechanism = NON_PRIVATE
             content = {
                 "seq": (entries[-1].seq if entries else 0) + 1,
                 "site": site,
@@ -351,7 +392,7 @@ class Ledger:
                 "round": int(round),
                 "attempt": attempt,
                 "time": _now(),
-                "mechanism": DP_SGD if event is not None else NON_PRIVATE,
+                "mechanism": mechanism,
                 "noise_multiplier": float(event.noise_multiplier) if event else 0.0,
                 "sample_rate": float(event.sample_rate) if event else 1.0,
                 "steps": int(event.steps) if event else 0,
@@ -406,7 +447,7 @@ def verify_entries(
                 "does not link to the entry before it (an entry before it was deleted, "
                 "inserted or moved)",
             )
-        if e.mechanism not in MECHANISMS:
+        if not mechanism_known(e.mechanism):
             broken(e, f"unknown mechanism {e.mechanism!r}")
         prev_hash = e.hash
     if head is not None:
