@@ -23,16 +23,15 @@ from common.models import build_model
 from common.privacy.accounting import epsilon_from_events
 from common.privacy.client_dp import clip_update_
 from common.privacy.site_secret import load_or_create_secret, round_seed
-from common.secagg.ddp import VECTOR_KEY
+from common.secagg.ddp import ROUND_KEY, VECTOR_KEY
 
 app = ClientApp()
 
 # Keys the server adds to the run config it forwards; not part of RunConfig.
 _SERVER_KEYS = ("server-round", "run-id", "run-uid")
 # Config keys that do not change the update a site computes: they name or place the run (a
-# resumed run changes them), tune the server's side, or only change how the update travels
-# (SecAgg+ masks the same update; its rounding draws fresh randomness). Every other key feeds
-# the round's seed, so any change to what the site computes draws fresh noise.
+# resumed run changes them) or tune the server's side. Every other key feeds the round's seed,
+# so any change to what the site computes draws fresh noise.
 _NOT_TRAINING = frozenset(
     {
         "run-id",
@@ -45,6 +44,14 @@ _NOT_TRAINING = frozenset(
         "fraction-evaluate",
         "min-sites",
         "timeout",
+    }
+)
+# SecAgg+ settings change only how a DP-SGD update travels (masked; its rounding draws fresh
+# randomness), so they are left out then; but under distributed DP they size
+# the site's own noise share (threshold, modulus): hashed then, or a server could ask for the
+# same noise at two scales and solve for the update.
+_SECAGG_KEYS = frozenset(
+    {
         "secagg",
         "num-shares",
         "reconstruction-threshold",
@@ -196,6 +203,7 @@ def _round_seed(
                 "the site's DP noise; a deployed site accepts only noise-seed = 'secret'"
             )
         return cfg.seed * 1_000_003 + zlib.crc32(site.name.encode()) % 100_003 * 101 + server_round
+    skip = _NOT_TRAINING if cfg.distributed_dp else _NOT_TRAINING | _SECAGG_KEYS
     return round_seed(
         load_or_create_secret(site.data_path),
         {
@@ -203,9 +211,8 @@ def _round_seed(
             "data": manifest_digest(site),
             "round": server_round,
             "model": model_hash(global_state),
-            "config": {
-                k: v for k, v in dict(msg.content["config"]).items() if k not in _NOT_TRAINING
-            },
+            "config": {k: v for k, v in dict(msg.content["config"]).items() if k not in skip},
+            "secagg-round": dict(msg.content.config_records.get(ROUND_KEY, {})),
             "plan": dataclasses.asdict(plan) if plan else None,
         },
     )

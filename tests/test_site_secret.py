@@ -137,3 +137,44 @@ def test_a_deployed_site_refuses_public_noise_seeds(tmp_path: Path, synth_sites:
     )
     with pytest.raises(ConfigError, match="noise-seed = 'public'"):
         app(msg, context)  # a SuperNode turns the exception into an error reply
+
+
+def test_secagg_settings_feed_the_seed_only_when_they_size_the_noise(
+    tmp_path: Path, synth_sites: list[Path]
+) -> None:
+    """Under distributed DP the threshold and modulus size the site's noise share: a server
+    asking for the same round at two thresholds must get independent noise, or it could solve
+    for the update. Under DP-SGD they only change how the same update travels."""
+    from client.app import _round_seed
+    from client.site import SiteInfo
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 97, 7, 1
+    site = tmp_path / "site-0"
+    shutil.copytree(synth_sites[0], site)
+    info = SiteInfo("site-0", site)
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(site)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+    def seed(**changes: object) -> int:
+        cfg = RunConfig().replace(**changes)
+        state = build_model(cfg).state_dict()
+        msg = Message(
+            RecordDict({"config": ConfigRecord({**cfg.to_mapping(), "server-round": 1})}),
+            dst_node_id=7,
+            message_type="train",
+        )
+        return _round_seed(msg, context, cfg, info, 1, state, None)
+
+    torch.manual_seed(0)
+    base = seed(dp_level="distributed", reconstruction_threshold=2)
+    torch.manual_seed(0)
+    assert seed(dp_level="distributed", reconstruction_threshold=3) != base
+    torch.manual_seed(0)
+    rec = seed(dp_level="record", reconstruction_threshold=2)
+    torch.manual_seed(0)
+    assert seed(dp_level="record", reconstruction_threshold=3) == rec
