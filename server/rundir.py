@@ -121,7 +121,7 @@ class RunDirectory:
             "accountant": self.cfg.accountant,
             "level": self.cfg.dp_level,
             "client_level": client_level,
-            "mechanism": "DP-SGD (Opacus), Poisson sampling, Gaussian noise",
+            "mechanism": _mechanism(self.cfg),
             "max_grad_norm": self.cfg.max_grad_norm,
             "lifetime_accountant": LEDGER_ACCOUNTANT,
             "sites": site_privacy(
@@ -233,3 +233,21 @@ def _f(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4f}" if math.isfinite(x) else str(x)
     return str(x)
+
+
+def _mechanism(cfg: RunConfig) -> str:
+    """What protects the data in this run, in words (privacy.json ``mechanism``)."""
+    parts = []
+    if cfg.record_level_dp:
+        parts.append("record-level DP-SGD at each site (Opacus), Poisson sampling, Gaussian noise")
+    if cfg.client_level_dp:
+        parts.append(
+            "client-level DP: updates clipped at the sites, Gaussian noise added by the server"
+        )
+    if cfg.distributed_dp:
+        parts.append(
+            "distributed client-level DP: each site clips, rotates, rounds and adds its share of "
+            "discrete Gaussian noise inside SecAgg+ (holds while at least the reconstruction "
+            "threshold of sites survive)"
+        )
+    return "; ".join(parts) or "none (no differential privacy)"

@@ -101,6 +101,7 @@ def test_server_sees_only_noised_sums_with_the_configured_variance(
     # 3. Accounting: privacy.json and every site's ledger carry the event and its assumption.
     privacy = json.loads((run_dir.path / "privacy.json").read_text())
     client = privacy["client_level"]
+    assert "distributed client-level DP" in privacy["mechanism"]
     assert "at least 2 sites" in client["assumption"]
     events = [DdgEvent.parse(m) for m in client["events"]]
     assert events == [spec.event(threshold=2, sample_rate=1.0)]

@@ -63,6 +63,7 @@ def test_two_site_two_round_private_federation(tmp_path, synth_root):
         assert 0 < e1 < e2 <= 4.0  # strictly increasing, within the target
         assert privacy["sites"][site]["epsilon"] == e2  # privacy.json = last round
         assert privacy["sites"][site]["delta"] == 1e-5
+    assert privacy["mechanism"].startswith("record-level DP-SGD")
     assert (run_dir / "model.pt").stat().st_size > 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num-rounds"] == 2 and config["target-epsilon"] == 4.0
