@@ -18,9 +18,10 @@ untouched, unless the node config sets ``require-secagg`` (then they are refused
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
-from logging import DEBUG, WARNING
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,8 @@ from common.secagg.protocol import (
     check_stage,
     check_transition,
 )
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -367,7 +370,8 @@ def _collect_masked_vector(
     vec = masking.mod(vec, params.modulus_range)
     out.array_records[MASKED_KEY] = ArrayRecord({MASKED_ARRAY: Array(vec)})
     out.config_records[RECORD_KEY] = ConfigRecord({})
-    log(DEBUG, "SecAgg+: uploaded a masked vector of %d entries", vec.size)
+    # Module logger, not Flower's: Flower's prints DEBUG in every simulation worker.
+    _LOG.debug("SecAgg+: uploaded a masked vector of %d entries", vec.size)
     return out
 
 
