@@ -15,21 +15,11 @@ import torch
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.explain import contribution_markdown
+from common.jsonsafe import jsonable
 from common.privacy.ledger import LEDGER_ACCOUNTANT
 from server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
-
-
-def _jsonable(x: Any) -> Any:
-    """JSON has no inf/nan: write them as strings so files stay strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _run_uid(path: Path) -> str:
@@ -98,13 +88,13 @@ class RunDirectory:
 
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name
-        p.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+        p.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
         return p
 
     def add_round(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+            fh.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> Path:
         p = self.path / "model.pt"

@@ -63,22 +63,13 @@ def test_synthetic_sites_get_a_secret_from_the_public_seed(tmp_path: Path) -> No
     assert load_or_create_secret(c) != load_or_create_secret(a)
 
 
-def _train_once(site: Path) -> dict[str, torch.Tensor]:
-    """One real ClientApp round (DP-SGD) on ``site`` with a fresh ledger; the reply's model."""
-    shutil.rmtree(site / ".fedfuse" / "ledger.sqlite", ignore_errors=True)
-    for p in (site / ".fedfuse").glob("ledger.sqlite*"):
-        p.unlink()
+def _train_request(cfg: RunConfig, site: Path, **server_keys: object) -> tuple[Message, Context]:
+    """A train message for round 1 with a freshly built model, and the SuperNode's context of
+    a deployed site (node config ``data-path``)."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 99, 7, 1
-    cfg = RunConfig(
-        num_rounds=1, local_epochs=1, batch_size=64, target_epsilon=4.0, accountant="rdp"
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    config = ConfigRecord(
-        {**cfg.to_mapping(), "server-round": 1, "run-id": "secret", "run-uid": "u-secret"}
-    )
+    config = ConfigRecord({**cfg.to_mapping(), "server-round": 1, **server_keys})
     msg = Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
+        RecordDict({"arrays": ArrayRecord(build_model(cfg).state_dict()), "config": config}),
         dst_node_id=7,
         message_type="train",
     )
@@ -89,7 +80,18 @@ def _train_once(site: Path) -> dict[str, torch.Tensor]:
         state=RecordDict(),
         run_config={},
     )
-    reply = app(msg, context)
+    return msg, context
+
+
+def _train_once(site: Path) -> dict[str, torch.Tensor]:
+    """One real ClientApp round (DP-SGD) on ``site`` with a fresh ledger; the reply's model."""
+    for p in (site / ".fedfuse").glob("ledger.sqlite*"):
+        p.unlink()
+    cfg = RunConfig(
+        num_rounds=1, local_epochs=1, batch_size=64, target_epsilon=4.0, accountant="rdp"
+    )
+    torch.manual_seed(0)
+    reply = app(*_train_request(cfg, site, **{"run-id": "secret", "run-uid": "u-secret"}))
     assert not reply.has_error(), reply.error.reason
     return reply.content["arrays"].to_torch_state_dict()
 
@@ -120,21 +122,8 @@ def test_a_deployed_site_refuses_public_noise_seeds(tmp_path: Path, synth_sites:
     """`noise-seed = public` is for simulations: a site started with a data path refuses it."""
     site = tmp_path / "site-0"
     shutil.copytree(synth_sites[0], site)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 98, 7, 1
     cfg = RunConfig(num_rounds=1, local_epochs=1, batch_size=64, noise_seed="public")
-    config = ConfigRecord({**cfg.to_mapping(), "server-round": 1, "run-uid": "u-public"})
-    msg = Message(
-        RecordDict({"arrays": ArrayRecord(build_model(cfg).state_dict()), "config": config}),
-        dst_node_id=7,
-        message_type="train",
-    )
-    context = Context(
-        run_id=98,
-        node_id=7,
-        node_config={"data-path": str(site)},
-        state=RecordDict(),
-        run_config={},
-    )
+    msg, context = _train_request(cfg, site, **{"run-uid": "u-public"})
     with pytest.raises(ConfigError, match="noise-seed = 'public'"):
         app(msg, context)  # a SuperNode turns the exception into an error reply
 
@@ -148,26 +137,14 @@ def test_secagg_settings_feed_the_seed_only_when_they_size_the_noise(
     from client.app import _round_seed
     from client.site import SiteInfo
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 97, 7, 1
     site = tmp_path / "site-0"
     shutil.copytree(synth_sites[0], site)
     info = SiteInfo("site-0", site)
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"data-path": str(site)},
-        state=RecordDict(),
-        run_config={},
-    )
 
     def seed(**changes: object) -> int:
         cfg = RunConfig().replace(**changes)
-        state = build_model(cfg).state_dict()
-        msg = Message(
-            RecordDict({"config": ConfigRecord({**cfg.to_mapping(), "server-round": 1})}),
-            dst_node_id=7,
-            message_type="train",
-        )
+        msg, context = _train_request(cfg, site)
+        state = msg.content["arrays"].to_torch_state_dict()
         return _round_seed(msg, context, cfg, info, 1, state, None)
 
     torch.manual_seed(0)

@@ -71,6 +71,32 @@ class DPConv2d(nn.Conv2d):
             raise ValueError("DPConv2d supports groups=1 and numeric zero padding only")
 
 
+def conv_weight_grad(
+    layer: nn.Conv2d,
+    grad_out: torch.Tensor,
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    groups: int,
+) -> torch.Tensor:
+    """The weight gradient alone of a 2-D convolution with ``layer``'s geometry (one backward
+    kernel call; autograd would compute the input gradient too)."""
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        grad_out,
+        inputs,
+        weight,
+        None,
+        list(layer.stride),
+        list(layer.padding),
+        list(layer.dilation),
+        False,
+        [0, 0],
+        groups,
+        [False, True, False],
+    )
+    return gw
+
+
 @register_grad_sampler(DPConv2d)
 def dp_conv2d_grad_sample(
     layer: DPConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
@@ -96,19 +122,7 @@ def dp_conv2d_grad_sample(
             grouped_x = x.reshape(1, n * layer.in_channels, *x.shape[2:])
             grouped_g = backprops.reshape(1, n * layer.out_channels, *backprops.shape[2:])
             weight = layer.weight.detach().repeat(n, 1, 1, 1)
-            _, gw, _ = torch.ops.aten.convolution_backward(
-                grouped_g,
-                grouped_x,
-                weight,
-                None,
-                list(layer.stride),
-                list(layer.padding),
-                list(layer.dilation),
-                False,
-                [0, 0],
-                n,
-                [False, True, False],
-            )
+            gw = conv_weight_grad(layer, grouped_g, grouped_x, weight, groups=n)
             ret[layer.weight] = gw.view(n, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = backprops.sum(dim=(2, 3)) if n else torch.zeros_like(layer.bias)[None]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedfuseError
+from common.jsonsafe import jsonable
 from common.privacy.accounting import epsilon_from_events
 from common.privacy.ledger import (
     LEDGER_ACCOUNTANT,
@@ -125,7 +126,7 @@ class AuditReport:
         return EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
-        return _jsonable(
+        return jsonable(
             {
                 "path": str(self.path),
                 "exit_code": self.exit_code,
@@ -157,16 +158,6 @@ class AuditReport:
                 ],
             }
         )
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _close(a: float, b: float, rtol: float) -> bool:

@@ -37,7 +37,7 @@ import torch
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from torch import nn
 
-from common.models.dp_layers import dp_conv2d_grad_sample
+from common.models.dp_layers import conv_weight_grad, dp_conv2d_grad_sample
 
 # Per-record gradients of a generic layer up to this many elements are kept between the norm
 # pass and the clipped sum; larger ones are recomputed (bounded memory for wide layers).
@@ -194,20 +194,9 @@ def _conv_clipped(
         out[layer.weight] = total
         return out
     # Too large to keep: one weight-only convolution backward on the re-weighted gradients.
-    _, gw, _ = torch.ops.aten.convolution_backward(
-        g * coef.view(-1, 1, 1, 1),
-        x.to(g.dtype),
-        layer.weight.detach(),
-        None,
-        list(layer.stride),
-        list(layer.padding),
-        list(layer.dilation),
-        False,
-        [0, 0],
-        1,
-        [False, True, False],
+    out[layer.weight] = conv_weight_grad(
+        layer, g * coef.view(-1, 1, 1, 1), x.to(g.dtype), layer.weight.detach(), groups=1
     )
-    out[layer.weight] = gw
     return out
 
 
