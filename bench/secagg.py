@@ -274,6 +274,7 @@ def measure(
     records: int,
     out: Path,
     accountant: str = "rdp",
+    num_shares: int = 0,
 ) -> tuple[dict[bool, tuple[float, float]], int]:
     data = ensure_data(DataSpec(sites=max(sites, 20), records=records), seed=0)
     cfg = RunConfig(
@@ -287,6 +288,7 @@ def measure(
         target_epsilon=8.0,
         accountant=accountant,
         min_sites=sites,
+        num_shares=num_shares if 0 < num_shares < sites else 0,
     )
     app = client_app_for(training)
     if engine == "inprocess":
@@ -342,6 +344,12 @@ def main() -> None:
         help="the sites' accountant (rdp plans the noise faster; it does not touch SecAgg+)",
     )
     ap.add_argument(
+        "--num-shares",
+        type=int,
+        default=0,
+        help="fedfuse's SecAgg+ neighbourhood: 0 every site (default), odd k: a ring of k-1",
+    )
+    ap.add_argument(
         "--engine",
         default="inprocess",
         choices=["inprocess", "simulation"],
@@ -373,6 +381,7 @@ def main() -> None:
                         records=args.records,
                         out=Path(tmp),
                         accountant=args.accountant,
+                        num_shares=args.num_shares,
                     )
                     (w0, p0), (w1, p1) = res[False], res[True]
                     print(

@@ -4,9 +4,9 @@ Use as ``@app.train(mods=[secaggplus_mod])``. A training request that carries th
 runs one stage of the protocol (Bell et al. 2020, "Secure single-server aggregation with
 (poly)logarithmic overhead", arXiv:2002.04156; Bonawitz et al. 2017, arXiv:1611.04482):
 
-- setup: check the round's parameters, make two EC key pairs, return the public keys;
+- setup: check the round's parameters, make two X25519 key pairs, return the public keys;
 - share-keys: Shamir-share a fresh mask seed and the masking key among the neighbours, each
-  share encrypted for its holder (ECDH + Fernet);
+  share encrypted for its holder (X25519 + HKDF + Fernet; ``common/secagg/crypto.py``);
 - collect-masked-vectors: train (the wrapped train function), check the update, and return
   only ``[w, q(w * update)]`` masked with the private and the pairwise masks;
 - unmask: hand the server the shares it needs, never both secrets of the same site.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from logging import WARNING
 from typing import Any
@@ -30,25 +31,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
-from common.secagg import ddp, masking
+from common.secagg import crypto, ddp, masking
 from common.secagg.params import RoundParams
 from common.secagg.protocol import (
     ARRAYS_KEY,
@@ -169,10 +158,8 @@ def _truthy(value: Any) -> bool:
 
 def _setup(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
     state.params = RoundParams.from_record(ins)  # validates; a site refuses unsafe parameters
-    sk1, pk1 = generate_key_pairs()
-    sk2, pk2 = generate_key_pairs()
-    state.sk1, state.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
-    state.sk2, state.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
+    state.sk1, state.pk1 = crypto.generate_key_pair()
+    state.sk2, state.pk2 = crypto.generate_key_pair()
     return {Key.PK1: state.pk1, Key.PK2: state.pk2}
 
 
@@ -196,13 +183,17 @@ def _share_keys(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
             f"SecAgg+ share-keys: '{Key.PK1_LIST}'/'{Key.PK2_LIST}' do not hold this site's "
             "own public keys; the server relayed wrong keys"
         )
+    if not all(crypto.is_public_key(pk) for pk in pk1s + pk2s):
+        raise SecAggProtocolError(
+            f"SecAgg+ share-keys: '{Key.PK1_LIST}'/'{Key.PK2_LIST}' hold a value that is not a "
+            f"{crypto.KEY_BYTES}-byte X25519 public key"
+        )
     if len(set(pk1s + pk2s)) != 2 * len(ids):
         raise SecAggProtocolError("SecAgg+ share-keys: some public keys are identical")
     state.nbr_ids, state.nbr_pk1, state.nbr_pk2 = ids, pk1s, pk2s
     state.seed = os.urandom(32)
-    seed_shares = create_shares(state.seed, params.threshold, len(ids))
-    sk1_shares = create_shares(masking.private_scalar(state.sk1), params.threshold, len(ids))
-    sk2 = bytes_to_private_key(state.sk2)
+    seed_shares = crypto.create_shares(state.seed, params.threshold, len(ids))
+    sk1_shares = crypto.create_shares(state.sk1, params.threshold, len(ids))
     dsts: list[int] = []
     ciphertexts: list[bytes] = []
     state.enc_keys = []
@@ -212,7 +203,13 @@ def _share_keys(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
             state.holder_ids = [nid]
             state.seed_shares, state.sk1_shares = [seed_shares[idx]], [sk1_shares[idx]]
             continue
-        key = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        try:
+            key = crypto.encryption_key(state.sk2, pk2)
+        except ValueError:
+            raise SecAggProtocolError(
+                f"SecAgg+ share-keys: the public key of site {nid} is of small order (an "
+                "agreement with it would be known to anyone)"
+            ) from None
         state.enc_keys.append(key)
         plain = share_keys_plaintext_concat(state.nid, nid, seed_shares[idx], sk1_shares[idx])
         dsts.append(nid)
@@ -252,22 +249,28 @@ def _receive_shares(state: SiteState, ins: ConfigRecord) -> None:
         state.sk1_shares.append(sk1_share)
 
 
-def check_local_update(trained: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
+def check_local_update(
+    trained: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray]
+) -> str | None:
     """Why this site must not upload ``trained`` (names/shapes differ, NaN/Inf), or None."""
-    if set(trained.keys()) != set(global_arrays.keys()):
-        missing = sorted(set(global_arrays.keys()) - set(trained.keys()))
-        extra = sorted(set(trained.keys()) - set(global_arrays.keys()))
+    if set(trained) != set(global_arrays):
+        missing = sorted(set(global_arrays) - set(trained))
+        extra = sorted(set(trained) - set(global_arrays))
         return f"parameter names differ (missing {missing[:3]}, unexpected {extra[:3]})"
-    for key in global_arrays.keys():
-        a, g = trained[key], global_arrays[key]
-        if tuple(a.shape) != tuple(g.shape):
-            return f"'{key}' has shape {tuple(a.shape)}, expected {tuple(g.shape)}"
+    for key, g in global_arrays.items():
+        a = trained[key]
+        if a.shape != g.shape:
+            return f"'{key}' has shape {a.shape}, expected {g.shape}"
         if a.dtype != g.dtype:
             return f"'{key}' has dtype {a.dtype}, expected {g.dtype}"
-        arr = a.numpy()
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             return f"'{key}' contains NaN or Inf"
     return None
+
+
+def _numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    """Each array of ``rec`` as numpy, converted once (each ``Array.numpy()`` deserialises)."""
+    return {k: rec[k].numpy() for k in rec.keys()}
 
 
 def _collect_masked_vector(
@@ -305,13 +308,13 @@ def _collect_masked_vector(
     weight = next(
         (r[WEIGHT_METRIC] for r in content.metric_records.values() if WEIGHT_METRIC in r), None
     )
-    reason = (
-        f"the train reply has no '{ARRAYS_KEY}' ArrayRecord"
-        if trained is None
-        else f"the train reply has no '{WEIGHT_METRIC}' metric"
-        if weight is None
-        else check_local_update(trained, global_arrays)
-    )
+    trained_np, ref = _numpy(trained or ArrayRecord()), _numpy(global_arrays)
+    if trained is None:
+        reason: str | None = f"the train reply has no '{ARRAYS_KEY}' ArrayRecord"
+    elif weight is None:
+        reason = f"the train reply has no '{WEIGHT_METRIC}' metric"
+    else:
+        reason = check_local_update(trained_np, ref)
     if reason is not None:
         # Refuse rather than mask garbage: the server can name this site and leave it out
         # (its masks are then removed like those of a site that dropped out).
@@ -321,7 +324,8 @@ def _collect_masked_vector(
     if float(weight) > params.max_weight:  # type: ignore[arg-type]
         log(
             WARNING,
-            "SecAgg+: this site's weight %s exceeds max-weight %s; it counts as %s",
+            "SecAgg+: this site's weight %s exceeds max-weight %s; it counts as %s (raise "
+            "'max-weight' in the run config to weigh it fully)",
             weight,
             params.max_weight,
             params.max_weight,
@@ -341,10 +345,8 @@ def _collect_masked_vector(
         out.config_records[RECORD_KEY] = ConfigRecord({Key.REFUSED: reason})
         return out
     else:
-        arrays = {k: trained[k].numpy() for k in trained.keys()}  # type: ignore[union-attr]
-        ref = {k: global_arrays[k].numpy() for k in global_arrays.keys()}
         keys = masking.float_keys(ref)
-        delta = masking.flatten(arrays, keys) - masking.flatten(ref, keys)
+        delta = masking.flatten(trained_np, keys) - masking.flatten(ref, keys)
         vec, clipped = masking.encode(delta, float(weight), params)  # type: ignore[arg-type]
     if clipped:
         log(
@@ -356,12 +358,11 @@ def _collect_masked_vector(
         )
     # uint32 arithmetic wraps modulo 2**32, a multiple of the modulus: reduce once at the end.
     vec += masking.prg(state.seed, vec.size)
-    sk1 = bytes_to_private_key(state.sk1)
     for nid in state.holder_ids:
         if nid == state.nid:
             continue
         pk1 = state.nbr_pk1[state.nbr_ids.index(nid)]
-        mask = masking.prg(masking.agreed_seed(sk1, pk1), vec.size)
+        mask = masking.prg(crypto.mask_seed(state.sk1, pk1), vec.size)
         # The pair's masks cancel: the larger node id adds, the smaller subtracts.
         if state.nid > nid:
             vec += mask

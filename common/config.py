@@ -92,7 +92,7 @@ class RunConfig:
     clipping_range: float = 8.0
     quantization_range: int = 2**22
     modulus_range: int = 2**32
-    max_weight: float = 1000.0
+    max_weight: float = 10000.0
     # Seconds to wait for the sites' replies in each exchange (training included), so that a
     # silent site cannot hang a round forever.
     timeout: float = 3600.0

@@ -25,14 +25,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.logger import log
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import ConfigError
 from common.privacy.refusal import find_refusal
+from common.secagg import crypto, masking
 from common.secagg import ddp as ddp_mech
-from common.secagg import masking
 from common.secagg.params import RoundParams, SecAggSettings
 from common.secagg.protocol import (
     ARRAYS_KEY,
@@ -263,9 +262,23 @@ class _Round:
         replies = self.exchange(
             Stage.SETUP, {nid: self.record(Stage.SETUP, body) for nid in self.sampled}
         )
-        for nid, msg in replies.items():
+        for nid, msg in list(replies.items()):
             rec = msg.content.config_records[RECORD_KEY]
-            self.pk1[nid], self.pk2[nid] = rec[Key.PK1], rec[Key.PK2]  # type: ignore[assignment]
+            pk1, pk2 = rec[Key.PK1], rec[Key.PK2]
+            if not (crypto.is_public_key(pk1) and crypto.is_public_key(pk2)) or pk1 == pk2:
+                self.out.dropped[nid] = (
+                    f"{Stage.SETUP}: malformed reply: '{Key.PK1}'/'{Key.PK2}' must be two "
+                    f"different {crypto.KEY_BYTES}-byte X25519 public keys"
+                )
+                log(
+                    WARNING,
+                    "SecAgg+ setup: site %s left the round: %s",
+                    self.name(nid),
+                    self.out.dropped[nid],
+                )
+                del replies[nid]
+                continue
+            self.pk1[nid], self.pk2[nid] = pk1, pk2  # type: ignore[assignment]
         self.u1 = set(replies)
         return self.enough(Stage.SETUP, self.u1, self.u1)
 
@@ -383,7 +396,7 @@ class _Round:
                 )
                 return False
             try:
-                secret = combine_shares(shares[nid][: p.threshold])
+                secret = crypto.combine_shares(shares[nid][: p.threshold])
             except ValueError:
                 secret = b""
             if nid in self.u3:
@@ -393,12 +406,11 @@ class _Round:
                 total -= masking.prg(secret, self.length)
                 continue
             # A dropped site: remove the pairwise masks its live neighbours added.
-            sk1 = masking.key_from_scalar(secret, self.pk1[nid]) if secret else None
-            if sk1 is None:
+            if len(secret) != crypto.KEY_BYTES or crypto.public_key_of(secret) != self.pk1[nid]:
                 self.out.error = f"the masking key of site {self.name(nid)} did not reconstruct"
                 return False
             for other in sorted(self.nbrs[nid] & self.u3):
-                mask = masking.prg(masking.agreed_seed(sk1, self.pk1[other]), self.length)
+                mask = masking.prg(crypto.mask_seed(secret, self.pk1[other]), self.length)
                 if other > nid:
                     total -= mask
                 else:

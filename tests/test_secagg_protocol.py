@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.secagg_mod import SiteState, secaggplus_mod
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.secagg import RoundParams, SecAggProtocolError, SecAggSettings
+from common.secagg import RoundParams, SecAggProtocolError, SecAggSettings, crypto
 from common.secagg.protocol import INS, RECORD_KEY, REQUIRE_NODE_CONFIG, SCHEMAS, Key, Stage
 from server.secagg import SecAggPlusWorkflow
 from simulations.inprocess import InProcessGrid
@@ -165,8 +165,14 @@ def test_setup_returns_two_distinct_public_keys() -> None:
     ctxt = _ctxt()
     reply = _handler(ctxt)(_valid_setup())
     assert reply[Key.STAGE] == Stage.SETUP
-    assert reply[Key.PK1].startswith(b"-----BEGIN PUBLIC KEY")  # type: ignore[union-attr]
-    assert reply[Key.PK1] != reply[Key.PK2]
+    pk1, pk2 = reply[Key.PK1], reply[Key.PK2]
+    assert crypto.is_public_key(pk1) and crypto.is_public_key(pk2) and pk1 != pk2
+    # Real X25519 keys: both ends of a pair derive the same seed, a third key does not.
+    sk_a, pk_a = crypto.generate_key_pair()
+    state_keys = SiteState.load(ctxt)
+    assert crypto.public_key_of(state_keys.sk1) == pk1
+    assert crypto.mask_seed(state_keys.sk1, pk_a) == crypto.mask_seed(sk_a, pk1)
+    assert crypto.mask_seed(state_keys.sk2, pk_a) != crypto.mask_seed(sk_a, pk1)
     state = SiteState.load(ctxt)
     assert state.stage == Stage.SETUP and state.nid == NID and state.params is not None
 

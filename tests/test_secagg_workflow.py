@@ -108,10 +108,12 @@ def test_oracle_flower_legacy_secaggplus_and_plain_weighted_mean_agree() -> None
     n = 5
     updates, weights = _updates(n), [120.0, 310.0, 75.0, 500.0, 260.0]
     plain = weighted_mean(updates, weights)
-    bound = _bound(updates, weights)
+    # Flower's default max-weight (fedfuse's is 10,000): both aggregators, same parameters.
+    settings = SecAggSettings(max_weight=1000.0)
+    bound = _bound(updates, weights, settings)
     assert bound < 1e-4  # a bound that says something: the updates differ by ~0.1
 
-    ours = _secure_round(InProcessGrid(fixed_update_app(updates, weights), n))
+    ours = _secure_round(InProcessGrid(fixed_update_app(updates, weights), n), settings)
     assert ours.error is None and ours.arrays is not None
     flower = _flower_legacy_secaggplus(updates, weights)
 

@@ -1,29 +1,25 @@
 """The arithmetic of SecAgg+ that both ends must do identically: vector layout, quantisation,
 masks, and the error bound of the unmasked mean.
 
-A site uploads ``[w, q(w * delta)] + masks (mod M)``: ``w`` its quantised weight, ``q`` Flower's
-stochastic quantisation of its weighted model update. Quantisation and modular arithmetic are
-Flower's (``flwr.common.secure_aggregation``). Masks are expanded from 256-bit seeds with ChaCha20
-(``cryptography``); Flower's own ``pseudo_rand_gen`` folds its seed to 32 bits for a Mersenne
-Twister, which is not a cryptographic generator.
+A site uploads ``[w, q(w * delta)] + masks (mod M)``: ``w`` its quantised weight, ``q`` the
+stochastic quantisation of its weighted model update in Flower's layout (``[-c, c]`` onto
+``[0, Q]``; dequantised with Flower's ``dequantize``). Modular arithmetic is Flower's
+(``flwr.common.secure_aggregation``); the stochastic rounding is done here in place with a
+PCG64 generator, 2-3x faster than Flower's ``_stochastic_round`` on a 1M-parameter update (the
+largest single cost of a SecAgg+ round without training). Masks are expanded from 256-bit
+seeds with ChaCha20 (``cryptography``); Flower's own ``pseudo_rand_gen`` folds its seed to 32
+bits for a Mersenne Twister, which is not a cryptographic generator.
 """
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    public_key_to_bytes,
-)
+from flwr.common.secure_aggregation.quantization import dequantize
 
 from common.secagg.params import RoundParams
 
@@ -70,33 +66,6 @@ def prg(seed: bytes, length: int) -> np.ndarray:
     return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4")
 
 
-def agreed_seed(private_key: ec.EllipticCurvePrivateKey, public_key: bytes) -> bytes:
-    """The 32-byte seed two sites share (ECDH + HKDF, Flower's ``generate_shared_key``)."""
-    return base64.urlsafe_b64decode(
-        generate_shared_key(private_key, bytes_to_public_key(public_key))
-    )
-
-
-def private_scalar(private_key: bytes) -> bytes:
-    """The masking key's secret scalar, big-endian: what its Shamir shares hide.
-
-    48 bytes for Flower's P-384 keys, where the PEM Flower shares is about 300: Shamir sharing
-    and reconstruction cost grows with the secret's length.
-    """
-    key = bytes_to_private_key(private_key)
-    return key.private_numbers().private_value.to_bytes((key.curve.key_size + 7) // 8, "big")
-
-
-def key_from_scalar(scalar: bytes, public_key: bytes) -> ec.EllipticCurvePrivateKey | None:
-    """The private key of ``scalar`` on ``public_key``'s curve, or None if they do not match."""
-    curve = bytes_to_public_key(public_key).curve
-    try:
-        key = ec.derive_private_key(int.from_bytes(scalar, "big"), curve)
-    except ValueError:
-        return None
-    return key if public_key_to_bytes(key.public_key()) == public_key else None
-
-
 def weight_factor(weight: float, params: RoundParams) -> int:
     """A site's quantised weight: ``round(min(weight, max_weight) / max_weight * Q)``.
 
@@ -112,11 +81,30 @@ def encode(delta: np.ndarray, weight: float, params: RoundParams) -> tuple[np.nd
     q_ratio = weight_factor(weight, params)
     scaled = delta * (q_ratio / params.quantization_range)
     clipped = int(np.count_nonzero(np.abs(scaled) > params.clipping_range))
-    (quantized,) = quantize([scaled], params.clipping_range, params.quantization_range)
     vec = np.empty(delta.size + 1, dtype=np.uint32)
     vec[0] = q_ratio
-    vec[1:] = quantized
+    vec[1:] = quantize(scaled, params.clipping_range, params.quantization_range)
     return vec, clipped
+
+
+def quantize(
+    values: np.ndarray, clipping_range: float, quantization_range: int, rng: Any = None
+) -> np.ndarray:
+    """``values`` clipped to ``[-c, c]``, mapped onto ``[0, Q]`` and rounded stochastically
+    (up with probability the fractional part, so the expectation is exact): uint32 in [0, Q].
+
+    The same map as Flower's ``quantize``; the rounding's randomness protects nothing (the
+    masks do), so any generator will do; by default a fresh one seeded from the OS.
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    c = float(clipping_range)
+    work = np.clip(np.asarray(values, dtype=np.float64), -c, c)
+    work += c
+    work *= quantization_range / (2 * c)
+    work += rng.random(work.size).reshape(work.shape)
+    np.floor(work, out=work)
+    np.minimum(work, quantization_range, out=work)  # c + rounding noise cannot pass Q
+    return work.astype(np.uint32)
 
 
 def mod(vec: np.ndarray, modulus: int) -> np.ndarray:
