@@ -186,7 +186,7 @@ def _share_keys(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
     if not all(crypto.is_public_key(pk) for pk in pk1s + pk2s):
         raise SecAggProtocolError(
             f"SecAgg+ share-keys: '{Key.PK1_LIST}'/'{Key.PK2_LIST}' hold a value that is not a "
-            f"{crypto.KEY_BYTES}-byte X25519 public key"
+            f"{crypto.KEY_BYTES}-byte X25519 public key of large order"
         )
     if len(set(pk1s + pk2s)) != 2 * len(ids):
         raise SecAggProtocolError("SecAgg+ share-keys: some public keys are identical")
@@ -203,13 +203,7 @@ def _share_keys(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
             state.holder_ids = [nid]
             state.seed_shares, state.sk1_shares = [seed_shares[idx]], [sk1_shares[idx]]
             continue
-        try:
-            key = crypto.encryption_key(state.sk2, pk2)
-        except ValueError:
-            raise SecAggProtocolError(
-                f"SecAgg+ share-keys: the public key of site {nid} is of small order (an "
-                "agreement with it would be known to anyone)"
-            ) from None
+        key = crypto.encryption_key(state.sk2, pk2)
         state.enc_keys.append(key)
         plain = share_keys_plaintext_concat(state.nid, nid, seed_shares[idx], sk1_shares[idx])
         dsts.append(nid)
@@ -308,7 +302,7 @@ def _collect_masked_vector(
     weight = next(
         (r[WEIGHT_METRIC] for r in content.metric_records.values() if WEIGHT_METRIC in r), None
     )
-    trained_np, ref = _numpy(trained or ArrayRecord()), _numpy(global_arrays)
+    trained_np, ref = _numpy(trained) if trained is not None else {}, _numpy(global_arrays)
     if trained is None:
         reason: str | None = f"the train reply has no '{ARRAYS_KEY}' ArrayRecord"
     elif weight is None:

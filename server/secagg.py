@@ -268,7 +268,7 @@ class _Round:
             if not (crypto.is_public_key(pk1) and crypto.is_public_key(pk2)) or pk1 == pk2:
                 self.out.dropped[nid] = (
                     f"{Stage.SETUP}: malformed reply: '{Key.PK1}'/'{Key.PK2}' must be two "
-                    f"different {crypto.KEY_BYTES}-byte X25519 public keys"
+                    f"different {crypto.KEY_BYTES}-byte X25519 public keys of large order"
                 )
                 log(
                     WARNING,
@@ -400,7 +400,7 @@ class _Round:
             except ValueError:
                 secret = b""
             if nid in self.u3:
-                if len(secret) != 32:
+                if len(secret) != crypto.SECRET_BYTES:
                     self.out.error = f"the mask seed of site {self.name(nid)} did not reconstruct"
                     return False
                 total -= masking.prg(secret, self.length)

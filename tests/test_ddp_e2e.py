@@ -39,15 +39,11 @@ def _cfg(tmp_path: Path, sites: list[Path], **kw) -> RunConfig:
     )
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("level", ["distributed", "record+distributed"])
-def test_server_sees_only_noised_sums_with_the_configured_variance(
-    synth_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str
-) -> None:
-    # RDP plans DP-SGD's noise (record+distributed) in a fraction of PRV's time.
-    cfg = _cfg(tmp_path, synth_sites, dp_level=level, client_noise_multiplier=0.5, accountant="rdp")
-    # Spy (not a mock): keep what each site noised, to know the clean sum the server must
-    # never see. The real function still runs.
+def _spy_on_noisy_vector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> list[tuple[dict, dict, client_ddp.SiteDdpRound]]:
+    """A spy (not a mock): the real ``noisy_vector`` still runs; what each site noised is kept,
+    to know the clean sum the server must never see."""
     seen: list[tuple[dict, dict, client_ddp.SiteDdpRound]] = []
     real = client_ddp.noisy_vector
 
@@ -56,6 +52,17 @@ def test_server_sees_only_noised_sums_with_the_configured_variance(
         return real(trained, global_arrays, rnd, seed=seed)
 
     monkeypatch.setattr(client_ddp, "noisy_vector", spy)
+    return seen
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("level", ["distributed", "record+distributed"])
+def test_server_sees_only_noised_sums_with_the_configured_variance(
+    synth_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str
+) -> None:
+    # RDP plans DP-SGD's noise (record+distributed) in a fraction of PRV's time.
+    cfg = _cfg(tmp_path, synth_sites, dp_level=level, client_noise_multiplier=0.5, accountant="rdp")
+    seen = _spy_on_noisy_vector(monkeypatch)
     grid = InProcessGrid(client_app, 3)
     run_dir = RunDirectory(cfg.out_dir, cfg, run_id=cfg.run_name)
     run_federation(grid, cfg, run_dir=run_dir)
@@ -144,14 +151,7 @@ def test_with_a_site_dropped_the_sum_still_carries_the_target_noise(
     """The noise is sized for the threshold: with 3 sites, T = 2 and one site silent from the
     collect stage on, the two survivors' noise is exactly the target z * Delta_2 (units)."""
     cfg = _cfg(tmp_path, synth_sites, dp_level="distributed", client_noise_multiplier=0.5)
-    seen: list[tuple[dict, dict, client_ddp.SiteDdpRound]] = []
-    real = client_ddp.noisy_vector
-
-    def spy(trained, global_arrays, rnd, *, seed):
-        seen.append((trained, global_arrays, rnd))
-        return real(trained, global_arrays, rnd, seed=seed)
-
-    monkeypatch.setattr(client_ddp, "noisy_vector", spy)
+    seen = _spy_on_noisy_vector(monkeypatch)
 
     def respond(msg) -> bool:  # site 2 vanishes after sharing its keys
         return not (

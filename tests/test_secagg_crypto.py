@@ -29,6 +29,11 @@ def test_a_small_order_public_key_is_refused() -> None:
     sk, _ = crypto.generate_key_pair()
     with pytest.raises(ValueError):
         crypto.mask_seed(sk, bytes(32))  # the all-zero point: the shared secret would be 0
+    assert not crypto.is_public_key(bytes(32))  # refused where keys enter (setup, share-keys)
+    assert not crypto.is_public_key((1).to_bytes(32, "little"))  # another small-order point
+    assert not crypto.is_public_key(b"short") and crypto.is_public_key(
+        crypto.generate_key_pair()[1]
+    )
 
 
 @pytest.mark.parametrize(("threshold", "num"), [(2, 3), (3, 5), (11, 20)])

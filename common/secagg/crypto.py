@@ -43,8 +43,20 @@ def public_key_of(private_key: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
 
 
+# A fixed key to test public keys with: every X25519 scalar is a multiple of 8, so a point of
+# small order gives the all-zero secret (cryptography raises) with this key as with any other.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(KEY_BYTES)))
+
+
 def is_public_key(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) == KEY_BYTES
+    """Whether ``value`` is a usable X25519 public key: 32 bytes, not of small order."""
+    if not isinstance(value, bytes) or len(value) != KEY_BYTES:
+        return False
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(value))
+    except ValueError:
+        return False
+    return True
 
 
 def derive(private_key: bytes, public_key: bytes, label: bytes) -> bytes:
