@@ -5,7 +5,7 @@ A site uploads ``[w, q(w * delta)] + masks (mod M)``: ``w`` its quantised weight
 stochastic quantisation of its weighted model update in Flower's layout (``[-c, c]`` onto
 ``[0, Q]``; dequantised with Flower's ``dequantize``). Modular arithmetic is Flower's
 (``flwr.common.secure_aggregation``); the stochastic rounding is done here in place with a
-PCG64 generator, 2-3x faster than Flower's ``_stochastic_round`` on a 1M-parameter update (the
+PCG64 generator, about 3x faster than Flower's ``_stochastic_round`` on a 1M-parameter update (the
 largest single cost of a SecAgg+ round without training). Masks are expanded from 256-bit
 seeds with ChaCha20 (``cryptography``); Flower's own ``pseudo_rand_gen`` folds its seed to 32
 bits for a Mersenne Twister, which is not a cryptographic generator.
