@@ -203,3 +203,36 @@ def test_ghost_coverage_names_the_layers_that_fall_back_to_hooks():
     cov = ghost_coverage(build_model(RunConfig()))
     assert "GhostEmbedding x1" in cov["ghost"] and any("Linear" in c for c in cov["ghost"])
     assert any("Conv2d" in c for c in cov["per-sample-hooks"])
+
+
+def test_gate_and_attention_cannot_silence_a_modality():
+    """However far (DP-noisy) training pushes their weights, the gated head's modality
+    weights and the attention head's scores stay bounded, so every present modality keeps a
+    share of the output and of the gradient (an unbounded gate collapsed onto one modality
+    under DP-SGD; docs/BENCHMARKS.md)."""
+    from common.models.fusion import ATTENTION_SCORE_CAP, GATE_BOUND, AttentionHead, GatedHead
+
+    gen = torch.Generator().manual_seed(0)
+    n, m, d = 32, 4, 8
+    feats = [torch.randn(n, d, generator=gen) * 10 for _ in range(m)]
+    mask = torch.ones(n, m)
+    mask[: n // 2, 1] = 0
+
+    gated = GatedHead(dim=d, num_modalities=m, num_classes=2)
+    with torch.no_grad():
+        for p in gated.gate.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 100)
+        gated(feats, mask)
+    w = gated.last_weights
+    ratio = w.max(dim=1).values / w.masked_fill(mask == 0, float("inf")).min(dim=1).values
+    assert ratio.max() <= torch.exp(torch.tensor(2 * GATE_BOUND)) * (1 + 1e-5)
+    assert ratio.max() > 1.5  # the gate still weighs modalities differently
+
+    attention = AttentionHead(dim=d, num_modalities=m, num_classes=2)
+    with torch.no_grad():
+        attention.qkv.weight.copy_(torch.randn(attention.qkv.weight.shape, generator=gen) * 100)
+        attention(feats, mask)
+    w = attention.last_weights
+    ratio = w.max(dim=1).values / w.masked_fill(mask == 0, float("inf")).min(dim=1).values
+    assert ratio.max() <= torch.exp(torch.tensor(2 * ATTENTION_SCORE_CAP)) * (1 + 1e-5)
+    assert ratio.max() > 1.5

@@ -17,7 +17,13 @@ from common.registry import Registry
 
 FUSION_HEADS: Registry[nn.Module] = Registry("fusion head")
 NEG = -1e4  # "minus infinity" that keeps fully-masked rows finite
-GATE_BOUND = 2.0
+# Bounds on the learned modality weights (see GatedHead and AttentionHead). Under DP-SGD a
+# gate that may switch a modality off does: measured on 3 sites x 16,000 records at epsilon 8
+# (docs/BENCHMARKS.md), a gate bound of 2 (weight ratios up to e^4) let the gate settle on two
+# modalities and the federation at the level of one (AUROC 0.709); 0.5 (ratios up to e^1)
+# keeps every modality learning (0.81). The same holds for attention scores (soft-capped).
+GATE_BOUND = 0.5
+ATTENTION_SCORE_CAP = 2.0
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,7 +58,8 @@ class GatedHead(nn.Module):
     The gate sees every present modality's features (and the mask), so it can trust the image
     more when the report is uninformative. Each modality keeps its own slots: the MLP reads
     ``[n_present * w_m * f_m for each m]`` (uniform weights leave features at their scale), so
-    down-weighting a modality scales it rather than mixing it into the others.
+    down-weighting a modality scales it rather than mixing it into the others. The gate's
+    logits are bounded (``GATE_BOUND``): it can favour a modality, never silence one.
     """
 
     def __init__(self, *, dim: int, num_modalities: int, num_classes: int) -> None:
@@ -71,8 +78,9 @@ class GatedHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack(feats, dim=1) * mask.unsqueeze(-1)  # (B, M, D)
-        # Bounded gate logits (weight ratios at most e^4): under DP a few noisy steps must not
-        # be able to switch a modality off for good.
+        # Bounded gate logits (weight ratios at most e^(2 * GATE_BOUND)): a down-weighted
+        # modality's encoder gets a down-weighted gradient, so under DP noise a gate free to
+        # starve a modality stops it learning for good (rich-get-richer).
         logits = GATE_BOUND * torch.tanh(self.gate(torch.cat([stacked.flatten(1), mask], dim=1)))
         w = masked_softmax(logits, mask)
         self.last_weights = w.detach()
@@ -84,7 +92,12 @@ class GatedHead(nn.Module):
 class AttentionHead(nn.Module):
     """A one-layer transformer over one token per present modality plus a [CLS] token.
 
-    Absent modalities are masked out of the attention keys. Built from ``nn.Linear`` and
+    Absent modalities are masked out of the attention keys. The classifier reads the [CLS]
+    token together with the mean of the present modality tokens (after the layer), and the
+    attention scores are soft-capped (``cap * tanh(score / cap)``, as in Gemma 2): with the
+    [CLS] token alone, DP noise in the query/key weights sharpened its attention onto one
+    modality and the federation fell below that modality on its own (AUROC 0.599 against
+    0.698, 3 sites x 16,000 records, epsilon 8); with both, 0.77. Built from ``nn.Linear`` and
     ``nn.LayerNorm`` (Opacus samples both) rather than ``opacus.layers.DPMultiheadAttention``:
     in Opacus 1.6 that layer with ``batch_first=True`` and more than one head reshapes its
     output across tokens (its result differs from ``batch_first=False`` on the same input),
@@ -103,7 +116,7 @@ class AttentionHead(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = nn.Linear(2 * dim, num_classes)  # [CLS] and the tokens' mean
         self.last_weights: torch.Tensor | None = None
 
     def forward(self, feats: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -116,6 +129,7 @@ class AttentionHead(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
         q, k, v = (t.reshape(b, m + 1, h, d // h).transpose(1, 2) for t in (q, k, v))
         scores = q @ k.transpose(-1, -2) / (d // h) ** 0.5  # (B, H, T, T)
+        scores = ATTENTION_SCORE_CAP * torch.tanh(scores / ATTENTION_SCORE_CAP)
         attn = masked_softmax(scores, keys[:, None, None, :].expand_as(scores))
         ctx = (attn @ v).transpose(1, 2).reshape(b, m + 1, d)
         x = x + self.out(ctx)
@@ -124,7 +138,9 @@ class AttentionHead(nn.Module):
         self.last_weights = masked_softmax(
             torch.log(attn[:, :, 0, 1:].mean(dim=1).detach().clamp_min(1e-12)), mask
         )
-        return self.classifier(x[:, 0])
+        present = mask.unsqueeze(-1)
+        pooled = (x[:, 1:] * present).sum(dim=1) / present.sum(dim=1).clamp_min(1.0)
+        return self.classifier(torch.cat([x[:, 0], pooled], dim=1))
 
 
 @FUSION_HEADS.register("late")
