@@ -21,7 +21,8 @@ NEG = -1e4  # "minus infinity" that keeps fully-masked rows finite
 # gate that may switch a modality off does: measured on 3 sites x 16,000 records at epsilon 8
 # (docs/BENCHMARKS.md), a gate bound of 2 (weight ratios up to e^4) let the gate settle on two
 # modalities and the federation at the level of one (AUROC 0.709); 0.5 (ratios up to e^1)
-# keeps every modality learning (0.81). The same holds for attention scores (soft-capped).
+# keeps every modality learning (0.78-0.81). Attention scores are soft-capped for the same
+# reason.
 GATE_BOUND = 0.5
 ATTENTION_SCORE_CAP = 2.0
 
@@ -94,10 +95,11 @@ class AttentionHead(nn.Module):
 
     Absent modalities are masked out of the attention keys. The classifier reads the [CLS]
     token together with the mean of the present modality tokens (after the layer), and the
-    attention scores are soft-capped (``cap * tanh(score / cap)``, as in Gemma 2): with the
-    [CLS] token alone, DP noise in the query/key weights sharpened its attention onto one
-    modality and the federation fell below that modality on its own (AUROC 0.599 against
-    0.698, 3 sites x 16,000 records, epsilon 8); with both, 0.77. Built from ``nn.Linear`` and
+    attention scores are soft-capped (``cap * tanh(score / cap)``, as in Gemma 2), so DP
+    noise in the query/key weights cannot sharpen the attention onto one modality. With the
+    [CLS] token alone and no cap the federation fell below the best modality on its own
+    (AUROC 0.599 against 0.705, 3 sites x 16,000 records, epsilon 8); with both changes
+    0.77-0.78 (which of the two matters more was not separated). Built from ``nn.Linear`` and
     ``nn.LayerNorm`` (Opacus samples both) rather than ``opacus.layers.DPMultiheadAttention``:
     in Opacus 1.6 that layer with ``batch_first=True`` and more than one head reshapes its
     output across tokens (its result differs from ``batch_first=False`` on the same input),
