@@ -20,9 +20,9 @@ NEG = -1e4  # "minus infinity" that keeps fully-masked rows finite
 # Bounds on the learned modality weights (see GatedHead and AttentionHead). Under DP-SGD a
 # gate that may switch a modality off does: measured on 3 sites x 16,000 records at epsilon 8
 # (docs/BENCHMARKS.md), a gate bound of 2 (weight ratios up to e^4) let the gate settle on two
-# modalities and the federation at the level of one (AUROC 0.709); 0.5 (ratios up to e^1)
-# keeps every modality learning (0.78-0.81). Attention scores are soft-capped for the same
-# reason.
+# modalities and the federation at the level of one (AUROC 0.709); with 0.5 (ratios up to
+# e^1) no modality can be switched off, and it reached 0.72-0.81 over four runs. Attention
+# scores are soft-capped for the same reason.
 GATE_BOUND = 0.5
 ATTENTION_SCORE_CAP = 2.0
 
@@ -99,7 +99,7 @@ class AttentionHead(nn.Module):
     noise in the query/key weights cannot sharpen the attention onto one modality. With the
     [CLS] token alone and no cap the federation fell below the best modality on its own
     (AUROC 0.599 against 0.705, 3 sites x 16,000 records, epsilon 8); with both changes
-    0.77-0.78 (which of the two matters more was not separated). Built from ``nn.Linear`` and
+    0.75-0.78 (which of the two matters more was not separated). Built from ``nn.Linear`` and
     ``nn.LayerNorm`` (Opacus samples both) rather than ``opacus.layers.DPMultiheadAttention``:
     in Opacus 1.6 that layer with ``batch_first=True`` and more than one head reshapes its
     output across tokens (its result differs from ``batch_first=False`` on the same input),
