@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of rows to run (e.g. gated,image)")
     ap.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+")
     ap.add_argument(
-        "--work", default="", help="keep data and runs here (reused by later calls); default: temp"
+        "--work", default="", help="keep the generated sites here (reused by later calls)"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
