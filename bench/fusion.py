@@ -1,6 +1,7 @@
 """Fusion heads vs single modalities on synthetic data: 3 sites, DP epsilon 8 per site.
 
 Run:  PYTHONPATH=. python bench/fusion.py [--records 1000] [--rounds 4] [--seeds 0,1]
+      [--learning-rate 0.03]
 
 For each fusion head (all four modalities) and each single modality, runs a federation and
 prints the final global model's AUROC on the pooled test splits of the three sites (as
@@ -62,6 +63,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument(
+        "--learning-rate", type=float, default=RunConfig.learning_rate, help="sites' Adam rate"
+    )
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--seeds", default="0,1", help="federation seeds (data stays the same)")
     ap.add_argument("--missing-rate", type=float, default=0.3)
@@ -81,6 +85,7 @@ def main() -> None:
         num_rounds=args.rounds,
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
         target_epsilon=args.epsilon,
         secagg=args.secagg,
         min_sites=3,
@@ -95,7 +100,8 @@ def main() -> None:
         rows = [r for r in rows if r[0].split()[0] in keep]
     print(
         f"3 sites x ~{args.records} records, rounds {args.rounds}, local epochs "
-        f"{args.local_epochs}, batch {args.batch_size}, epsilon {args.epsilon} per site, "
+        f"{args.local_epochs}, batch {args.batch_size}, Adam {args.learning_rate}, "
+        f"epsilon {args.epsilon} per site, "
         f"seeds {seeds}; final AUROC on the pooled test splits, mean ± half-range"
     )
     with tempfile.TemporaryDirectory() as tmp:
