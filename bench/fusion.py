@@ -1,12 +1,14 @@
 """Fusion heads vs single modalities on synthetic data: 3 sites, DP epsilon 8 per site.
 
 Run:  PYTHONPATH=. python bench/fusion.py [--records 1000] [--rounds 4] [--seeds 0,1]
-      [--learning-rate 0.03]
+      [--learning-rate 0.03] [--plot fusion.png]
 
 For each fusion head (all four modalities) and each single modality, runs a federation and
 prints the final global model's AUROC on the pooled test splits of the three sites (as
 ``fedfuse experiment``: the mean of the sites' own AUROCs, each on a label-skewed split, is
-noisier), on complete data and with 30% of records missing one modality. The federation is
+noisier), on complete data and with 30% of records missing one modality, and each run's last
+rounds (the sites' mean test AUROC; ``--plot`` draws every round): a run still climbing at its
+end is under-trained, and its number says where the last round landed. The federation is
 the real one -- ``server.app.run_federation`` and the ClientApp (Opacus DP-SGD, whole-run
 noise plan, ledger) -- over ``simulations.inprocess.InProcessGrid``: sites run one after
 another in this process instead of in Ray workers, which fits a sweep of ~30 federations on
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -26,6 +29,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -45,8 +49,16 @@ logging.getLogger("flwr").setLevel(logging.ERROR)
 ALL = ("image", "report", "audio", "tabular")
 
 
-def federate(cfg: RunConfig, data_dir: Path, out: Path, *, seed: int) -> float:
-    """One federation over the site folders of ``data_dir``; the final test AUROC."""
+class Federation(NamedTuple):
+    """A finished federation: the final model's AUROC on the pooled test splits, and the
+    sites' mean test AUROC after every round (is it still climbing at the end?)."""
+
+    auroc: float
+    curve: list[float]
+
+
+def federate(cfg: RunConfig, data_dir: Path, out: Path, *, seed: int) -> Federation:
+    """One federation over the site folders of ``data_dir``."""
     cfg = cfg.replace(seed=seed, data_dir=str(data_dir), out_dir=str(out))
     run_dir = RunDirectory(
         out, cfg, run_id=f"{cfg.fusion}-{cfg.modalities}-{seed}".replace(",", "+")
@@ -54,7 +66,39 @@ def federate(cfg: RunConfig, data_dir: Path, out: Path, *, seed: int) -> float:
     run_federation(InProcessGrid(client_app, 3, seed=seed), cfg, run_dir=run_dir)
     eps = json.loads((run_dir.path / "privacy.json").read_text())["sites"]
     assert all(float(s["epsilon"]) <= cfg.target_epsilon + 1e-6 for s in eps.values())
-    return pooled_test_metrics(cfg, run_dir.path / "model.pt", num_sites=3)["auroc"]
+    auroc = pooled_test_metrics(cfg, run_dir.path / "model.pt", num_sites=3)["auroc"]
+    return Federation(auroc, [float(r.get("eval-auroc", math.nan)) for r in run_dir.rounds])
+
+
+def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """Per-round test AUROC: one panel per model; a colour per seed, dashed with missing data."""
+    from matplotlib.ticker import MaxNLocator
+
+    from common.plots import plt
+
+    fig, axes = plt.subplots(
+        1, len(curves), figsize=(3.2 * len(curves), 3.2), sharey=True, squeeze=False
+    )
+    low = 0.4
+    for ax, (model, runs) in zip(axes[0], curves.items(), strict=True):
+        seeds = sorted({label.rsplit(" ", 1)[-1] for label in runs})
+        for label, ys in runs.items():
+            colour = f"C{seeds.index(label.rsplit(' ', 1)[-1])}"
+            style = "--" if label.startswith("missing") else "-"
+            ax.plot(range(1, len(ys) + 1), ys, style, color=colour, label=label)
+            low = min([low, *(y - 0.05 for y in ys if math.isfinite(y))])
+        ax.set_title(model)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylim(max(low, 0.0), 1.0)
+    axes[0][0].set_ylabel("sites' mean test AUROC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -75,6 +119,7 @@ def main() -> None:
     ap.add_argument(
         "--work", default="", help="keep the generated sites here (reused by later calls)"
     )
+    ap.add_argument("--plot", default="", help="draw every run's per-round AUROC to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -121,10 +166,12 @@ def main() -> None:
             f"\n{'model':<22}{'complete':>16}{f'{args.missing_rate:.0%} missing':>16}"
             f"{'diff':>8}{'s':>6}"
         )
+        curves: dict[str, dict[str, list[float]]] = {}
         for name, cfg in rows:
             t0 = time.time()
-            a = [federate(cfg, root / "complete", Path(tmp) / "runs", seed=s) for s in seeds]
-            b = [federate(cfg, root / "missing", Path(tmp) / "runs-m", seed=s) for s in seeds]
+            fa = [federate(cfg, root / "complete", Path(tmp) / "runs", seed=s) for s in seeds]
+            fb = [federate(cfg, root / "missing", Path(tmp) / "runs-m", seed=s) for s in seeds]
+            a, b = [f.auroc for f in fa], [f.auroc for f in fb]
             ma, mb = statistics.mean(a), statistics.mean(b)
             spread = lambda v: f"±{(max(v) - min(v)) / 2:.3f}" if len(v) > 1 else ""  # noqa: E731
             print(
@@ -132,6 +179,19 @@ def main() -> None:
                 f"{mb - ma:>+8.3f}{time.time() - t0:>6.0f}   per seed {a} / {b}",
                 flush=True,
             )
+            # A run still climbing at its last rounds is under-trained: its number is where
+            # the last round happened to land, not what the head can do.
+            runs = {
+                f"{d} seed {s}": f.curve
+                for d, fs in (("complete", fa), ("missing", fb))
+                for s, f in zip(seeds, fs, strict=True)
+            }
+            for label, ys in runs.items():
+                tail = ", ".join(f"{y:.3f}" for y in ys[-4:])
+                print(f"{'':<4}{label:<20}last rounds {tail}", flush=True)
+            curves[name] = runs
+        if args.plot:
+            print(f"per-round AUROC: {plot_curves(curves, Path(args.plot))}")
 
 
 if __name__ == "__main__":
