@@ -29,6 +29,8 @@ from common.secagg.ddp import (
 )
 from common.secagg.protocol import SecAggProtocolError
 
+# The only sampling rate a site can stand behind for a round it is asked to train.
+SITE_SAMPLE_RATE = 1.0
 # Keeps the noise stream apart from the training streams drawn from the same round seed.
 _NOISE_STREAM = 0xDD9
 
@@ -63,7 +65,11 @@ def site_round(msg: Message, cfg: RunConfig, global_arrays: dict[str, np.ndarray
     spec.check_modulus(num_sites=num_sites, threshold=threshold, modulus=modulus)
     config: Any = msg.content["config"]
     seed = rotation_seed(str(config.get("run-uid", "")), int(config.get("server-round", 0)))
-    event = spec.event(threshold=threshold, sample_rate=cfg.fraction_train)
+    # Rate 1: the site cannot verify how the coordinator samples sites (Flower asks
+    # max(int(N x fraction-train), min-sites) of them, not a Poisson sample at fraction-train),
+    # so every round it is asked counts in full. The coordinator's amplified figure is its
+    # own, reported apart with its assumption (server/ddp.py).
+    event = spec.event(threshold=threshold, sample_rate=SITE_SAMPLE_RATE)
     return SiteDdpRound(spec, threshold, num_sites, modulus, seed, event)
 
 

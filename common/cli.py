@@ -291,6 +291,11 @@ def _print_privacy(run_dir: Path) -> dict[str, Any]:
             f"{client['noise_multiplier']:g}, update clip {client['clip_norm']:g}, "
             f"{client['rounds']} rounds ({client['accountant'].upper()})"
         )
+        if "sampling_assumption" in client:
+            console.print(
+                f"  the coordinator's figure: {client['sampling_assumption']} (epsilon at rate "
+                f"1: {float(client['epsilon_unamplified']):.4f})"
+            )
     return privacy
 
 

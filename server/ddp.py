@@ -7,10 +7,16 @@ sum could wrap around the modulus before any site trains, and accounts each roun
 distributed discrete Gaussian event (``common/privacy/ddgauss.py``) at the site sampling rate,
 under the assumption it records: at least the reconstruction threshold of sites' noise is in
 every sum (SecAgg+ cannot finish a round with fewer).
+
+That figure is the coordinator's: it takes amplification by sampling (rate = sites sampled /
+sites available) on the coordinator's word, which a site cannot verify. Each site's own ledger
+counts every round it is asked at rate 1 (``client/ddp.py``), so ``privacy.json`` shows both:
+``epsilon`` (amplified, labelled with ``sampling_assumption``) and ``epsilon_unamplified``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from logging import WARNING
 from typing import Any
 
@@ -21,6 +27,12 @@ from common.privacy.ddgauss import DdgEvent, ddg_epsilon
 from common.secagg.ddp import DdpSpec, spec_from_config
 
 ACCOUNTANT = "rdp (KLS21 Prop. 14; Zhu-Wang 2019 Poisson subsampling)"
+SAMPLING_ASSUMPTION = (
+    "epsilon is amplified by sampling: it assumes each site took part in each round only with "
+    "probability (sites sampled / sites available), independently, as the coordinator reports; "
+    "no site can verify this. epsilon_unamplified counts every round at rate 1, as each site's "
+    "own ledger does for every round it is asked"
+)
 
 
 class DistributedDp:
@@ -67,13 +79,21 @@ class DistributedDp:
         }
 
     def epsilon(self) -> float:
+        """The coordinator's figure: each round amplified by its sampling rate."""
         return ddg_epsilon(self.events, delta=self.delta) if self.events else 0.0
+
+    def epsilon_unamplified(self) -> float:
+        """Every round at rate 1: what the ledger of a site asked in every round records."""
+        events = [dataclasses.replace(e, sample_rate=1.0) for e in self.events]
+        return ddg_epsilon(events, delta=self.delta) if events else 0.0
 
     def summary(self) -> dict[str, Any]:
         """What privacy.json reports (under ``client_level``) for the run so far."""
         last = self.events[-1] if self.events else None
         return {
             "epsilon": self.epsilon(),
+            "sampling_assumption": SAMPLING_ASSUMPTION,
+            "epsilon_unamplified": self.epsilon_unamplified(),
             "delta": self.delta,
             "noise_multiplier": float(self.cfg.client_noise_multiplier),
             "clip_norm": float(self.cfg.client_clip_norm),

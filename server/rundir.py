@@ -206,6 +206,12 @@ class RunDirectory:
                 f"update clip {client['clip_norm']:g}, {client['rounds']} rounds, accountant "
                 f"`{client['accountant']}`.",
             ]
+            if "sampling_assumption" in client:
+                lines += [
+                    "",
+                    f"That epsilon is the coordinator's: {client['sampling_assumption']} "
+                    f"(epsilon at rate 1: {_f(client.get('epsilon_unamplified'))}).",
+                ]
         if (self.path / "epsilon.png").exists():
             lines += ["", "![epsilon per site](epsilon.png)"]
         if self.rounds:
