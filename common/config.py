@@ -105,8 +105,10 @@ class RunConfig:
     # The tab.<name> columns the model reads: its input size must be fixed before any site
     # is seen. Required when modalities include tabular.
     tabular_columns: str = ""
-    # Optional fixed ranges "name=lo:hi,..."; columns without one are standardised with the
-    # mean/std of the site's own train split, which never leave the site.
+    # Fixed ranges "name=lo:hi,...", required for every column under DP: one record would
+    # move every other record's features through a fitted mean/std, outside the per-record
+    # sensitivity DP-SGD assumes. Without DP, a column without one is standardised with the
+    # mean/std of the site's own train split (never sent).
     tabular_ranges: str = ""
     # Every WAV is mixed to mono, resampled to audio-rate Hz and cut/padded to audio-seconds;
     # 2 kHz keeps heart and lung sounds (< 1 kHz) and makes small spectrograms.
@@ -283,6 +285,9 @@ def _check_modalities(cfg: RunConfig) -> None:
             f"'tabular-ranges' names {unknown}, which are not in 'tabular-columns' "
             f"{list(cfg.tabular_names)}"
         )
+    unranged = [c for c in cfg.tabular_names if c not in ranges]
+    if "tabular" in names and cfg.private and unranged:
+        raise ConfigError(tabular_ranges_required(unranged))
     _check_int("audio-rate", cfg.audio_rate, low=500)
     _check_range("audio-seconds", cfg.audio_seconds, low=0.1, high=60.0)
     _check_choice("audio-features", cfg.audio_features, ("logmel", "mfcc"))
@@ -292,6 +297,16 @@ def _check_modalities(cfg: RunConfig) -> None:
     _check_choice("task", cfg.task, ("single-label", "multi-label"))
     _check_range("modality-dropout", cfg.modality_dropout, low=0.0, high=1.0, high_open=True)
     _check_choice("noise-seed", cfg.noise_seed, ("secret", "public"))
+
+
+def tabular_ranges_required(columns: list[str]) -> str:
+    """The one-line error for tabular columns without a fixed range in a private run."""
+    example = ",".join(f"{c}=LOW:HIGH" for c in columns)
+    return (
+        f"under DP (finite target-epsilon) every tabular column needs a fixed range: set "
+        f"'tabular-ranges' for {', '.join(columns)} (e.g. tabular-ranges = \"{example}\"); "
+        "scaling by a site's own mean/std would release statistics of its records outside epsilon"
+    )
 
 
 def _parse_ranges(text: str) -> dict[str, tuple[float, float]]:

@@ -37,6 +37,7 @@ def small_cfg(**kw) -> RunConfig:
     base = dict(
         modalities=",".join(ALL),
         tabular_columns="a,b,c",
+        tabular_ranges="a=0:1,b=0:1,c=0:1",
         image_size=16,
         text_buckets=64,
         max_tokens=8,

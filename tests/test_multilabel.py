@@ -102,6 +102,7 @@ def test_multilabel_training_with_opacus_and_per_class_metrics(tmp_path, private
     cfg = RunConfig(
         modalities="tabular",
         tabular_columns="x,y,z",
+        tabular_ranges="x=-3:6,y=-3:6,z=-3:6",
         classes=CLASSES,
         task="multi-label",
         fusion="gated",

@@ -10,7 +10,7 @@ from PIL import Image
 
 from common.config import RunConfig
 from common.data.dataset import load_site
-from common.data.synthetic import TABULAR_COLUMNS, generate
+from common.data.synthetic import TABULAR_COLUMNS, TABULAR_RANGES, generate
 from tests.mmutil import write_manifest
 
 
@@ -58,6 +58,7 @@ def test_dp_data_loader_batches_every_modality_and_empty_batches(tmp_path):
     cfg = RunConfig(
         modalities="image,report,audio,tabular",
         tabular_columns=",".join(TABULAR_COLUMNS),
+        tabular_ranges=TABULAR_RANGES,
         task="multi-label",
         classes="no_finding,pneumonia",
     )

@@ -135,7 +135,8 @@ def tabular_input_dim(cfg: RunConfig) -> int:
 def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...]:
     """The inputs ``cfg.modalities`` names, in that order, for one site.
 
-    The tabular scaler is fitted on the site's train split (unless the config fixes ranges).
+    The tabular scaler uses the config's fixed ranges; only a non-private run may fit it on the
+    site's train split instead.
     """
     out: list[ModalityInput] = []
     for name in cfg.modality_names:
@@ -152,7 +153,10 @@ def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...
         elif name == "tabular":
             train_rows = [r.tabular for r in manifest.split("train")]
             scaler = TabularScaler.fit(
-                train_rows, columns=cfg.tabular_names, ranges=cfg.tabular_range_map
+                train_rows,
+                columns=cfg.tabular_names,
+                ranges=cfg.tabular_range_map,
+                private=cfg.private,
             )
             out.append(TabularInput(scaler))
         else:  # RunConfig validates names; this guards a new modality added in one place only

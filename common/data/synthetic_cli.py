@@ -13,12 +13,18 @@ from common.errors import ConfigError
 
 def synthetic_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Run-config keys the synthetic data implies: its lab columns and their reference ranges
-    when tabular is used (unless the user set them)."""
+    when tabular is used (unless the user set them; DP needs the ranges)."""
     out = dict(raw)
     mods = [m.strip() for m in str(out.get("modalities", RunConfig.modalities)).split(",")]
-    if "tabular" in mods and not out.get("tabular-columns"):
-        out["tabular-columns"] = ",".join(TABULAR_COLUMNS)
-        out.setdefault("tabular-ranges", TABULAR_RANGES)
+    if "tabular" in mods:
+        if not out.get("tabular-columns"):
+            out["tabular-columns"] = ",".join(TABULAR_COLUMNS)
+        if not out.get("tabular-ranges"):
+            # The generator knows its own columns' ranges: use them for those it made.
+            chosen = {c.strip() for c in str(out["tabular-columns"]).split(",")}
+            known = [r for r in TABULAR_RANGES.split(",") if r.split("=")[0] in chosen]
+            if known:
+                out["tabular-ranges"] = ",".join(known)
     return out
 
 

@@ -1,8 +1,10 @@
 """Tabular values (``tab.<name>`` columns) -> a fixed-size, scaled vector with missing-value flags.
 
-Scaling uses either fixed ranges from the run config or the mean and standard deviation of the
-site's own train split. Those statistics stay in the site's dataset object: they are never part
-of the model state or of any message, so nothing about the site's value distribution leaves it.
+Scaling uses either fixed ranges from the run config or, in non-private runs only, the mean and
+standard deviation of the site's own train split. Under DP a fitted statistic is refused: one
+record would move every other record's scaled features, so DP-SGD's per-record sensitivity
+would not hold and the statistic itself would be released outside epsilon. Fitted statistics
+stay in the site's dataset object: never part of the model state or of any message.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from common.config import tabular_ranges_required
+from common.errors import ConfigError
 
 # Scaled values are clipped: one extreme lab value must not dominate a record's gradient.
 CLIP = 5.0
@@ -40,9 +45,14 @@ class TabularScaler:
         *,
         columns: tuple[str, ...],
         ranges: Mapping[str, tuple[float, float]] | None = None,
+        private: bool,
     ) -> TabularScaler:
-        """Fixed ranges where given (mapped to [-1, 1]); site-local mean/std elsewhere."""
+        """Fixed ranges where given (mapped to [-1, 1]); site-local mean/std elsewhere, which
+        ``private`` (a DP run) refuses with :class:`ConfigError`."""
         ranges = ranges or {}
+        unranged = [c for c in columns if c not in ranges]
+        if private and unranged:
+            raise ConfigError(tabular_ranges_required(unranged))
         rows = list(rows)
         center, scale = [], []
         for c in columns:
