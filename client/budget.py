@@ -35,6 +35,15 @@ from client.training import PrivacyPlan, RoundResult, batches_per_epoch
 from common.config import RunConfig
 from common.errors import ConfigError, FedfuseError, PrivacyBudgetExhaustedError
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from common.privacy.anchor import (
+    ANCHOR_NAME,
+    HEAD_META,
+    LedgerHead,
+    anchor_path,
+    head_problems,
+    read_head,
+    write_head,
+)
 from common.privacy.ddgauss import DdgEvent
 from common.privacy.ledger import (
     LEDGER_ACCOUNTANT,
@@ -44,6 +53,13 @@ from common.privacy.ledger import (
     cumulative_epsilon,
 )
 from common.privacy.refusal import PRIVACY_REFUSAL_CODE
+from common.privacy.site_secret import (
+    SECRET_NAME,
+    SiteSecretError,
+    existing_secret,
+    ledger_key,
+    load_or_create_secret_file,
+)
 
 SITE_DIR = ".fedfuse"
 SITE_FILE = "site.toml"
@@ -56,12 +72,18 @@ _SITE_KEYS = ("epsilon-budget", "delta")
 
 @dataclass(frozen=True)
 class SiteBudget:
-    """The site's own limits and where its ledger lives."""
+    """The site's own limits, where its ledger lives, and the folder (``<data>/.fedfuse``)
+    that holds its secret and its authenticated ledger head (the ledger's folder if None)."""
 
     epsilon: float
     delta: float
     ledger_path: Path
     source: str
+    site_dir: Path | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.site_dir if self.site_dir is not None else self.ledger_path.parent
 
 
 def _number(value: Any, *, key: str, where: str) -> float:
@@ -131,7 +153,7 @@ def resolve_budget(node_config: Mapping[str, Any], data_path: Path) -> SiteBudge
         ledger = Path(str(node_config["ledger-path"])).expanduser()
     else:
         ledger = data_path / SITE_DIR / LEDGER_NAME
-    return SiteBudget(eps, delta, ledger, source[0])
+    return SiteBudget(eps, delta, ledger, source[0], data_path / SITE_DIR)
 
 
 def model_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -218,9 +240,27 @@ class SiteLedger:
     def __init__(self, budget: SiteBudget, *, site: str) -> None:
         self.budget = budget
         self.site = site
+        self.head_file = anchor_path(budget.state_dir)
+        self.secret_file = budget.state_dir / SECRET_NAME
         try:
+            secret = existing_secret(self.secret_file)
+            if secret is None and self.head_file.exists():
+                raise RoundRefused(
+                    f"its secret ({SITE_DIR}/{SECRET_NAME}) is missing, so its ledger head cannot "
+                    "be authenticated: restore the secret from a backup, or reset the ledger on "
+                    "purpose with `fedfuse ledger reset <site folder> --reason ...`"
+                )
+            self.head = read_head(self.head_file, key=ledger_key(secret) if secret else None)
+            if self.head is not None and self.head.trained and not budget.ledger_path.exists():
+                # Deleting the ledger must not reset the budget: the head says it existed.
+                raise RoundRefused(
+                    f"its privacy ledger ({budget.ledger_path.name}) is missing but this site "
+                    f"has trained before ({self.head.count} entries, per {SITE_DIR}/"
+                    f"{ANCHOR_NAME}): restore the ledger from a backup, or reset it on purpose "
+                    "with `fedfuse ledger reset <site folder> --reason ...` (recorded)"
+                )
             self.ledger = Ledger(budget.ledger_path)
-        except LedgerError as exc:
+        except (LedgerError, SiteSecretError) as exc:
             raise RoundRefused(f"its privacy ledger cannot be used: {exc}") from exc
 
     def _spent(self, entries: list[LedgerEntry]) -> float:
@@ -259,6 +299,15 @@ class SiteLedger:
                 f"({report.problems[0]}); run `fedfuse audit {self.ledger.path}`"
             )
         entries = self.ledger.entries()
+        problems = head_problems(self.head, entries)
+        if self.head is None and entries and self.ledger.meta(HEAD_META) is not None:
+            problems.append(f"its authenticated ledger head ({SITE_DIR}/{ANCHOR_NAME}) is missing")
+        if problems:
+            raise RoundRefused(
+                f"its privacy ledger disagrees with its authenticated head ({problems[0]}); run "
+                "`fedfuse audit <site folder>`, and restore the ledger or reset it on purpose "
+                "with `fedfuse ledger reset <site folder> --reason ...`"
+            )
         done = [e for e in entries if e.run_id == run_id and e.round == server_round]
         if done:
             # Trained before (a resumed run re-sends the round): training again is another
@@ -394,10 +443,11 @@ class SiteLedger:
         global_model_hash: str,
         distributed: DdgEvent | None = None,
     ) -> LedgerEntry:
-        """Append the round's event (atomically re-checking the budget) before anything leaves
-        the site; raise :class:`RoundRefused` if the ledger will not take it."""
+        """Append the round's event (atomically re-checking the budget) and authenticate the
+        new head before anything leaves the site; raise :class:`RoundRefused` if the ledger
+        will not take it."""
         try:
-            return self.ledger.append(
+            entry = self.ledger.append(
                 site=self.site,
                 run_id=run_id,
                 run_name=run_name,
@@ -412,6 +462,23 @@ class SiteLedger:
             )
         except (PrivacyBudgetExhaustedError, LedgerError) as exc:
             raise RoundRefused(str(exc)) from exc
+        self._authenticate_head(entry)
+        return entry
+
+    def _authenticate_head(self, entry: LedgerEntry) -> None:
+        """Write the HMAC-authenticated head after the entry is committed: the ledger may run
+        ahead of its head after a crash here, never behind it."""
+        try:
+            key = ledger_key(load_or_create_secret_file(self.secret_file))
+            resets = self.head.resets if self.head is not None else ()
+            head = LedgerHead(entry.seq, entry.hash, resets)
+            if self.head is None or self.head.count < head.count:
+                write_head(self.head_file, head, key=key)
+                self.head = head
+            if self.ledger.meta(HEAD_META) is None:
+                self.ledger.set_meta(HEAD_META, ANCHOR_NAME)
+        except (OSError, SiteSecretError, LedgerError) as exc:
+            raise RoundRefused(f"its ledger head cannot be written: {exc}") from exc
 
 
 def privacy_metrics(

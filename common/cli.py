@@ -571,6 +571,32 @@ def audit_ledger(
     raise typer.Exit(report.exit_code)
 
 
+ledger_app = typer.Typer(help="A site's privacy ledger: reset it on purpose.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("reset")
+def ledger_reset(
+    site: Path = typer.Argument(..., help="The site folder (its data path)."),
+    reason: str = typer.Option(..., "--reason", help="Why (recorded in the new ledger)."),
+) -> None:
+    """Start a new, empty ledger on purpose: the old one is kept and the reset is recorded in
+    the new ledger and the site's authenticated head (`fedfuse audit` shows it)."""
+    from common.privacy.anchor import reset_ledger
+
+    if not site.is_dir():
+        _fail(f"ledger reset: '{site}' is not a site folder")
+    try:
+        r = reset_ledger(site / ".fedfuse", reason=reason)
+    except FedfuseError as exc:
+        _fail(str(exc))
+    kept = f"the old ledger is kept as {r.kept_as}" if r.kept_as else "there was no ledger file"
+    console.print(
+        f"Ledger of {site} reset at {r.time} ({r.previous_count} earlier entries; {kept}); "
+        "its lifetime epsilon starts again from 0."
+    )
+
+
 # Deployment: fedfuse certs / server run / server connect / site run (common/deploy/cli.py).
 register_deploy_commands(app)
 

@@ -84,8 +84,9 @@ def _train_request(cfg: RunConfig, site: Path, **server_keys: object) -> tuple[M
 
 
 def _train_once(site: Path) -> dict[str, torch.Tensor]:
-    """One real ClientApp round (DP-SGD) on ``site`` with a fresh ledger; the reply's model."""
-    for p in (site / ".fedfuse").glob("ledger.sqlite*"):
+    """One real ClientApp round (DP-SGD) on ``site`` with a fresh ledger; the reply's model.
+    (The authenticated head goes too: a site keeping it refuses to train without its ledger.)"""
+    for p in (site / ".fedfuse").glob("ledger*"):
         p.unlink()
     cfg = RunConfig(
         num_rounds=1, local_epochs=1, batch_size=64, target_epsilon=4.0, accountant="rdp"

@@ -14,7 +14,14 @@ run directory) the audit
 4. checks every entry against the budget in force when it was written (and ``budget`` if given);
 5. for a run directory, checks that every ledger entry the server recorded for the run (its
    hash per site and round) is still in the ledger unchanged -- this catches a consistent
-   rewrite of a whole ledger, which a hash chain alone cannot.
+   rewrite of a whole ledger, which a hash chain alone cannot;
+6. checks the ledger against the site's HMAC-authenticated head beside it
+   (``.fedfuse/ledger-head``, ``common/privacy/anchor.py``): a site folder whose head says it
+   trained but has no ledger, a ledger shorter than its head or different at the head's entry,
+   or a head whose HMAC fails is tampered; deliberate resets are shown;
+7. checks that each recorded sampling rate is one the site could verify: the site's own
+   Poisson sampling under DP-SGD, else rate 1 (a site cannot verify how the coordinator samples
+   sites, so a distributed-DP round amplified by it is an unverifiable claim).
 
 Exit status: 0 all good, 1 a budget exceeded, 2 a ledger tampered or inconsistent.
 """
@@ -30,6 +37,7 @@ from typing import Any
 from common.errors import FedfuseError
 from common.jsonsafe import jsonable
 from common.privacy.accounting import epsilon_from_events
+from common.privacy.anchor import ANCHOR_NAME, HEAD_META, anchor_path, head_problems, read_head
 from common.privacy.ledger import (
     LEDGER_ACCOUNTANT,
     ChainReport,
@@ -37,6 +45,7 @@ from common.privacy.ledger import (
     LedgerEntry,
     LedgerError,
 )
+from common.privacy.site_secret import SECRET_NAME, SiteSecretError, existing_secret, ledger_key
 
 # The stored cumulative epsilon must equal the recomputation with the same accountant; only
 # floating-point noise and accountant-version drift may separate them.
@@ -94,6 +103,8 @@ class LedgerAudit:
     # server anchors.
     problems: list[str] = field(default_factory=list)
     over_budget: list[str] = field(default_factory=list)
+    # Facts that are not failures (a deliberate reset, a head that is not authenticated).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def sites(self) -> list[str]:
@@ -151,6 +162,7 @@ class AuditReport:
                         "chain_problems": a.chain.problems,
                         "problems": a.problems,
                         "over_budget": a.over_budget,
+                        "notes": a.notes,
                         "lifetime_epsilon": a.lifetime_epsilon,
                         "events": [ev.as_dict() for ev in a.events],
                     }
@@ -205,6 +217,19 @@ def audit_ledger(path: str | Path, *, budget: float | None = None) -> LedgerAudi
                 f"{e.label()}: epsilon {prv:.4g} exceeds the site budget {e.epsilon_budget:.4g} "
                 "in force when it was written"
             )
+        ddg = e.distributed
+        if ddg is not None and ddg.sample_rate != 1.0:
+            audit.problems.append(
+                f"{e.label()}: distributed-DP round recorded at sampling rate "
+                f"{ddg.sample_rate:g}; a site cannot verify how the coordinator samples sites, "
+                "so only rate 1 is a rate it can stand behind"
+            )
+        elif e.event is None and e.sample_rate != 1.0:
+            audit.problems.append(
+                f"{e.label()}: non-private round recorded at sampling rate {e.sample_rate:g}; "
+                "only rate 1 is a rate the site can stand behind"
+            )
+    check_head(audit, ledger, entries)
     if budget is not None and audit.events and audit.lifetime_epsilon > budget:
         last = audit.events[-1].entry
         audit.over_budget.append(
@@ -214,9 +239,65 @@ def audit_ledger(path: str | Path, *, budget: float | None = None) -> LedgerAudi
     return audit
 
 
+def check_head(audit: LedgerAudit, ledger: Ledger, entries: list[LedgerEntry]) -> None:
+    """Check the ledger against the site's authenticated head in the same folder, if any."""
+    folder = ledger.path.parent
+    head_file = anchor_path(folder)
+    if not head_file.exists():
+        if ledger.meta(HEAD_META) is not None:
+            audit.problems.append(
+                f"the ledger's authenticated head {head_file} is missing (it was written before)"
+            )
+        elif entries:
+            audit.notes.append(f"no authenticated head beside this ledger ({head_file})")
+        return
+    try:
+        secret = existing_secret(folder / SECRET_NAME)
+    except SiteSecretError as exc:
+        audit.problems.append(f"cannot authenticate the ledger head: {exc}")
+        return
+    if secret is None:
+        audit.problems.append(
+            f"cannot authenticate the ledger head {head_file}: the site's secret "
+            f"{folder / SECRET_NAME} is missing"
+        )
+        return
+    try:
+        head = read_head(head_file, key=ledger_key(secret))
+    except LedgerError as exc:
+        audit.problems.append(str(exc))
+        return
+    assert head is not None
+    audit.problems += head_problems(head, entries)
+    for r in head.resets:
+        kept = f"kept as {r.kept_as}" if r.kept_as else "its file was missing"
+        audit.notes.append(
+            f"ledger reset on purpose at {r.time}: {r.reason!r} (it held {r.previous_count} "
+            f"entries ending in {r.previous_hash[:12]}...; {kept})"
+        )
+
+
 def _site_ledger(folder: Path) -> Path | None:
     p = folder / LEDGER_FILE
     return p if p.is_file() else None
+
+
+def _trained_without_ledger(folder: Path) -> str | None:
+    """Why ``folder`` (a site folder) should hold a ledger it lacks, or None."""
+    head_file = folder / LEDGER_FILE.parent / ANCHOR_NAME
+    if (folder / LEDGER_FILE).exists() or not head_file.exists():
+        return None
+    try:
+        head = read_head(head_file, key=None)
+    except LedgerError as exc:
+        return f"site folder {folder}: no ledger, and {exc}"
+    if head is None or not head.trained:
+        return None
+    return (
+        f"site folder {folder}: its ledger {LEDGER_FILE} is missing, but its authenticated head "
+        f"records {head.count} entries (the site has trained): restore the ledger, or reset it "
+        "on purpose with `fedfuse ledger reset <site folder> --reason ...`"
+    )
 
 
 def find_ledgers(
@@ -238,9 +319,14 @@ def find_ledgers(
     own = _site_ledger(path)
     if own is not None:
         return [own], {}, []
-    found = sorted(p for d in sorted(path.iterdir()) if d.is_dir() and (p := _site_ledger(d)))
-    if found:
-        return found, {}, []
+    lost = _trained_without_ledger(path)
+    if lost is not None:
+        return [], {}, [lost]
+    folders = [d for d in sorted(path.iterdir()) if d.is_dir()]
+    found = sorted(p for d in folders if (p := _site_ledger(d)))
+    lost_sites = [m for d in folders if (m := _trained_without_ledger(d))]
+    if found or lost_sites:
+        return found, {}, lost_sites
     raise FedfuseError(
         f"no ledger under '{path}': expected a ledger file, a site folder holding "
         f"{LEDGER_FILE}, a folder of such site folders, or a run directory with privacy.json"
@@ -347,6 +433,8 @@ def print_report(report: AuditReport, *, console: Any, table_console: Any = None
             console.print(f"  [red]- {p}[/]")
         for p in a.over_budget:
             console.print(f"  [yellow]- over budget: {p}[/]")
+        for n in a.notes:
+            console.print(f"  - note: {n}")
     for m in report.missing:
         console.print(f"[red]- {m}[/]")
     console.print(

@@ -13,7 +13,8 @@ processes appending at once lose nothing and fork nothing. SQLite triggers rejec
 DELETE on entries; someone who removes them and edits the file breaks the chain, which
 :meth:`Ledger.verify` reports, naming the first broken entry. A chain alone cannot reveal a
 consistent rewrite of the whole file: for that, compare with heads recorded elsewhere (the
-server's ``privacy.json`` keeps each site's entry hash per round; ``fedfuse audit`` checks them).
+site's HMAC-authenticated head beside its secret, ``common/privacy/anchor.py``; the server's
+``privacy.json`` keeps each site's entry hash per round; ``fedfuse audit`` checks both).
 """
 
 from __future__ import annotations
@@ -299,6 +300,18 @@ class Ledger:
         """Every entry, in chain order."""
         with self._connect() as con:
             return self._rows(con)
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ledger's ``meta`` table (not hash-chained: notes, not evidence)."""
+        with self._connect() as con:
+            row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        if self.readonly:
+            raise LedgerError(f"{self.path} was opened read-only (for an audit)")
+        with self._transaction() as con:
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def find(self, run_id: str, round: int) -> LedgerEntry | None:
         return next((e for e in self.entries() if e.run_id == run_id and e.round == round), None)

@@ -46,11 +46,26 @@ def secret_path(data_path: Path) -> Path:
 
 def load_or_create_secret(data_path: Path) -> bytes:
     """The site's secret; 32 random bytes written (0600, atomically) the first time."""
-    path = secret_path(data_path)
+    return load_or_create_secret_file(secret_path(data_path))
+
+
+def load_or_create_secret_file(path: Path) -> bytes:
+    """The secret in ``path``; 32 random bytes written (0600, atomically) the first time."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_exclusive(path, os.urandom(SECRET_BYTES))
     return _read(path)
+
+
+def existing_secret(secret_file: Path) -> bytes | None:
+    """The secret in ``secret_file`` if there is one (an audit never creates one)."""
+    return _read(secret_file) if secret_file.exists() else None
+
+
+def ledger_key(secret: bytes) -> bytes:
+    """The key of the site's authenticated ledger head (common/privacy/anchor.py): derived,
+    so that the secret itself keys only the round seeds."""
+    return hmac.new(secret, b"fedfuse-ledger-head-v1", hashlib.sha256).digest()
 
 
 def write_synthetic_secret(data_path: Path, *, seed: int, site: str) -> Path:
