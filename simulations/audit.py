@@ -535,6 +535,9 @@ def summary_markdown(d: dict[str, Any]) -> str:
         f"epsilon {claim_s} at site `{d['audit_site']}`, delta {d['delta']:g}, "
         f"{d['confidence']:.0%} confidence)",
         "",
+        f"VIOLATION means the claim is rejected at {d['confidence']:.0%} confidence: a "
+        "statistical rejection, not a proof; consistent does not prove the claim either.",
+        "",
         "| quantity | value |",
         "|---|---|",
         f"| DP | {'on' if d['dp'] else 'off (control)'} |",
@@ -586,7 +589,9 @@ def print_audit(result: AuditResult, console: Console) -> None:
     if result.verdict == "VIOLATION":
         console.print(
             f"[bold red]VIOLATION[/]: the lower bound {d['lower_bound']:.4f} exceeds the claimed "
-            f"epsilon; the training does not give the privacy it reports."
+            f"epsilon: the claim is rejected at {d['confidence']:.0%} confidence (a statistical "
+            "rejection, not a proof; a true claim is rejected at most "
+            f"{1 - d['confidence']:.0%} of the time)."
         )
     else:
         console.print(f"[bold green]consistent[/]: lower bound {d['lower_bound']:.4f} <= claim.")

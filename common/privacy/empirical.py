@@ -208,8 +208,10 @@ def audit_from_scores(
 
 
 def verdict(*, lower_bound: float, claimed_epsilon: float) -> str:
-    """Return "VIOLATION" when the empirical lower bound exceeds the claimed epsilon, else
-    "consistent" (which does not prove the claim: an audit only ever finds lower bounds)."""
+    """Return "VIOLATION" when the empirical lower bound exceeds the claimed epsilon -- a
+    statistical rejection of the claim at the bound's confidence (95% by default), not a proof
+    -- else "consistent" (which does not prove the claim: an audit only ever finds lower
+    bounds)."""
     if math.isnan(claimed_epsilon):
         raise ValueError("claimed epsilon is NaN: the run reported no epsilon for the audit site")
     return "VIOLATION" if lower_bound > claimed_epsilon else "consistent"
