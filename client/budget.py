@@ -476,7 +476,8 @@ class SiteLedger:
                 write_head(self.head_file, head, key=key)
                 self.head = head
             if self.ledger.meta(HEAD_META) is None:
-                self.ledger.set_meta(HEAD_META, ANCHOR_NAME)
+                # Where the head lives (a node config may keep the ledger elsewhere).
+                self.ledger.set_meta(HEAD_META, str(self.head_file.resolve()))
         except (OSError, SiteSecretError, LedgerError) as exc:
             raise RoundRefused(f"its ledger head cannot be written: {exc}") from exc
 

@@ -154,3 +154,23 @@ def test_audit_accepts_only_sampling_rates_the_site_could_verify(
     (a,) = audit(tmp_path / "ledger.sqlite").ledgers
     flagged = [p for p in a.problems if "sampling rate" in p]
     assert not flagged if ok else len(flagged) == 1 and "entry #2" in flagged[0], a.problems
+
+
+def test_a_ledger_kept_apart_from_the_site_folder_is_still_anchored(tmp_path: Path):
+    """Node config ``ledger-path`` puts the ledger elsewhere; the head stays with the secret."""
+    site, ledger = tmp_path / "site-y", tmp_path / "var" / "ledger.sqlite"
+    site.mkdir()
+    budget = resolve_budget({"ledger-path": str(ledger)}, site)
+    guard = SiteLedger(budget, site="site-y")
+    permit = guard.prepare(cfg=CFG, run_id="a", server_round=1, num_train=NUM_TRAIN)
+    assert permit.plan is not None
+    event = DpSgdEvent(permit.plan.noise_multiplier, permit.plan.sample_rate, 3)
+    result = RoundResult(0.5, NUM_TRAIN, event, 0.0)
+    guard.record(
+        cfg=CFG, run_id="a", run_name="a", server_round=1, result=result, global_model_hash="g"
+    )
+    assert (site / ".fedfuse" / ANCHOR_NAME).is_file()
+    assert audit(ledger).exit_code == EXIT_OK
+    ledger.unlink()
+    with pytest.raises(RoundRefused, match="missing but this site has trained before"):
+        SiteLedger(budget, site="site-y")

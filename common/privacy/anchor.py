@@ -32,7 +32,8 @@ from common.privacy.ledger import GENESIS_HASH, Ledger, LedgerEntry, LedgerError
 from common.privacy.site_secret import SECRET_NAME, ledger_key, load_or_create_secret_file
 
 ANCHOR_NAME = "ledger-head"
-# Set in the ledger's meta table once a head was written: a head removed later is then noticed.
+# Set in the ledger's meta table, to the head file's path, once a head was written: a head
+# removed later is then noticed, and found when the ledger lives apart from the site folder.
 HEAD_META = "authenticated-head"
 _FORMAT = 1
 
@@ -177,7 +178,7 @@ def reset_ledger(
     reset = LedgerReset(now, reason, count, last, kept)
     ledger = Ledger(ledger_path)
     ledger.set_meta("reset", json.dumps(asdict(reset), sort_keys=True))
-    ledger.set_meta(HEAD_META, ANCHOR_NAME)
+    ledger.set_meta(HEAD_META, str(head_file.resolve()))
     key = ledger_key(load_or_create_secret_file(site_dir / SECRET_NAME))
     resets = (*(old_head.resets if old_head else ()), reset)
     write_head(head_file, LedgerHead(0, GENESIS_HASH, resets), key=key)

@@ -241,10 +241,13 @@ def audit_ledger(path: str | Path, *, budget: float | None = None) -> LedgerAudi
 
 def check_head(audit: LedgerAudit, ledger: Ledger, entries: list[LedgerEntry]) -> None:
     """Check the ledger against the site's authenticated head in the same folder, if any."""
-    folder = ledger.path.parent
-    head_file = anchor_path(folder)
+    recorded = ledger.meta(HEAD_META)
+    head_file = anchor_path(ledger.path.parent)
+    if not head_file.exists() and recorded and Path(recorded).is_absolute():
+        head_file = Path(recorded)  # a ledger kept apart from its site folder (ledger-path)
+    folder = head_file.parent  # the site's .fedfuse folder: its secret is there too
     if not head_file.exists():
-        if ledger.meta(HEAD_META) is not None:
+        if recorded is not None:
             audit.problems.append(
                 f"the ledger's authenticated head {head_file} is missing (it was written before)"
             )
