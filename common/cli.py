@@ -579,6 +579,9 @@ app.add_typer(ledger_app, name="ledger")
 def ledger_reset(
     site: Path = typer.Argument(..., help="The site folder (its data path)."),
     reason: str = typer.Option(..., "--reason", help="Why (recorded in the new ledger)."),
+    ledger_path: Path | None = typer.Option(
+        None, "--ledger-path", help="The ledger file, if the node config keeps it elsewhere."
+    ),
 ) -> None:
     """Start a new, empty ledger on purpose: the old one is kept and the reset is recorded in
     the new ledger and the site's authenticated head (`fedfuse audit` shows it)."""
@@ -587,7 +590,7 @@ def ledger_reset(
     if not site.is_dir():
         _fail(f"ledger reset: '{site}' is not a site folder")
     try:
-        r = reset_ledger(site / ".fedfuse", reason=reason)
+        r = reset_ledger(site / ".fedfuse", reason=reason, ledger_path=ledger_path)
     except FedfuseError as exc:
         _fail(str(exc))
     kept = f"the old ledger is kept as {r.kept_as}" if r.kept_as else "there was no ledger file"
