@@ -150,3 +150,16 @@ def test_under_dp_the_scaler_never_fits_statistics_on_the_site_records(tmp_path)
     )
     _, ds = load_site(site, cfg)
     assert ds["train"][0][1][:2].tolist() == pytest.approx([-0.9, -0.5])
+
+
+def test_synthetic_data_brings_its_own_ranges_so_dp_runs_need_none():
+    from common.data.synthetic_cli import synthetic_defaults
+
+    full = synthetic_defaults({"modalities": "image,tabular"})
+    assert full["tabular-ranges"] == "crp=0:200,wbc=0:25,temp=35:41"
+    some = synthetic_defaults({"modalities": "tabular", "tabular-columns": "crp,wbc"})
+    assert some["tabular-ranges"] == "crp=0:200,wbc=0:25"
+    RunConfig.from_mapping(some)  # private by default, and valid
+    own = "crp=0:9,wbc=0:9,temp=0:9"
+    mine = synthetic_defaults({"modalities": "tabular", "tabular-ranges": own})
+    assert mine["tabular-ranges"] == own  # the user's ranges win
