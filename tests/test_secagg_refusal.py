@@ -24,6 +24,66 @@ from simulations.inprocess import InProcessGrid
 from tests.secagg_helpers import fresh_sites, stage_of
 
 
+def test_the_mod_refuses_at_setup_with_fields_and_makes_no_keys() -> None:
+    """The site's mod asks its precheck at setup: a refusal goes back as fields, with no public
+    keys, the training function is never called, and a later share-keys message is refused."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.client.mod.utils import make_ffn
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.secagg_mod import SiteState, make_secaggplus_mod
+    from common.privacy.refusal import Refusal
+    from common.secagg import RoundParams, SecAggProtocolError, crypto
+    from common.secagg.protocol import RECORD_KEY, Key
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    refusal = Refusal("site-9", 3, "privacy budget exhausted", spent=5.2, budget=5.0)
+    asked: list[Message] = []
+    trained: list[Message] = []
+
+    def precheck(msg: Message, _ctxt: Context) -> Refusal | None:
+        asked.append(msg)
+        return refusal
+
+    def train(msg: Message, _ctxt: Context) -> Message:
+        trained.append(msg)
+        return Message(RecordDict(), reply_to=msg)
+
+    app = make_ffn(train, [make_secaggplus_mod(precheck=precheck)])
+    ctxt = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    setup = {Key.STAGE: Stage.SETUP, **RoundParams(3, 3, 2, 8.0, 2**22, 2**32, 1000.0).to_record()}
+    msg = Message(
+        RecordDict({RECORD_KEY: ConfigRecord(setup)}), dst_node_id=5, message_type=MessageType.TRAIN
+    )
+    reply = app(msg, ctxt)
+    rec = reply.content.config_records[RECORD_KEY]
+    assert rec[Key.STAGE] == Stage.SETUP and rec[Key.REFUSED] == refusal.why
+    assert Key.PK1 not in rec and Key.PK2 not in rec
+    fields = reply.content.config_records[REFUSAL_KEY]
+    assert Refusal.from_record(fields) == refusal
+    assert dict(fields) == {
+        "site": "site-9",
+        "round": 3,
+        "why": "privacy budget exhausted",
+        "spent": 5.2,
+        "budget": 5.0,
+    }
+    assert len(asked) == 1 and trained == []
+    assert SiteState.load(ctxt).sk1 == b""  # no key pair was made
+    keys = [crypto.generate_key_pair()[1] for _ in range(4)]
+    share = {
+        Key.STAGE: Stage.SHARE_KEYS,
+        Key.NODE_IDS: [5, 6],
+        Key.PK1_LIST: keys[:2],
+        Key.PK2_LIST: keys[2:],
+    }
+    msg2 = Message(
+        RecordDict({RECORD_KEY: ConfigRecord(share)}), dst_node_id=5, message_type=MessageType.TRAIN
+    )
+    with pytest.raises(SecAggProtocolError, match="setup did not run"):
+        app(msg2, ctxt)
+
+
 def _exhaust(site: Path) -> float:
     """Give ``site`` an earlier, uncapped spend (a real ledger entry), then a budget below it."""
     ledger = Ledger(resolve_budget({}, site).ledger_path)
