@@ -215,7 +215,7 @@ def test_planted_bug_dropping_the_noise_is_caught(tmp_path):
     # 5 local epochs: the bug must be caught whatever the batch draw. At 3, one draw of seed 0
     # gave 178/200 correct guesses (bound 1.71 < 1.99), others 199-200; at 5 that draw gives
     # 200/200 (bound 4.17, the cap).
-    settings = AuditSettings(out=out, epsilon=2.0, rounds=2, overrides={"local-epochs": 5})
+    settings = AuditSettings(out=out, epsilon=2.0, overrides={"local-epochs": 5})
     with noise_dropped():
         res = run_empirical_audit(settings, federate=federate_in_process)
     assert res.verdict == "VIOLATION"
