@@ -529,7 +529,7 @@ class SecAggAggregation(FedAvg):
         current = self._secagg_record(outcome)
         if outcome.error is not None:
             if outcome.refused and outcome.failed_stage == Stage.SETUP:
-                self._secagg_stop(server_round, outcome.error, current)
+                self._secagg_stop(server_round, outcome, current)
             self._secagg_fail(server_round, outcome.error, current)
         if self.ddp is not None and outcome.ddp_spec is not None and outcome.params is not None:
             self.ddp.account(
@@ -611,11 +611,19 @@ class SecAggAggregation(FedAvg):
             current["client-dp"] = client_dp.summary()
         return arrays, metrics
 
-    def _secagg_stop(self, server_round: int, error: str, current: dict[str, Any]) -> None:
+    def _secagg_stop(
+        self, server_round: int, outcome: SecAggOutcome, current: dict[str, Any]
+    ) -> None:
         """Sites refused before the key exchange and too few are left for secure aggregation:
         a clean stop (nobody trained, nobody is charged), with the refusals as the reason."""
         refused = "; ".join(f"{n} refused: {why}" for n, why in current["refused"].items())
-        reason = f"round {server_round}: {error} ({refused})"
+        params = outcome.params
+        left = params.sample_num - len(outcome.refused) - len(outcome.dropped) if params else 0
+        reason = (
+            f"round {server_round}: {left} site(s) left to train after refusals, fewer than "
+            f"secure aggregation's reconstruction threshold {params.threshold if params else 2} "
+            f"({refused})"
+        )
         current.update({"num-sites": 0, "stopped": reason})
         if hasattr(self, "run_dir"):
             self.run_dir.add_round(dict(current))

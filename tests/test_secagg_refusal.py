@@ -186,7 +186,10 @@ def test_too_few_sites_left_after_refusals_stop_the_run_cleanly(
     assert {stage for _, stage in delivered} == {Stage.SETUP}  # nobody shared keys
     status = json.loads((run_dir.path / "status.json").read_text())
     assert status["status"] == "stopped", status
-    assert "site-1 refused: privacy budget exhausted" in status["reason"]
+    assert status["reason"].startswith(
+        "round 1: 1 site(s) left to train after refusals, fewer than secure aggregation's "
+        "reconstruction threshold 2 (site-1 refused: privacy budget exhausted: spent "
+    ), status
     rounds = [json.loads(x) for x in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     assert len(rounds) == 1 and rounds[0]["num-sites"] == 0
     assert _ledger_runs(data / "site-0") == []
