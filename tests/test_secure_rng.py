@@ -29,8 +29,8 @@ KEY = bytes(range(32))  # a fixed key: these statistical tests are then determin
 
 
 def test_keystream_is_chacha20_and_a_fresh_key_gives_a_fresh_stream() -> None:
-    # RFC 8439, section 2.4.2 test vector's key with a zero nonce: the keystream is the
-    # encryption of zeros; two generators without a key never agree.
+    # A fixed key repeats its stream (tests only); generators made without one draw a fresh
+    # random key each, so their streams never agree.
     a = SecureRandom(KEY).random_bytes(64)
     assert a == SecureRandom(KEY).random_bytes(64)
     assert SecureRandom().random_bytes(64) != SecureRandom().random_bytes(64)
