@@ -1,7 +1,8 @@
 """Figures for the empirical privacy audit: time, bounds and guess accuracy per setting.
 
-Runs the default audit (DP at epsilon 2), the control (no DP), both with white-box scores, and
-the planted bug (noise dropped, epsilon still reported), each a real Flower simulation, and
+Runs the default audit (DP at epsilon 2), the control (no DP), both with white-box scores, each a
+real Flower simulation, and the planted bug (noise dropped, epsilon still reported; planted by
+tests/faults.py in an in-process federation, since production code has no switch for it), and
 prints one table. For each run it also prints, from the saved scores, what other splits of the
 200 guesses into "in"/"out" would have given -- exploration only: an audit must fix its split
 before it looks at which canaries were included, as ``fedfuse audit empirical`` does.
@@ -12,9 +13,9 @@ before it looks at which canaries were included, as ``fedfuse audit empirical`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from client.training import FAULT_DROP_NOISE_ENV  # noqa: E402
 from common.privacy.empirical import audit_from_scores  # noqa: E402
 from simulations.audit import AuditSettings, run_empirical_audit  # noqa: E402
+from simulations.inprocess import federate_in_process  # noqa: E402
+from tests.faults import noise_dropped  # noqa: E402
 
 SETTINGS = {
     "dp-eps2": {"epsilon": 2.0},
@@ -46,16 +48,13 @@ def main() -> None:
     for name in args.only or SETTINGS:
         spec = dict(SETTINGS[name])
         fault = spec.pop("fault", False)
-        if fault:
-            os.environ[FAULT_DROP_NOISE_ENV] = "1"  # Ray workers inherit it at start-up
-        try:
+        with noise_dropped() if fault else contextlib.nullcontext():
             t0 = time.time()
             res = run_empirical_audit(
-                AuditSettings(out=args.out / f"{name}-s{args.seed}", seed=args.seed, **spec)
+                AuditSettings(out=args.out / f"{name}-s{args.seed}", seed=args.seed, **spec),
+                federate=federate_in_process if fault else None,
             )
             wall = time.time() - t0
-        finally:
-            os.environ.pop(FAULT_DROP_NOISE_ENV, None)
         a = res.audit
         alt = _other_splits(args.out / f"{name}-s{args.seed}" / "canaries.csv", res)
         rows.append((name, res.claimed_epsilon, a.lower_bound, a.correct, a.guesses, wall, alt))

@@ -13,7 +13,7 @@ from flwr.common.logger import log
 
 from client import ddp
 from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics, resolve_budget
-from client.secagg_mod import secaggplus_mod
+from client.secagg_mod import make_secaggplus_mod
 from client.site import SiteInfo, manifest_digest, resolve_site, site_data
 from client.training import PrivacyPlan, limit_threads, pick_device, train_round
 from common.config import RunConfig
@@ -22,6 +22,8 @@ from common.evaluation import evaluate_site
 from common.models import build_model
 from common.privacy.accounting import epsilon_from_events
 from common.privacy.client_dp import clip_update_
+from common.privacy.refusal import Refusal
+from common.privacy.secure_rng import SecureRandom
 from common.privacy.site_secret import load_or_create_secret, round_seed
 from common.secagg.ddp import ROUND_KEY, VECTOR_KEY
 
@@ -81,8 +83,34 @@ def _site_record(site: SiteInfo) -> ConfigRecord:
     return ConfigRecord({"name": site.name})
 
 
-# SecAgg+: the trained model leaves the site only masked (client/secagg_mod.py).
-@app.train(mods=[secaggplus_mod])
+def refusal_before_key_exchange(msg: Message, context: Context) -> Refusal | None:
+    """Will this site refuse the round that a SecAgg+ setup message announces? Asked before any
+    key exchange (client/secagg_mod.py), so that the round goes on with the other sites and
+    none of them trains for a round that would be thrown away. The same check as :func:`train`
+    makes before training; a refusal comes back as fields (site, spent, budget, would-reach).
+    """
+    if "config" not in msg.content.config_records:
+        return None  # a server that sends no run config at setup: train() still refuses
+    cfg, server_round = _config(msg)
+    if cfg.distributed_dp:
+        return None  # its event needs the round's model, sent at collect: train() checks then
+    site = resolve_site(dict(context.node_config), cfg)
+    _, datasets = site_data(site, cfg)
+    run_id, _ = _run_key(msg)
+    budget = resolve_budget(dict(context.node_config), site.data_path)
+    try:
+        SiteLedger(budget, site=site.name).prepare(
+            cfg=cfg, run_id=run_id, server_round=server_round, num_train=len(datasets["train"])
+        )
+    except RoundRefused as refused:
+        log(WARNING, "site %s refuses round %s: %s", site.name, server_round, refused.why)
+        return refused.as_refusal(site=site.name, server_round=server_round)
+    return None
+
+
+# SecAgg+: the trained model leaves the site only masked (client/secagg_mod.py); a site that
+# will refuse says so at setup, before the key exchange.
+@app.train(mods=[make_secaggplus_mod(precheck=refusal_before_key_exchange)])
 def train(msg: Message, context: Context) -> Message:
     """One round of DP training on the site's train split, within the site's privacy budget."""
     limit_threads()
@@ -122,6 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         history=permit.run_events,
         seed=seed,
         device=pick_device(),
+        secure_rng=secure_randomness(context),
     )
     try:
         # Nothing leaves the site without its ledger entry (written atomically, budget
@@ -178,6 +207,14 @@ def train(msg: Message, context: Context) -> Message:
             seed=seed,
         )
     return Message(content=content, reply_to=msg)
+
+
+def secure_randomness(context: Context) -> SecureRandom | None:
+    """A deployed site's DP noise and Poisson batches come from a cryptographically secure
+    generator with a fresh random key (common/privacy/secure_rng.py): nobody, the site's own
+    secret included, can regenerate them. Virtual sites of a simulation (``partition-id``) keep
+    the keyed generators, so that runs are reproducible (``noise-seed``)."""
+    return None if "partition-id" in context.node_config else SecureRandom()
 
 
 def _round_seed(

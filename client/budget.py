@@ -52,7 +52,7 @@ from common.privacy.ledger import (
     LedgerError,
     cumulative_epsilon,
 )
-from common.privacy.refusal import PRIVACY_REFUSAL_CODE
+from common.privacy.refusal import PRIVACY_REFUSAL_CODE, Refusal
 from common.privacy.site_secret import (
     SECRET_NAME,
     SiteSecretError,
@@ -217,9 +217,28 @@ class RoundRefused(FedfuseError):
 
     code = PRIVACY_REFUSAL_CODE
 
-    def __init__(self, why: str) -> None:
+    def __init__(
+        self,
+        why: str,
+        *,
+        spent: float | None = None,
+        budget: float | None = None,
+        would_reach: float | None = None,
+    ) -> None:
         self.why = why
+        # A budget refusal's figures, sent as fields before a SecAgg+ key exchange.
+        self.spent, self.budget, self.would_reach = spent, budget, would_reach
         super().__init__(why)
+
+    def as_refusal(self, *, site: str, server_round: int) -> Refusal:
+        return Refusal(
+            site,
+            server_round,
+            self.why,
+            spent=self.spent,
+            budget=self.budget,
+            would_reach=self.would_reach,
+        )
 
 
 @dataclass(frozen=True)
@@ -275,7 +294,10 @@ class SiteLedger:
                 PrivacyBudgetExhaustedError(
                     spent=spent, would_reach=would_reach, budget=self.budget.epsilon
                 )
-            )
+            ),
+            spent=spent,
+            budget=self.budget.epsilon,
+            would_reach=would_reach,
         )
 
     def prepare(

@@ -1,10 +1,13 @@
 """The site's half of SecAgg+ on Flower's Message API: a ClientApp mod for ``@app.train``.
 
-Use as ``@app.train(mods=[secaggplus_mod])``. A training request that carries the SecAgg+ record
-runs one stage of the protocol (Bell et al. 2020, "Secure single-server aggregation with
-(poly)logarithmic overhead", arXiv:2002.04156; Bonawitz et al. 2017, arXiv:1611.04482):
+Use as ``@app.train(mods=[secaggplus_mod])``, or ``make_secaggplus_mod(precheck=...)`` for a
+site that may refuse a round. A training request that carries the SecAgg+ record runs one stage
+of the protocol (Bell et al. 2020, "Secure single-server aggregation with (poly)logarithmic
+overhead", arXiv:2002.04156; Bonawitz et al. 2017, arXiv:1611.04482):
 
-- setup: check the round's parameters, make two X25519 key pairs, return the public keys;
+- setup: check the round's parameters; ask ``precheck`` whether the site will refuse the round
+  (its privacy budget) and if so say so now, as fields, before any key exchange, so that the
+  round goes on without it; else make two X25519 key pairs and return the public keys;
 - share-keys: Shamir-share a fresh mask seed and the masking key among the neighbours, each
   share encrypted for its holder (X25519 + HKDF + Fernet; ``common/secagg/crypto.py``);
 - collect-masked-vectors: train (the wrapped train function), check the update, and return
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from logging import WARNING
 from typing import Any
@@ -29,7 +32,7 @@ import numpy as np
 from cryptography.fernet import InvalidToken
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.secaggplus_utils import (
@@ -37,6 +40,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
+from common.privacy.refusal import Refusal
 from common.secagg import crypto, ddp, masking
 from common.secagg.params import RoundParams
 from common.secagg.protocol import (
@@ -47,6 +51,7 @@ from common.secagg.protocol import (
     MASKED_KEY,
     PARAMS_STATE_KEY,
     RECORD_KEY,
+    REFUSAL_KEY,
     REQUIRE_NODE_CONFIG,
     STATE_KEY,
     WEIGHT_METRIC,
@@ -116,8 +121,28 @@ class SiteState:
         self.enc_keys, self.holder_ids, self.seed_shares, self.sk1_shares = [], [], [], []
 
 
+# Would the site refuse the round the setup message (with the run config) announces? A refusal,
+# or None to take part.
+Precheck = Callable[[Message, Context], Refusal | None]
+
+
+def make_secaggplus_mod(*, precheck: Precheck | None = None) -> Mod:
+    """The SecAgg+ mod, asking ``precheck`` at setup whether the site will refuse the round."""
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        return _secaggplus(msg, ctxt, call_next, precheck)
+
+    return mod
+
+
 def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Run this site's part of the SecAgg+ stage named in ``msg`` (see the module docstring)."""
+    return _secaggplus(msg, ctxt, call_next, None)
+
+
+def _secaggplus(
+    msg: Message, ctxt: Context, call_next: ClientAppCallable, precheck: Precheck | None
+) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     if RECORD_KEY not in msg.content.config_records:
@@ -138,7 +163,19 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         if state.stage not in ("", Stage.UNMASK):
             log(WARNING, "SecAgg+: setup restarts an unfinished round (was at %s)", state.stage)
         state = SiteState(nid=msg.metadata.dst_node_id)
-        out = RecordDict({RECORD_KEY: ConfigRecord(_setup(state, ins))})
+        state.params = RoundParams.from_record(ins)  # validates; a site refuses unsafe ones
+        refusal = precheck(msg, ctxt) if precheck is not None else None
+        if refusal is not None:
+            # No keys made: the server leaves this site out before anyone shares a secret.
+            state.params = None
+            out = RecordDict(
+                {
+                    RECORD_KEY: ConfigRecord({Key.REFUSED: refusal.why}),
+                    REFUSAL_KEY: ConfigRecord(refusal.to_record()),
+                }
+            )
+        else:
+            out = RecordDict({RECORD_KEY: ConfigRecord(_setup(state))})
     elif stage == Stage.SHARE_KEYS:
         out = RecordDict({RECORD_KEY: ConfigRecord(_share_keys(state, ins))})
     elif stage == Stage.COLLECT_MASKED_VECTORS:
@@ -156,8 +193,7 @@ def _truthy(value: Any) -> bool:
     return value is True or str(value).strip().lower() in ("1", "true", "yes")
 
 
-def _setup(state: SiteState, ins: ConfigRecord) -> dict[str, Any]:
-    state.params = RoundParams.from_record(ins)  # validates; a site refuses unsafe parameters
+def _setup(state: SiteState) -> dict[str, Any]:
     state.sk1, state.pk1 = crypto.generate_key_pair()
     state.sk2, state.pk2 = crypto.generate_key_pair()
     return {Key.PK1: state.pk1, Key.PK2: state.pk2}

@@ -21,21 +21,16 @@ from common.config import RunConfig
 from common.models.objectives import make_criterion, modality_dropout
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
 from common.privacy.bookkeeping import make_private_bookkeeping
+from common.privacy.secure_rng import SecureDPDataLoader, SecureRandom, use_secure_noise
 
-# Opacus' ghost clipping runs two backward passes through hooks that warn on every step, and its
-# engine warns that secure RNG is off (fedfuse seeds noise on purpose in simulation). Neither is
-# actionable for a site; silence exactly those messages.
+# Opacus' ghost clipping runs two backward passes through hooks that warn on every step. Not
+# actionable for a site; silence exactly those messages. (Its "Secure RNG turned off" warning is
+# silenced only where it is false: when the noise comes from a SecureRandom, below.)
 for _msg in (
     ".*Full backward hook is firing.*",
-    ".*Secure RNG turned off.*",
     ".*Optimal order is the largest alpha.*",
 ):
     warnings.filterwarnings("ignore", message=_msg)
-
-# TEST-ONLY FAULT INJECTION. With this environment variable set to "1", DP-SGD silently runs
-# WITHOUT noise while the site still records and reports the planned noise and epsilon: the
-# privacy bug the empirical audit (simulations/audit.py) must catch. Never set it in real use.
-FAULT_DROP_NOISE_ENV = "FEDFUSE_TEST_FAULT_DROP_NOISE"
 
 
 def pick_device() -> torch.device:
@@ -116,6 +111,7 @@ def train_round(
     history: list[DpSgdEvent],
     seed: int,
     device: torch.device,
+    secure_rng: SecureRandom | None = None,
 ) -> RoundResult:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs.
 
@@ -123,6 +119,11 @@ def train_round(
     returned event covers every planned step of this round, and ``epsilon`` composes it with
     ``history`` (all earlier rounds). With ``plan=None`` trains without privacy (baseline only):
     epsilon is infinite.
+
+    ``secure_rng`` (what a deployed site passes): the DP noise and the Poisson batches come from
+    this cryptographically secure generator (common/privacy/secure_rng.py). ``None`` (simulation):
+    from torch generators keyed with ``seed``, reproducible -- and predictable by whoever knows
+    the seed, hence Opacus' "Secure RNG turned off" warning.
     """
     model.to(device).train()
     # FedProx: the proximal pull towards the global weights is applied as a separate,
@@ -153,19 +154,29 @@ def train_round(
             drop_gen=drop_gen,
         )
 
-    engine = PrivacyEngine(accountant=cfg.accountant)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    if secure_rng is not None:
+        with warnings.catch_warnings():
+            # False here: the noise and batches come from secure_rng, not Opacus' generators.
+            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            engine = PrivacyEngine(accountant=cfg.accountant)
+        secure_loader = SecureDPDataLoader(
+            train_set,
+            sample_rate=plan.sample_rate,
+            steps=batches_per_epoch(len(train_set), cfg.batch_size),  # type: ignore[arg-type]
+            rng=secure_rng,
+        )
+        sampling: dict = dict(data_loader=secure_loader, poisson_sampling=False)
+    else:
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        sampling = dict(data_loader=loader, poisson_sampling=True, noise_generator=noise_gen)
     private_kwargs = dict(
         module=model,
         optimizer=optimizer,
         criterion=criterion,
-        data_loader=loader,
-        noise_multiplier=(
-            0.0 if os.environ.get(FAULT_DROP_NOISE_ENV) == "1" else plan.noise_multiplier
-        ),
+        noise_multiplier=plan.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=noise_gen,
+        **sampling,
     )
     if cfg.grad_sample_mode == "bookkeeping":
         made = make_private_bookkeeping(engine, **private_kwargs)
@@ -175,6 +186,10 @@ def train_round(
         private_model, dp_optimizer, criterion, dp_loader = made
     else:
         private_model, dp_optimizer, dp_loader = made
+    if secure_rng is not None:
+        use_secure_noise(dp_optimizer, secure_rng)
+        # What make_private does for the Poisson loader it builds itself.
+        private_model.forbid_grad_accumulation()  # type: ignore[operator]
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:  # type: ignore[attr-defined]
         raise RuntimeError(
             f"sampling rate {dp_loader.sample_rate} differs from the planned {plan.sample_rate}: "  # type: ignore[attr-defined]

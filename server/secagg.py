@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import ConfigError
-from common.privacy.refusal import find_refusal
+from common.privacy.refusal import Refusal, find_refusal
 from common.secagg import crypto, masking
 from common.secagg import ddp as ddp_mech
 from common.secagg.params import RoundParams, SecAggSettings
@@ -39,6 +39,7 @@ from common.secagg.protocol import (
     MASKED_ARRAY,
     MASKED_KEY,
     RECORD_KEY,
+    REFUSAL_KEY,
     RES,
     Key,
     SecAggRoundFailed,
@@ -46,7 +47,7 @@ from common.secagg.protocol import (
     check_record,
 )
 from server.ddp import DistributedDp, make_distributed_dp
-from server.privacy_report import note_error, note_ledger
+from server.privacy_report import FederationStopped, note_error, note_ledger
 from server.strategy import site_name
 
 
@@ -64,6 +65,10 @@ class SecAggOutcome:
     errors: dict[int, Message] = field(default_factory=dict)
     # Node id -> why its contribution was left out (refused by the site, malformed vector).
     rejected: dict[int, str] = field(default_factory=dict)
+    # Node id -> the refusal it sent at setup, before any key exchange (its budget).
+    refused: dict[int, Refusal] = field(default_factory=dict)
+    # The stage at which the round failed (None while it has not).
+    failed_stage: str | None = None
     # Node id -> site name, from every reply that carried a site record.
     names: dict[int, str] = field(default_factory=dict)
     error: str | None = None
@@ -143,6 +148,7 @@ class SecAggPlusWorkflow:
             if not ok:
                 log(ERROR, "SecAgg+ round %s failed at %s: %s", server_round, stage, out.error)
                 out.arrays = None
+                out.failed_stage = stage
                 return out
         return out
 
@@ -215,6 +221,15 @@ class _Round:
             if "site" in msg.content.config_records:
                 self.out.names[nid] = site_name(msg)
             rec = msg.content.config_records.get(RECORD_KEY)
+            if stage == Stage.SETUP and rec is not None and Key.REFUSED in rec:
+                try:
+                    refusal = Refusal.from_record(msg.content.config_records[REFUSAL_KEY])
+                except (KeyError, TypeError, ValueError) as exc:
+                    self.out.dropped[nid] = f"{stage}: malformed refusal: {exc}"
+                    continue
+                self.out.refused[nid] = refusal
+                self.out.names[nid] = refusal.site
+                continue
             try:
                 if rec is None:
                     raise KeyError(f"the reply has no '{RECORD_KEY}' record")
@@ -226,9 +241,18 @@ class _Round:
                 continue
             ok[nid] = msg
         for nid in contents:
-            if nid not in ok and nid not in self.out.dropped:
+            if nid not in ok and nid not in self.out.dropped and nid not in self.out.refused:
                 self.out.dropped[nid] = f"{stage}: no reply within {self.timeout:g} s"
         for nid in set(contents) - set(ok):
+            if nid in self.out.refused:
+                log(
+                    WARNING,
+                    "SecAgg+ %s: site %s refused the round before the key exchange: %s",
+                    stage,
+                    self.name(nid),
+                    self.out.refused[nid].why,
+                )
+                continue
             log(
                 WARNING,
                 "SecAgg+ %s: site %s left the round: %s",
@@ -259,9 +283,13 @@ class _Round:
 
     def setup(self) -> bool:
         body = self.params.to_record()
-        replies = self.exchange(
-            Stage.SETUP, {nid: self.record(Stage.SETUP, body) for nid in self.sampled}
-        )
+        contents = {}
+        for nid in self.sampled:
+            content = self.record(Stage.SETUP, body)
+            # The run config lets a site decide now whether it will refuse the round (budget).
+            content.config_records[CONFIG_KEY] = self.config
+            contents[nid] = content
+        replies = self.exchange(Stage.SETUP, contents)
         for nid, msg in list(replies.items()):
             rec = msg.content.config_records[RECORD_KEY]
             pk1, pk2 = rec[Key.PK1], rec[Key.PK2]
@@ -500,6 +528,8 @@ class SecAggAggregation(FedAvg):
         # before aggregate_train, and receive no replies of their own.
         current = self._secagg_record(outcome)
         if outcome.error is not None:
+            if outcome.refused and outcome.failed_stage == Stage.SETUP:
+                self._secagg_stop(server_round, outcome, current)
             self._secagg_fail(server_round, outcome.error, current)
         if self.ddp is not None and outcome.ddp_spec is not None and outcome.params is not None:
             self.ddp.account(
@@ -528,6 +558,9 @@ class SecAggAggregation(FedAvg):
                 current.setdefault("refused", {})[name(nid)] = refusal.why
             else:
                 current.setdefault("failed", {})[name(nid)] = reason
+        for refusal in outcome.refused.values():
+            current.setdefault("refused", {})[refusal.site] = refusal.why
+            current.setdefault("refusals", {})[refusal.site] = refusal.to_record()
         for nid, reason in outcome.rejected.items():
             current.setdefault("rejected", {})[name(nid)] = reason
         for msg in outcome.accepted:
@@ -577,6 +610,27 @@ class SecAggAggregation(FedAvg):
             )
             current["client-dp"] = client_dp.summary()
         return arrays, metrics
+
+    def _secagg_stop(
+        self, server_round: int, outcome: SecAggOutcome, current: dict[str, Any]
+    ) -> None:
+        """Sites refused before the key exchange and too few are left for secure aggregation:
+        a clean stop (nobody trained, nobody is charged), with the refusals as the reason."""
+        refused = "; ".join(f"{n} refused: {why}" for n, why in current["refused"].items())
+        params = outcome.params
+        left = params.sample_num - len(outcome.refused) - len(outcome.dropped) if params else 0
+        reason = (
+            f"round {server_round}: {left} site(s) left to train after refusals, fewer than "
+            f"secure aggregation's reconstruction threshold {params.threshold if params else 2} "
+            f"({refused})"
+        )
+        current.update({"num-sites": 0, "stopped": reason})
+        if hasattr(self, "run_dir"):
+            self.run_dir.add_round(dict(current))
+            if getattr(self, "on_round", None) is not None:
+                self.on_round(dict(current))
+        log(WARNING, "Stopping the run: %s", reason)
+        raise FederationStopped(reason)
 
     def _secagg_fail(self, server_round: int, error: str, current: dict[str, Any]) -> None:
         reason = (

@@ -401,10 +401,18 @@ def run_empirical_audit(
     *,
     console: Console | None = None,
     verbose: bool = False,
+    federate: Callable[..., Path] | None = None,
 ) -> AuditResult:
     """Run the whole audit; write ``audit.json``, ``canaries.csv`` and ``summary.md`` to
-    ``settings.out``. Progress goes to ``console`` when given."""
+    ``settings.out``. Progress goes to ``console`` when given.
+
+    ``federate`` trains the federation (``simulate``'s signature; default: Flower's simulation
+    engine). The audit's planted-bug run passes an in-process federation with the bug planted
+    by the test (tests/faults.py): production code has no switch that drops the noise.
+    """
     from simulations.runner import simulate
+
+    federate = federate or simulate
 
     t0 = time.time()
     s = settings
@@ -474,7 +482,7 @@ def run_empirical_audit(
     if run_path.exists():
         shutil.rmtree(run_path)
     t_train = time.time()
-    run_dir = simulate(cfg, num_sites=s.sites, on_round=on_round, verbose=verbose)
+    run_dir = federate(cfg, num_sites=s.sites, on_round=on_round, verbose=verbose)
     train_seconds = time.time() - t_train
 
     say("Scoring the canaries against the final model ...")

@@ -142,3 +142,33 @@ class InProcessGrid(Grid):
 def _wire(msg: Message) -> Message:
     """The message as the other end sees it: serialised and parsed again."""
     return serde.message_from_proto(serde.message_to_proto(msg))
+
+
+def federate_in_process(
+    cfg: Any,
+    *,
+    num_sites: int,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    verbose: bool = False,  # noqa: ARG001  (the signature of simulations.runner.simulate)
+) -> Any:
+    """Run the federation of ``cfg`` over ``num_sites`` sites in this process, one after another
+    (the real ServerApp logic and ClientApp over :class:`InProcessGrid`); the run directory.
+
+    What ``simulations.runner.simulate`` does without Ray: for tests that plant a fault in this
+    process (tests/faults.py), which Ray's worker processes would not see.
+    """
+    from pathlib import Path
+
+    from client.app import app as client_app
+    from client.site import simulation_site_dirs
+    from server.app import run_federation
+    from server.rundir import RunDirectory
+    from simulations.runner import check_run_status, validate_sites
+
+    validate_sites(simulation_site_dirs(cfg.data_dir)[:num_sites], cfg)
+    if num_sites < cfg.min_sites:
+        cfg = cfg.replace(min_sites=num_sites)
+    run_dir = RunDirectory(cfg.out_dir, cfg)
+    run_federation(InProcessGrid(client_app, num_sites), cfg, run_dir=run_dir, on_round=on_round)
+    check_run_status(run_dir.path)
+    return Path(run_dir.path)

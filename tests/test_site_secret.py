@@ -85,14 +85,23 @@ def _train_request(cfg: RunConfig, site: Path, **server_keys: object) -> tuple[M
 
 def _train_once(site: Path) -> dict[str, torch.Tensor]:
     """One real ClientApp round (DP-SGD) on ``site`` with a fresh ledger; the reply's model.
-    (The authenticated head goes too: a site keeping it refuses to train without its ledger.)"""
+    As a virtual site of a simulation (keyed generators: a deployed site draws its noise from a
+    secure generator that nobody can replay; tests/test_secure_rng.py). The authenticated head
+    goes too: a site keeping it refuses to train without its ledger."""
     for p in (site / ".fedfuse").glob("ledger*"):
         p.unlink()
     cfg = RunConfig(
-        num_rounds=1, local_epochs=1, batch_size=64, target_epsilon=4.0, accountant="rdp"
+        num_rounds=1,
+        local_epochs=1,
+        batch_size=64,
+        target_epsilon=4.0,
+        accountant="rdp",
+        data_dir=str(site.parent),
     )
     torch.manual_seed(0)
-    reply = app(*_train_request(cfg, site, **{"run-id": "secret", "run-uid": "u-secret"}))
+    msg, context = _train_request(cfg, site, **{"run-id": "secret", "run-uid": "u-secret"})
+    context.node_config = {"partition-id": 0, "num-partitions": 1}
+    reply = app(msg, context)
     assert not reply.has_error(), reply.error.reason
     return reply.content["arrays"].to_torch_state_dict()
 

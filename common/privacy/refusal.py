@@ -6,12 +6,19 @@ handles as "this node gave no result", so a refusing site can never be aggregate
 The reason is plain text a human reads in the server log and that :func:`parse_refusal` reads
 back: ``site <name> refused round <r>: <why>``, for example ``site site-1 refused round 2:
 privacy budget exhausted: spent 2.1 of 2.5 (this round would reach 2.9)``.
+
+Under SecAgg+ a site that will refuse says so at the protocol's setup stage, before any key
+exchange (client/secagg_mod.py), and there the refusal travels as fields
+(:meth:`Refusal.to_record`: site, round, why, spent, budget, would-reach), not as text.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 # Flower's own error codes are 0-8 (flwr.common.constant.ErrorCode); ours sits far above them.
 PRIVACY_REFUSAL_CODE = 4031
@@ -25,6 +32,48 @@ class Refusal:
     site: str
     round: int
     why: str
+    # A budget refusal's figures (lifetime epsilon spent, the site's budget, what this round
+    # would reach); None for other refusals.
+    spent: float | None = None
+    budget: float | None = None
+    would_reach: float | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The refusal as ConfigRecord values (infinite figures as the string "inf")."""
+        out: dict[str, Any] = {"site": self.site, "round": self.round, "why": self.why}
+        for key, value in (
+            ("spent", self.spent),
+            ("budget", self.budget),
+            ("would-reach", self.would_reach),
+        ):
+            if value is not None:
+                out[key] = float(value) if math.isfinite(value) else str(value)
+        return out
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Refusal:
+        """Read :meth:`to_record`'s fields back; a missing or mistyped field raises
+        KeyError/TypeError/ValueError naming it."""
+
+        def number(key: str) -> float | None:
+            if key not in rec:
+                return None
+            value = rec[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError(f"refusal field '{key}' must be a number; found {value!r}")
+            return float(value)
+
+        site, rnd, why = rec["site"], rec["round"], rec["why"]
+        if not isinstance(site, str) or not isinstance(why, str) or type(rnd) is not int:
+            raise TypeError("refusal fields 'site' and 'why' must be str, 'round' an int")
+        return cls(
+            site,
+            rnd,
+            why,
+            spent=number("spent"),
+            budget=number("budget"),
+            would_reach=number("would-reach"),
+        )
 
     @property
     def reason(self) -> str:

@@ -16,9 +16,12 @@ Synthetic sites (``fedfuse data synth``) get a secret derived from the generator
 that simulations are reproducible; their data is synthetic, so nothing is lost. A real site's
 secret is random; keep it with the data and never copy it to the coordinator.
 
-Limitation: the seed drives torch's generators (Mersenne Twister on CPU, Philox on CUDA), which
-are not cryptographic -- the same standard as Opacus without ``secure_mode``. Opacus's
-``secure_mode`` needs ``torchcsprng``, which has no build for the pinned torch.
+The seed drives torch's generators (Mersenne Twister on CPU, Philox on CUDA), which are not
+cryptographic -- the same standard as Opacus without ``secure_mode``. So a deployed site draws its
+DP-SGD noise and Poisson batches from a ChaCha20 keystream under a fresh random key instead
+(common/privacy/secure_rng.py; Opacus' ``secure_mode`` needs ``torchcsprng``, which has no build
+for the pinned torch); the keyed seed still drives its modality dropout, and all of a
+simulation's randomness, which must be reproducible.
 """
 
 from __future__ import annotations

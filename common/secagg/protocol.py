@@ -24,6 +24,9 @@ MASKED_ARRAY = "vector"
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 WEIGHT_METRIC = "num-examples"
+# The ConfigRecord of a site's refusal at setup (common.privacy.refusal.Refusal.to_record):
+# site, round, why, spent, budget, would-reach.
+REFUSAL_KEY = "privacy-refusal"
 # Node-config key: a site that sets it refuses any training request without SecAgg+.
 REQUIRE_NODE_CONFIG = "require-secagg"
 
@@ -65,7 +68,9 @@ class Key:
     DESTINATIONS = "destinations"
     SOURCES = "sources"
     CIPHERTEXTS = "ciphertexts"
-    # collect (site -> server): why a site refused to upload (its update failed its own checks)
+    # setup (site -> server): the site will not train this round (its fields in REFUSAL_KEY),
+    # said before any key exchange; collect (site -> server): why a site refused to upload
+    # (its update failed its own checks)
     REFUSED = "refused"
     # unmask (server -> site): who survived, who dropped
     ACTIVE = "active"
