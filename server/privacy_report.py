@@ -33,14 +33,14 @@ def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tup
 
 
 def note_ledger(site: dict[str, Any], msg: Message) -> None:
-    """Keep the ledger head the site reported with its update."""
+    """Keep the ledger head the site reported with its update (hash and sequence number; the
+    ledger's path stays at the site: ``fedfuse audit`` finds it there)."""
     rec = msg.content.config_records.get("ledger")
     if rec is None:
         return
     site["ledger"] = {
-        "path": str(rec.get("path", "")),
         "hash": str(rec.get("hash", "")),
-        "seq": int(site.get("ledger-seq", 0)),
+        "seq": int(rec.get("seq", site.get("ledger-seq", 0))),  # type: ignore[arg-type]
     }
 
 
@@ -89,6 +89,6 @@ def site_privacy(rounds: list[dict[str, Any]], *, target_epsilon: float, delta: 
             led = s.get("ledger")
             if led:
                 entry = {"round": rec["round"], "seq": led["seq"], "hash": led["hash"]}
-                info = prev.setdefault("ledger", {"path": led["path"], "entries": []})
+                info = prev.setdefault("ledger", {"entries": []})
                 info["entries"].append(entry)
     return dict(sorted(sites.items()))
