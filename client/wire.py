@@ -27,7 +27,7 @@ _LOG = logging.getLogger(__name__)
 SHARE_NODE_CONFIG = "share-site-metrics"
 EVAL_LOG = Path(".fedfuse") / "eval.jsonl"
 # A path: a slash that does not follow a word character ("and/or", "1/2" are not paths).
-_PATH = re.compile(r"(?<![\w])(?:[A-Za-z]:)?(?:~|\.{1,2})?[\\/][^\s'\"(),;<>]*")
+_PATH = re.compile(r"(?<![\w])(?:[A-Za-z]:)?(?:~|\.{1,2})?[\\/][^\s'\"(),;:<>]*")
 _MAX_REASON = 300
 
 
@@ -44,9 +44,32 @@ def public_reason(text: str) -> str:
     return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
 
 
-def error_reply(msg: Message, exc: BaseException, *, code: int | None = None) -> Message:
-    """An error reply naming the exception's class and a short, path-free reason."""
+def site_label(msg: Message, ctxt: Context) -> str | None:
+    """The site's name for an error reply, if its node config or the request says it."""
+    node = ctxt.node_config
+    if node.get("site-name"):
+        return str(node["site-name"])
+    if node.get("data-path"):
+        return Path(str(node["data-path"])).name
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    if config is not None and "partition-id" in node and config.get("data-dir"):
+        from client.site import simulation_site_dirs  # the simulation's site folders
+
+        try:
+            dirs = simulation_site_dirs(str(config["data-dir"]))
+            return dirs[int(node["partition-id"])].name  # type: ignore[arg-type]
+        except Exception:  # naming is a courtesy: never let it hide the real error
+            return None
+    return None
+
+
+def error_reply(
+    msg: Message, exc: BaseException, *, code: int | None = None, site: str | None = None
+) -> Message:
+    """An error reply naming the site, the exception's class and a short, path-free reason."""
     reason = f"{type(exc).__name__}: {public_reason(str(exc))}"
+    if site:
+        reason = f"site {site}: {reason}"
     if code is None:
         code = getattr(exc, "code", ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
     return Message(Error(code=int(code), reason=reason), reply_to=msg)
@@ -58,7 +81,9 @@ def contain_errors(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         reply = call_next(msg, ctxt)
     except Exception as exc:  # every failure: the server must get a reply, not a traceback
         _LOG.error("the %s request failed at this site", msg.metadata.message_type, exc_info=True)
-        return error_reply(msg, exc, code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+        return error_reply(
+            msg, exc, code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, site=site_label(msg, ctxt)
+        )
     if reply.has_error():
         reason = public_reason(reply.error.reason or "")
         if reason != reply.error.reason:

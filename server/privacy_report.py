@@ -8,6 +8,7 @@ entries are still in the site's ledger unchanged, which catches a rewritten ledg
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from flwr.app import Message
@@ -28,8 +29,21 @@ def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tup
         current.setdefault("refused", {})[name] = refusal.why
         return name, refusal.why, True
     reason = str(msg.error.reason)
-    current.setdefault("failed", {})[fallback_name] = reason
-    return fallback_name, reason, False
+    name = named_site(reason, fallback_name)
+    current.setdefault("failed", {})[name] = reason
+    return name, reason, False
+
+
+_NAMED = re.compile(r"(?:^|: )site ([\w.\-]+): ")
+
+
+def named_site(reason: str, fallback: str) -> str:
+    """The site an error reason names (``site <name>: ...``, client/wire.py), else
+    ``fallback`` (a site that failed before saying its name is known by its node id)."""
+    if not fallback.startswith("node-"):
+        return fallback
+    m = _NAMED.search(reason)
+    return m[1] if m else fallback
 
 
 def note_ledger(site: dict[str, Any], msg: Message) -> None:

@@ -46,7 +46,7 @@ from common.secagg.protocol import (
     check_record,
 )
 from server.ddp import DistributedDp, make_distributed_dp
-from server.privacy_report import note_error, note_ledger
+from server.privacy_report import named_site, note_error, note_ledger
 from server.strategy import EvalRound, site_name
 
 
@@ -545,7 +545,7 @@ class SecAggAggregation(FedAvg):
             elif refusal is not None:
                 current.setdefault("refused", {})[name(nid)] = refusal.why
             else:
-                current.setdefault("failed", {})[name(nid)] = reason
+                current.setdefault("failed", {})[named_site(reason, name(nid))] = reason
         for nid, reason in outcome.rejected.items():
             current.setdefault("rejected", {})[name(nid)] = reason
         for msg in outcome.accepted:
@@ -647,7 +647,10 @@ class SecAggAggregation(FedAvg):
         def name(nid: int) -> str:
             return names.get(nid, f"node-{nid}")
 
-        failed = {name(n): why for n, why in {**outcome.dropped, **outcome.rejected}.items()}
+        failed = {
+            named_site(why, name(n)): why
+            for n, why in {**outcome.dropped, **outcome.rejected}.items()
+        }
         if outcome.error is not None:
             log(WARNING, "SecAgg+ evaluation of round %s failed: %s", server_round, outcome.error)
             return EvalRound(total=None, failed=failed or {"federation": outcome.error})

@@ -22,7 +22,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, decode_sums
 from server.checkpoint import save_checkpoint
 from server.client_dp import make_client_dp
-from server.privacy_report import FederationStopped, note_error, note_ledger, stop_reason
+from server.privacy_report import (
+    FederationStopped,
+    named_site,
+    note_error,
+    note_ledger,
+    stop_reason,
+)
 from server.rundir import RoundCallback, RunDirectory
 
 
@@ -89,7 +95,7 @@ def sum_clear_evaluations(replies: list[Message], layout: EvalLayout) -> EvalRou
     for msg in replies:
         name = site_name(msg)
         if msg.has_error():
-            out.failed[name] = str(msg.error.reason)
+            out.failed[named_site(str(msg.error.reason), name)] = str(msg.error.reason)
             continue
         rec = msg.content.array_records.get(EVAL_SUMS_KEY)
         vec = rec[EVAL_SUMS_ARRAY].numpy() if rec is not None and EVAL_SUMS_ARRAY in rec else None
