@@ -179,7 +179,7 @@ class RunDirectory:
             "",
             "Test figures are pooled over the sites' test splits, from the sum of their "
             "evaluation vectors" + (" (SecAgg+)" if cfg.secagg else "") + "; each site keeps its "
-            "own figures (and its training loss) in `.fedfuse/eval.jsonl` unless it shares them "
+            "own figures in `.fedfuse/eval.jsonl` unless it shares them "
             "(node config `share-site-metrics`).",
             "",
             "## Privacy spent per site",
