@@ -140,7 +140,7 @@ def decode_sums(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
     if total.shape != (layout.length,):
         raise ValueError(f"evaluation sums have {total.size} entries; expected {layout.length}")
     n, loss, correct, graded = (int(x) for x in total[:4])
-    out: dict[str, float] = {"num-examples": float(n)}
+    out: dict[str, float] = {"num-examples": float(n), "eval-records": float(n)}
     out["eval-loss"] = loss / SUM_SCALE / n if n else math.nan
     out["eval-accuracy"] = correct / graded if graded else math.nan
 
