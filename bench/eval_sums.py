@@ -53,7 +53,7 @@ def compare(cfg: RunConfig, run_dir: Path) -> list[tuple[str, float, float, floa
     ]
     for m in cfg.modality_names:
         rows.append((f"AUROC without {m}", final[f"eval-auroc-without-{m}"],
-                     clear[f"eval-auroc-without-{m}"], math.nan))  # fmt: skip
+                     clear[f"eval-auroc-without-{m}"], res))  # fmt: skip
     return rows
 
 

@@ -133,8 +133,9 @@ def decode_sums(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
     """Federation-wide ``eval-*`` figures from the sum of the sites' vectors.
 
     The same keys as :func:`evaluate_site` (``eval-auroc-<class>`` for multi-class or
-    multi-label tasks), plus ``eval-auroc-resolution``: how far the pooled AUROC of the raw
-    scores can be from the histogram's (``common.metrics.histogram_auroc``).
+    multi-label tasks), plus ``eval-auroc-resolution``: how far any pooled AUROC here (with
+    every modality or one hidden) can be from that of the raw scores
+    (``common.metrics.histogram_auroc``).
     """
     total = np.asarray(total, dtype=np.int64)
     if total.shape != (layout.length,):
@@ -161,12 +162,14 @@ def decode_sums(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
 
     per, resolution = variant(0)
     out["eval-auroc"] = mean(per)
-    out["eval-auroc-resolution"] = resolution
+    # One bound for every AUROC figure here: the coarsest over all variants.
+    variants = [variant(1 + i) for i in range(len(layout.modalities))]
+    out["eval-auroc-resolution"] = max([resolution] + [r for _, r in variants])
     if len(layout.tasks) > 1:
         for name, a in zip(layout.tasks, per, strict=True):
             out[f"eval-auroc-{name}"] = a
     for i, name in enumerate(layout.modalities):
-        without = mean(variant(1 + i)[0])
+        without = mean(variants[i][0])
         out[f"eval-auroc-without-{name}"] = without
         out[f"eval-auroc-drop-{name}"] = out["eval-auroc"] - without
         wsum, wcount, _present = (int(x) for x in total[layout.weights_offset + 3 * i :][:3])

@@ -174,9 +174,8 @@ def test_pooled_figures_from_sums_agree_with_the_clear(synth_sites: list[Path]) 
     assert pooled["eval-accuracy"] == pytest.approx(clear["eval-accuracy"], abs=1e-12)
     assert abs(pooled["eval-auroc"] - clear["eval-auroc"]) <= res + 1e-12
     for m in cfg.modality_names:
-        # Hiding a modality changes the scores; its own resolution is at most a few bins.
-        assert pooled[f"eval-auroc-without-{m}"] == pytest.approx(
-            clear[f"eval-auroc-without-{m}"], abs=max(res, 0.02)
+        assert abs(pooled[f"eval-auroc-without-{m}"] - clear[f"eval-auroc-without-{m}"]) <= (
+            res + 1e-12
         )
         assert pooled[f"eval-weight-{m}"] == pytest.approx(clear[f"eval-weight-{m}"], abs=1e-3)
 
