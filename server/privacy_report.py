@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import Message
 
 from common.errors import FedfuseError
-from common.privacy.refusal import parse_refusal
+from common.privacy.refusal import find_refusal, parse_refusal
 
 
 class FederationStopped(FedfuseError):
@@ -23,7 +23,8 @@ class FederationStopped(FedfuseError):
 
 def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tuple[str, str, bool]:
     """Record an error reply in the round record; returns (site, reason, is_refusal)."""
-    refusal = parse_refusal(msg.error.code, msg.error.reason)
+    # A refusal, sent as one or quoted in a SecAgg+ failure (client/secagg_mod.py).
+    refusal = parse_refusal(msg.error.code, msg.error.reason) or find_refusal(msg.error.reason)
     if refusal is not None:
         name = refusal.site if refusal.site != "?" else fallback_name
         current.setdefault("refused", {})[name] = refusal.why

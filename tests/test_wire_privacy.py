@@ -201,3 +201,15 @@ def test_public_reason_keeps_no_path_and_one_line() -> None:
     assert public_reason(text) == "cannot open <path> (and/or 1/2)"
     assert public_reason("C:\\data\\x.csv bad") == "<path> bad"
     assert len(public_reason("x" * 1000)) == 300
+
+
+def test_site_run_opts_in_only_when_asked(tmp_path: Path) -> None:
+    """`fedfuse site run --share-site-metrics` puts the opt-in into the node config; without
+    the flag the key is absent (the ClientApp then shares nothing more)."""
+    from common.deploy.flower import SiteOptions, format_node_config, node_config
+
+    base = {"superlink": "127.0.0.1:9092", "data": tmp_path, "ledger": tmp_path / "l.db"}
+    plain = node_config(SiteOptions(**base, epsilon_budget=4.0))
+    shared = node_config(SiteOptions(**base, epsilon_budget=4.0, share_site_metrics=True))
+    assert "share-site-metrics" not in plain
+    assert "share-site-metrics=true" in format_node_config(shared)
