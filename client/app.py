@@ -267,8 +267,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _model(msg, cfg)
     device = pick_device()
     figures = evaluate_site(model, datasets["test"], cfg=cfg, device=device)
+    run_uid, run_name = _run_key(msg)
     log_evaluation(
-        site.data_path, run_id=_run_key(msg)[1], server_round=server_round, figures=figures
+        site.data_path, run_id=run_name or run_uid, server_round=server_round, figures=figures
     )
     sums = eval_sums(model, datasets["test"], layout=EvalLayout.for_config(cfg), device=device)
     content = RecordDict(

@@ -138,7 +138,8 @@ def test_the_server_receives_only_the_listed_fields(
         assert "noise-multiplier" not in site and "lifetime-epsilon" not in site
     for site in sites[:2]:
         local = [json.loads(x) for x in (site / ".fedfuse" / "eval.jsonl").read_text().splitlines()]
-        assert local[-1]["round"] == 1 and "eval-auroc" in local[-1]
+        assert local[-1]["round"] == 1 and local[-1]["run-id"] == "wire"
+        assert "eval-auroc" in local[-1]
     assert "site-2" in row.get("eval-failed", {}) and "site-2" in row["failed"]
 
 
