@@ -115,9 +115,7 @@ def test_same_seed_with_and_without_secagg_gives_the_same_model(
     moved = max(float((models[False][k] - initial[k]).abs().max()) for k in initial)
     # Per-round bound for 3 sites with their train-split sizes as weights, updates < 1.
     # (The weights are masked, so read off the sites' own folders.)
-    sizes = [
-        len(site_data(SiteInfo(p.name, p), cfg)[1]["train"]) for p in sorted(synth_sites)[:3]
-    ]
+    sizes = [len(site_data(SiteInfo(p.name, p), cfg)[1]["train"]) for p in sorted(synth_sites)[:3]]
     bound = masking.error_bound(sizes, 1.0, SecAggSettings().for_round(3))
     assert moved > 1e-3  # training moved the model...
     assert gap <= 2 * cfg.num_rounds * bound, (gap, bound)  # ...SecAgg+ only by quantisation
