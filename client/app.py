@@ -7,18 +7,28 @@ import zlib
 from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client import ddp
 from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics, resolve_budget
-from client.secagg_mod import make_secaggplus_mod
+from client.secagg_mod import make_secaggplus_mod, secaggplus_mod
 from client.site import SiteInfo, manifest_digest, resolve_site, site_data
 from client.training import PrivacyPlan, limit_threads, pick_device, train_round
+from client.wire import contain_errors, log_evaluation, public_reason, shares_site_metrics
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.evaluation import evaluate_site
+from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, eval_sums, evaluate_site
 from common.models import build_model
 from common.privacy.accounting import epsilon_from_events
 from common.privacy.client_dp import clip_update_
@@ -110,7 +120,7 @@ def refusal_before_key_exchange(msg: Message, context: Context) -> Refusal | Non
 
 # SecAgg+: the trained model leaves the site only masked (client/secagg_mod.py); a site that
 # will refuse says so at setup, before the key exchange.
-@app.train(mods=[make_secaggplus_mod(precheck=refusal_before_key_exchange)])
+@app.train(mods=[contain_errors, make_secaggplus_mod(precheck=refusal_before_key_exchange)])
 def train(msg: Message, context: Context) -> Message:
     """One round of DP training on the site's train split, within the site's privacy budget."""
     limit_threads()
@@ -170,20 +180,29 @@ def train(msg: Message, context: Context) -> Message:
     epsilon = result.epsilon
     if ddp_event is not None and plan is None:  # distributed DP alone bounds this run's spend
         epsilon = epsilon_from_events([*permit.run_events, ddp_event], delta=cfg.target_delta)
-    metrics = MetricRecord(
-        {
-            # Client-level DP bounds each site's share of the aggregate: equal weights.
-            "num-examples": 1 if cfg.client_level_dp or cfg.distributed_dp else result.num_examples,
-            "train-examples": result.num_examples,
-            "train-loss": result.train_loss,
-            "epsilon": epsilon,
-            "delta": cfg.target_delta,
-            "noise-multiplier": plan.noise_multiplier if plan else 0.0,
-            "steps": sum(e.steps for e in permit.run_events)
-            + (plan.steps_per_round if plan else 0),
-            **privacy_metrics(budget, permit, entry),
-        }
-    )
+    # What the server learns of this round by default: the FedAvg weight (masked under SecAgg+),
+    # this run's epsilon and delta (what the run config asked for), the ledger head. The rest
+    # (training size, loss, noise, steps, lifetime spend) only on the site's opt-in: together
+    # they reveal the training-set size and the site's other uses of its data (README: Privacy).
+    shared: dict[str, float | int] = {
+        # Client-level DP bounds each site's share of the aggregate: equal weights.
+        "num-examples": 1 if cfg.client_level_dp or cfg.distributed_dp else result.num_examples,
+        "epsilon": epsilon,
+        "delta": cfg.target_delta,
+        "ledger-seq": entry.seq,
+    }
+    if shares_site_metrics(context.node_config):
+        shared.update(
+            {
+                "train-examples": result.num_examples,
+                "train-loss": result.train_loss,
+                "noise-multiplier": plan.noise_multiplier if plan else 0.0,
+                "steps": sum(e.steps for e in permit.run_events)
+                + (plan.steps_per_round if plan else 0),
+                **privacy_metrics(budget, permit, entry),
+            }
+        )
+    metrics = MetricRecord(shared)
     state = model.to("cpu").state_dict()
     if cfg.client_level_dp:
         # Client-level DP: bound this site's update here, before it is sent (or masked).
@@ -193,9 +212,8 @@ def train(msg: Message, context: Context) -> Message:
             "arrays": ArrayRecord(state),
             "metrics": metrics,
             "site": _site_record(site),
-            "ledger": ConfigRecord(
-                {"path": str(budget.ledger_path.resolve()), "hash": entry.hash, "run-id": run_id}
-            ),
+            # The head of the site's ledger, never its path (fedfuse audit checks it at the site).
+            "ledger": ConfigRecord({"hash": entry.hash, "seq": entry.seq, "run-id": run_id}),
         }
     )
     if ddp_round is not None:
@@ -267,18 +285,36 @@ def _refuse(msg: Message, site: SiteInfo, server_round: int, refused: RoundRefus
     """An error reply (no update) that the server logs and leaves out of the round."""
     reason = f"site {site.name} refused round {server_round}: {refused.why}"
     log(WARNING, "%s", reason)
-    return Message(Error(code=refused.code, reason=reason), reply_to=msg)
+    return Message(Error(code=refused.code, reason=public_reason(reason)), reply_to=msg)
 
 
-@app.evaluate()
+# Under SecAgg+ the evaluation is a secure round of its own: the mod masks the sums vector.
+@app.evaluate(mods=[contain_errors, secaggplus_mod])
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the site's test split (metrics only leave the site)."""
+    """Evaluate the global model on the site's test split.
+
+    The reply holds the site's evaluation-sums vector (common/evaluation.py), masked by SecAgg+
+    when the run uses it; the site's own figures go to its local log (client/wire.py), and into
+    the reply only when its node config sets ``share-site-metrics = true``.
+    """
     limit_threads()
-    cfg, _ = _config(msg)
+    cfg, server_round = _config(msg)
     site = resolve_site(dict(context.node_config), cfg)
     _, datasets = site_data(site, cfg)
     model = _model(msg, cfg)
-    # Test metrics and per-modality contributions (scalars only leave the site).
-    metrics = MetricRecord(evaluate_site(model, datasets["test"], cfg=cfg, device=pick_device()))
-    content = RecordDict({"metrics": metrics, "site": _site_record(site)})
+    device = pick_device()
+    figures = evaluate_site(model, datasets["test"], cfg=cfg, device=device)
+    run_uid, run_name = _run_key(msg)
+    log_evaluation(
+        site.data_path, run_id=run_name or run_uid, server_round=server_round, figures=figures
+    )
+    sums = eval_sums(model, datasets["test"], layout=EvalLayout.for_config(cfg), device=device)
+    content = RecordDict(
+        {
+            EVAL_SUMS_KEY: ArrayRecord({EVAL_SUMS_ARRAY: Array(sums)}),
+            "site": _site_record(site),
+        }
+    )
+    if shares_site_metrics(context.node_config):
+        content["metrics"] = MetricRecord(figures)
     return Message(content=content, reply_to=msg)

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 from cryptography.fernet import InvalidToken
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
@@ -40,6 +48,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
+from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
 from common.privacy.refusal import Refusal
 from common.secagg import crypto, ddp, masking
 from common.secagg.params import RoundParams
@@ -143,14 +152,16 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
 def _secaggplus(
     msg: Message, ctxt: Context, call_next: ClientAppCallable, precheck: Precheck | None
 ) -> Message:
-    if msg.metadata.message_type != MessageType.TRAIN:
+    # Evaluation sums travel through a SecAgg+ round of their own (common/evaluation.py).
+    if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
         return call_next(msg, ctxt)
     if RECORD_KEY not in msg.content.config_records:
         if _truthy(ctxt.node_config.get(REQUIRE_NODE_CONFIG)):
             raise SecAggProtocolError(
                 f"this site requires secure aggregation (node config '{REQUIRE_NODE_CONFIG}') "
-                "but the server asked for a plain training round; refusing to send an update "
-                "in the clear. Run the federation with secagg=true."
+                f"but the server asked for a plain {msg.metadata.message_type} round; refusing "
+                "to send an update or evaluation sums in the clear. Run the federation with "
+                "secagg=true."
             )
         return call_next(msg, ctxt)
 
@@ -164,7 +175,9 @@ def _secaggplus(
             log(WARNING, "SecAgg+: setup restarts an unfinished round (was at %s)", state.stage)
         state = SiteState(nid=msg.metadata.dst_node_id)
         state.params = RoundParams.from_record(ins)  # validates; a site refuses unsafe ones
-        refusal = precheck(msg, ctxt) if precheck is not None else None
+        # Only a training round spends budget; an evaluation round's sums are not refused.
+        is_train = msg.metadata.message_type == MessageType.TRAIN
+        refusal = precheck(msg, ctxt) if precheck is not None and is_train else None
         if refusal is not None:
             # No keys made: the server leaves this site out before anyone shares a secret.
             state.params = None
@@ -178,6 +191,10 @@ def _secaggplus(
             out = RecordDict({RECORD_KEY: ConfigRecord(_setup(state))})
     elif stage == Stage.SHARE_KEYS:
         out = RecordDict({RECORD_KEY: ConfigRecord(_share_keys(state, ins))})
+    elif (
+        stage == Stage.COLLECT_MASKED_VECTORS and msg.metadata.message_type == MessageType.EVALUATE
+    ):
+        out = _collect_eval_sums(state, ins, msg, ctxt, call_next)
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         out = _collect_masked_vector(state, ins, msg, ctxt, call_next)
     else:
@@ -327,10 +344,13 @@ def _collect_masked_vector(
     if reply.has_error():
         raise SecAggProtocolError(f"training failed: {reply.error.reason}")
     content = reply.content
-    # Everything but the model goes back: scalar metrics and the site record.
+    # Everything but the model goes back: scalar metrics and the site record. The weight is
+    # in the masked vector, so not in the clear (it is the site's training-set size).
     out = RecordDict()
     for name, rec in content.metric_records.items():
-        out.metric_records[name] = rec
+        out.metric_records[name] = MetricRecord(
+            {k: v for k, v in rec.items() if k != WEIGHT_METRIC}
+        )
     for name, crec in content.config_records.items():
         if name != RECORD_KEY:
             out.config_records[name] = crec
@@ -386,6 +406,16 @@ def _collect_masked_vector(
             delta.size,
             params.clipping_range,
         )
+    out.array_records[MASKED_KEY] = ArrayRecord({MASKED_ARRAY: Array(_mask(state, vec))})
+    out.config_records[RECORD_KEY] = ConfigRecord({})
+    # Module logger, not Flower's: Flower's prints DEBUG in every simulation worker.
+    _LOG.debug("SecAgg+: uploaded a masked vector of %d entries", vec.size)
+    return out
+
+
+def _mask(state: SiteState, vec: np.ndarray) -> np.ndarray:
+    """``vec`` (uint32) plus the private mask and the pairwise masks, modulo the modulus."""
+    params = state.round_params
     # uint32 arithmetic wraps modulo 2**32, a multiple of the modulus: reduce once at the end.
     vec += masking.prg(state.seed, vec.size)
     for nid in state.holder_ids:
@@ -398,11 +428,50 @@ def _collect_masked_vector(
             vec += mask
         else:
             vec -= mask
-    vec = masking.mod(vec, params.modulus_range)
-    out.array_records[MASKED_KEY] = ArrayRecord({MASKED_ARRAY: Array(vec)})
+    return masking.mod(vec, params.modulus_range)
+
+
+def _collect_eval_sums(
+    state: SiteState,
+    ins: ConfigRecord,
+    msg: Message,
+    ctxt: Context,
+    call_next: ClientAppCallable,
+) -> RecordDict:
+    """Evaluate (the wrapped evaluate function) and upload only its sums vector, masked."""
+    _receive_shares(state, ins)
+    params = state.round_params
+    reply = call_next(msg, ctxt)
+    if reply.has_error():
+        raise SecAggProtocolError(f"evaluation failed: {reply.error.reason}")
+    content = reply.content
+    out = RecordDict()
+    # The site record, and the site's own figures only if it opted in (client/wire.py).
+    for name, rec in content.metric_records.items():
+        out.metric_records[name] = rec
+    for name, crec in content.config_records.items():
+        if name != RECORD_KEY:
+            out.config_records[name] = crec
+    sums = content.array_records.get(EVAL_SUMS_KEY)
+    if sums is None or EVAL_SUMS_ARRAY not in sums:
+        reason: str | None = f"the evaluate reply has no '{EVAL_SUMS_KEY}' vector"
+        vec = np.zeros(0, dtype=np.int64)
+    else:
+        vec = sums[EVAL_SUMS_ARRAY].numpy().astype(np.int64)
+        # The sum of sample-num such vectors must not wrap around the modulus.
+        limit = params.modulus_range // max(params.sample_num, 1)
+        reason = (
+            None
+            if vec.size == 0 or (int(vec.min()) >= 0 and int(vec.max()) < limit)
+            else f"evaluation sums outside [0, {limit}) would wrap around modulus-range"
+        )
+    if reason is not None:
+        log(WARNING, "SecAgg+: not uploading this round's evaluation: %s", reason)
+        out.config_records[RECORD_KEY] = ConfigRecord({Key.REFUSED: reason})
+        return out
+    masked = _mask(state, ddp.to_modular(vec, params.modulus_range))
+    out.array_records[MASKED_KEY] = ArrayRecord({MASKED_ARRAY: Array(masked)})
     out.config_records[RECORD_KEY] = ConfigRecord({})
-    # Module logger, not Flower's: Flower's prints DEBUG in every simulation worker.
-    _LOG.debug("SecAgg+: uploaded a masked vector of %d entries", vec.size)
     return out
 
 

@@ -516,12 +516,20 @@ def explain(
     split: str = typer.Option("test", "--split", help="train, val or test."),
 ) -> None:
     """Per-modality contributions of a run's global model on one site's data."""
-    from common.explain import explain_run, report_rows
+    from common.explain import explain_run, report_rows, run_status
 
     try:
         cfg, report = explain_run(run_dir, data, split=split)
     except FedfuseError as exc:
         _fail(str(exc))
+    status, why = run_status(run_dir)
+    if status != "completed":
+        # The model of a failed or stopped run is the last one it kept, maybe the initial one.
+        err_console.print(
+            f"{run_dir}: the run {status}" + (f" ({why})" if why else "") + "; explaining the "
+            "last model it kept, not a finished run's.",
+            soft_wrap=True,
+        )
     console.print(
         f"{run_dir}: fusion {cfg.fusion}, modalities {', '.join(cfg.modality_names)}; "
         f"{data} split {split}: {report['num-examples']} records, AUROC "

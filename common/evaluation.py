@@ -1,22 +1,190 @@
-"""What a site reports about the global model: test metrics and modality contributions."""
+"""What a site reports about the global model: sums for the federation, figures for itself.
+
+By default a site's evaluation leaves it only as a vector of integer sums (:class:`EvalLayout`)
+that SecAgg+ adds up with the other sites' before the server sees it: record count, loss sum,
+correct predictions, per-class histograms of the scores over a fixed public binning (with every
+modality, and with each one hidden), and the fusion head's weight sums. The federation's loss,
+accuracy, AUROC and modality contributions follow from the sum alone (:func:`decode_sums`); the
+pooled AUROC to the histogram's resolution (``common.metrics.histogram_auroc``). The site's own
+figures (:func:`evaluate_site`) stay in its local log unless it opts in to share them.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from common.config import RunConfig
 from common.explain import contribution_metrics, modality_contributions
-from common.metrics import evaluate
+from common.metrics import SCORE_BINS, evaluate, histogram_auroc, predict, score_bins
+
+# Fixed-point scale of the loss and weight sums, and the per-record loss cap: public constants,
+# so every site's vector has the same meaning and a bound a site can check against the modulus.
+SUM_SCALE = 2**10
+# Where the vector travels in an evaluate reply (both sides import these).
+EVAL_SUMS_KEY = "eval-sums"
+EVAL_SUMS_ARRAY = "sums"
+LOSS_CAP = 64.0
+
+
+@dataclass(frozen=True)
+class EvalLayout:
+    """The meaning of each entry of an evaluation-sums vector (the same at every site).
+
+    ``[records, loss sum, correct, graded]``, then for each variant (all modalities, then each
+    modality hidden) and each AUROC task a positive and a negative score histogram, then per
+    modality ``[weight sum, records with a weight, records with the modality]``.
+    """
+
+    tasks: tuple[str, ...]  # AUROC tasks: one for two classes, else one per class
+    modalities: tuple[str, ...]
+    multi_label: bool
+    bins: int = SCORE_BINS
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig) -> EvalLayout:
+        names = tuple(cfg.class_names)
+        tasks = ("",) if (len(names) == 2 and not cfg.multi_label) else names
+        return cls(tasks=tasks, modalities=cfg.modality_names, multi_label=cfg.multi_label)
+
+    @property
+    def head(self) -> int:
+        return 4
+
+    def hist_offset(self, variant: int, task: int) -> int:
+        return self.head + (variant * len(self.tasks) + task) * 2 * self.bins
+
+    @property
+    def weights_offset(self) -> int:
+        return self.hist_offset(1 + len(self.modalities), 0)
+
+    @property
+    def length(self) -> int:
+        return self.weights_offset + 3 * len(self.modalities)
+
+
+def _task_scores(logits: torch.Tensor, labels: torch.Tensor, layout: EvalLayout):
+    """(probabilities, positives) per AUROC task, and (correct, graded) counts."""
+    if layout.multi_label:
+        probs = torch.sigmoid(logits).numpy()
+        y = labels.numpy().astype(bool)
+        correct = int(((probs >= 0.5) == y).sum())
+        return [(probs[:, k], y[:, k]) for k in range(probs.shape[1])], correct, y.size
+    probs = torch.softmax(logits, dim=1).numpy()
+    y_idx = labels.long().numpy()
+    correct = int((probs.argmax(1) == y_idx).sum())
+    if len(layout.tasks) == 1:
+        return [(probs[:, 1], y_idx == 1)], correct, len(y_idx)
+    return [(probs[:, k], y_idx == k) for k in range(probs.shape[1])], correct, len(y_idx)
+
+
+def _record_losses(logits: torch.Tensor, labels: torch.Tensor, layout: EvalLayout) -> np.ndarray:
+    if layout.multi_label:
+        per = nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.float(), reduction="none"
+        ).mean(dim=1)
+    else:
+        per = nn.functional.cross_entropy(logits, labels.long(), reduction="none")
+    return per.numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def eval_sums(
+    model: nn.Module, dataset: Dataset, *, layout: EvalLayout, device: torch.device
+) -> np.ndarray:
+    """This site's evaluation-sums vector (non-negative int64, ``layout.length`` entries)."""
+    model = model.to(device)
+    vec = np.zeros(layout.length, dtype=np.int64)
+    full = predict(model, dataset, device=device)
+    n = len(full.labels)
+    if n == 0:
+        return vec
+    losses = np.minimum(_record_losses(full.logits, full.labels, layout), LOSS_CAP)
+    tasks, correct, graded = _task_scores(full.logits, full.labels, layout)
+    vec[:4] = [n, int(np.rint(losses * SUM_SCALE).sum()), correct, graded]
+    variants = [full] + [
+        predict(model, dataset, device=device, hide=i) for i in range(len(layout.modalities))
+    ]
+    for v, pred in enumerate(variants):
+        per_task = tasks if v == 0 else _task_scores(pred.logits, pred.labels, layout)[0]
+        for t, (probs, positive) in enumerate(per_task):
+            bins = score_bins(probs, bins=layout.bins)
+            at = layout.hist_offset(v, t)
+            vec[at : at + layout.bins] += np.bincount(bins[positive], minlength=layout.bins)
+            neg = at + layout.bins
+            vec[neg : neg + layout.bins] += np.bincount(bins[~positive], minlength=layout.bins)
+    for i in range(len(layout.modalities)):
+        at = layout.weights_offset + 3 * i
+        present = (full.mask[:, i] > 0).numpy()
+        vec[at + 2] = int(present.sum())
+        if full.weights is not None:
+            w = full.weights[:, i].double().numpy()[present]
+            vec[at] = int(np.rint(w * SUM_SCALE).sum())
+            vec[at + 1] = int(present.sum())
+    return vec
+
+
+def decode_sums(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
+    """Federation-wide ``eval-*`` figures from the sum of the sites' vectors.
+
+    The same keys as :func:`evaluate_site` (``eval-auroc-<class>`` for multi-class or
+    multi-label tasks), plus ``eval-auroc-resolution``: how far any pooled AUROC here (with
+    every modality or one hidden) can be from that of the raw scores
+    (``common.metrics.histogram_auroc``).
+    """
+    total = np.asarray(total, dtype=np.int64)
+    if total.shape != (layout.length,):
+        raise ValueError(f"evaluation sums have {total.size} entries; expected {layout.length}")
+    n, loss, correct, graded = (int(x) for x in total[:4])
+    out: dict[str, float] = {"num-examples": float(n), "eval-records": float(n)}
+    out["eval-loss"] = loss / SUM_SCALE / n if n else math.nan
+    out["eval-accuracy"] = correct / graded if graded else math.nan
+
+    def variant(v: int) -> tuple[list[float], float]:
+        per, res = [], 0.0
+        for t in range(len(layout.tasks)):
+            at = layout.hist_offset(v, t)
+            a, r = histogram_auroc(
+                total[at : at + layout.bins], total[at + layout.bins : at + 2 * layout.bins]
+            )
+            per.append(a)
+            res = max(res, r)
+        return per, res
+
+    def mean(xs: list[float]) -> float:
+        finite = [x for x in xs if not math.isnan(x)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    per, resolution = variant(0)
+    out["eval-auroc"] = mean(per)
+    # One bound for every AUROC figure here: the coarsest over all variants.
+    variants = [variant(1 + i) for i in range(len(layout.modalities))]
+    out["eval-auroc-resolution"] = max([resolution] + [r for _, r in variants])
+    if len(layout.tasks) > 1:
+        for name, a in zip(layout.tasks, per, strict=True):
+            out[f"eval-auroc-{name}"] = a
+    for i, name in enumerate(layout.modalities):
+        without = mean(variants[i][0])
+        out[f"eval-auroc-without-{name}"] = without
+        out[f"eval-auroc-drop-{name}"] = out["eval-auroc"] - without
+        wsum, wcount, _present = (int(x) for x in total[layout.weights_offset + 3 * i :][:3])
+        out[f"eval-weight-{name}"] = wsum / SUM_SCALE / wcount if wcount else math.nan
+    return out
 
 
 def evaluate_site(
     model: nn.Module, dataset: Dataset, *, cfg: RunConfig, device: torch.device
 ) -> dict[str, float]:
-    """Flat metrics for a MetricRecord: ``num-examples``, ``eval-loss``, ``eval-accuracy``,
-    ``eval-auroc`` (plus ``eval-auroc-<class>`` for multi-class / multi-label tasks) and the
-    per-modality contributions of :mod:`common.explain` (scalars only, like the AUROC)."""
+    """This site's own figures, computed in the clear (its local log; shared only on opt-in):
+    ``num-examples``, ``eval-loss``, ``eval-accuracy``, ``eval-auroc`` (plus
+    ``eval-auroc-<class>`` for multi-class / multi-label tasks) and the per-modality
+    contributions of :mod:`common.explain`. Every key is always present (NaN where undefined),
+    so that every site reports the same keys."""
     model = model.to(device)
     res = evaluate(
         model, dataset, device=device, multi_label=cfg.multi_label, class_names=cfg.class_names
@@ -26,4 +194,7 @@ def evaluate_site(
     if out["num-examples"]:
         report = modality_contributions(model, dataset, device=device, multi_label=cfg.multi_label)
         out.update(contribution_metrics(report))
+    for name in cfg.modality_names:
+        for key in ("auroc-without", "auroc-drop", "weight"):
+            out.setdefault(f"eval-{key}-{name}", math.nan)
     return out

@@ -138,6 +138,18 @@ def explain_run(
     return cfg, report
 
 
+def run_status(run_dir: str | Path) -> tuple[str, str]:
+    """(status, reason) of a run directory (``status.json``); ("unknown", ...) without one."""
+    path = Path(run_dir) / "status.json"
+    if not path.is_file():
+        return "unknown", "the run directory has no status.json (the run did not finish)"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unknown", f"{path.name} is unreadable"
+    return str(rec.get("status", "unknown")), str(rec.get("reason", ""))
+
+
 def report_rows(report: dict[str, Any]) -> list[list[str]]:
     """Rows (modality, share present, weight, AUROC without, drop) of a contributions report."""
     return [

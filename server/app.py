@@ -66,7 +66,10 @@ def run_federation(
             num_rounds=cfg.num_rounds - strategy.round_offset,
             timeout=cfg.timeout,
             train_config=config,
-            evaluate_config=ConfigRecord(dict(cfg.to_mapping())),
+            # The run's name and uid too: a site's local evaluation log names the run.
+            evaluate_config=ConfigRecord(
+                {**cfg.to_mapping(), "run-id": run_dir.run_id, "run-uid": run_dir.uid}
+            ),
         )
     except FederationStopped as exc:
         # Too few sites left (e.g. budgets exhausted): a clean stop, recorded with its reason.

@@ -8,12 +8,13 @@ entries are still in the site's ledger unchanged, which catches a rewritten ledg
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from flwr.app import Message
 
 from common.errors import FedfuseError
-from common.privacy.refusal import parse_refusal
+from common.privacy.refusal import find_refusal, parse_refusal
 
 
 class FederationStopped(FedfuseError):
@@ -22,25 +23,39 @@ class FederationStopped(FedfuseError):
 
 def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tuple[str, str, bool]:
     """Record an error reply in the round record; returns (site, reason, is_refusal)."""
-    refusal = parse_refusal(msg.error.code, msg.error.reason)
+    # A refusal, sent as one or quoted in a SecAgg+ failure (client/secagg_mod.py).
+    refusal = parse_refusal(msg.error.code, msg.error.reason) or find_refusal(msg.error.reason)
     if refusal is not None:
         name = refusal.site if refusal.site != "?" else fallback_name
         current.setdefault("refused", {})[name] = refusal.why
         return name, refusal.why, True
     reason = str(msg.error.reason)
-    current.setdefault("failed", {})[fallback_name] = reason
-    return fallback_name, reason, False
+    name = named_site(reason, fallback_name)
+    current.setdefault("failed", {})[name] = reason
+    return name, reason, False
+
+
+_NAMED = re.compile(r"(?:^|: )site ([\w.\-]+): ")
+
+
+def named_site(reason: str, fallback: str) -> str:
+    """The site an error reason names (``site <name>: ...``, client/wire.py), else
+    ``fallback`` (a site that failed before saying its name is known by its node id)."""
+    if not fallback.startswith("node-"):
+        return fallback
+    m = _NAMED.search(reason)
+    return m[1] if m else fallback
 
 
 def note_ledger(site: dict[str, Any], msg: Message) -> None:
-    """Keep the ledger head the site reported with its update."""
+    """Keep the ledger head the site reported with its update (hash and sequence number; the
+    ledger's path stays at the site: ``fedfuse audit`` finds it there)."""
     rec = msg.content.config_records.get("ledger")
     if rec is None:
         return
     site["ledger"] = {
-        "path": str(rec.get("path", "")),
         "hash": str(rec.get("hash", "")),
-        "seq": int(site.get("ledger-seq", 0)),
+        "seq": int(rec.get("seq", site.get("ledger-seq", 0))),  # type: ignore[arg-type]
     }
 
 
@@ -89,6 +104,6 @@ def site_privacy(rounds: list[dict[str, Any]], *, target_epsilon: float, delta: 
             led = s.get("ledger")
             if led:
                 entry = {"round": rec["round"], "seq": led["seq"], "hash": led["hash"]}
-                info = prev.setdefault("ledger", {"path": led["path"], "entries": []})
+                info = prev.setdefault("ledger", {"entries": []})
                 info["entries"].append(entry)
     return dict(sorted(sites.items()))

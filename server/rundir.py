@@ -177,11 +177,17 @@ class RunDirectory:
             )
         lines += [
             "",
+            "Test figures are pooled over the sites' test splits, from the sum of their "
+            "evaluation vectors" + (" (SecAgg+)" if cfg.secagg else "") + "; each site keeps its "
+            "own figures in `.fedfuse/eval.jsonl` unless it shares them "
+            "(node config `share-site-metrics`).",
+            "",
             "## Privacy spent per site",
             "",
             "Run epsilon: this run's rounds composed. Lifetime epsilon: every run on the "
             "site's data (its ledger), before this run and after it, against the site's own "
-            "budget.",
+            "budget. Noise multiplier and lifetime spend stay at the site ('-') unless it "
+            "shares them.",
             "",
             "| site | run epsilon | delta | target | noise multiplier | rounds | "
             "lifetime before | lifetime after | site budget | refused |",

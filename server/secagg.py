@@ -47,8 +47,8 @@ from common.secagg.protocol import (
     check_record,
 )
 from server.ddp import DistributedDp, make_distributed_dp
-from server.privacy_report import FederationStopped, note_error, note_ledger
-from server.strategy import site_name
+from server.privacy_report import FederationStopped, named_site, note_error, note_ledger
+from server.strategy import EvalRound, site_name
 
 
 @dataclass
@@ -75,6 +75,8 @@ class SecAggOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     # Distributed DP: the round's mechanism (None for plain SecAgg+).
     ddp_spec: ddp_mech.DdpSpec | None = None
+    # An evaluation round: the sum of the sites' evaluation-sums vectors.
+    sums: np.ndarray | None = None
 
 
 class SecAggPlusWorkflow:
@@ -111,13 +113,18 @@ class SecAggPlusWorkflow:
         config: ConfigRecord,
         server_round: int,
         names: Mapping[int, str] | None = None,
+        sums_length: int | None = None,
     ) -> SecAggOutcome:
-        """Train the sampled ``node_ids`` on ``arrays`` and securely aggregate their updates."""
+        """Train the sampled ``node_ids`` on ``arrays`` and securely aggregate their updates.
+
+        With ``sums_length``, an evaluation round instead: the sites evaluate ``arrays`` and the
+        outcome's ``sums`` is the sum of their evaluation-sums vectors (common/evaluation.py).
+        """
         ids = list(dict.fromkeys(node_ids))
         out = SecAggOutcome(names=dict(names or {}))
         try:
             params = self.settings.for_round(len(ids))
-            if self.ddp is not None:
+            if self.ddp is not None and sums_length is None:
                 # Refused before any site trains when the noisy sum could wrap around.
                 out.ddp_spec = self.ddp.spec({k: arrays[k].numpy() for k in arrays.keys()})
                 out.ddp_spec.check_modulus(
@@ -127,7 +134,7 @@ class SecAggPlusWorkflow:
             out.error = str(exc)
             return out
         out.params = params
-        rnd = _Round(self, grid, ids, params, arrays, config, server_round, out)
+        rnd = _Round(self, grid, ids, params, arrays, config, server_round, out, sums_length)
         log(
             INFO,
             "SecAgg+ round %s: %s sites, %s shares each, threshold %s",
@@ -166,6 +173,7 @@ class _Round:
         config: ConfigRecord,
         server_round: int,
         out: SecAggOutcome,
+        sums_length: int | None = None,
     ) -> None:
         self.grid, self.params, self.arrays, self.config = grid, params, arrays, config
         self.round, self.out, self.timeout = server_round, out, wf.settings.timeout
@@ -188,8 +196,14 @@ class _Round:
         self.total: np.ndarray | None = None
         self.ref = {k: arrays[k].numpy() for k in arrays.keys()}
         self.spec = out.ddp_spec
+        self.sums_length = sums_length
+        self.message_type = MessageType.TRAIN if sums_length is None else MessageType.EVALUATE
         self.length = (
-            1 + self.spec.padded if self.spec is not None else masking.vector_length(self.ref)
+            sums_length
+            if sums_length is not None
+            else 1 + self.spec.padded
+            if self.spec is not None
+            else masking.vector_length(self.ref)
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -203,7 +217,7 @@ class _Round:
             Message(
                 content=content,
                 dst_node_id=nid,
-                message_type=MessageType.TRAIN,
+                message_type=self.message_type,
                 group_id=str(self.round),
             )
             for nid, content in contents.items()
@@ -443,6 +457,10 @@ class _Round:
                     total -= mask
                 else:
                     total += mask
+        if self.sums_length is not None:
+            # Evaluation: non-negative integer sums that cannot wrap (each site checked its own).
+            self.out.sums = masking.mod(total, p.modulus_range).astype(np.int64)
+            return True
         try:
             if self.spec is not None:
                 # Distributed DP: the sum is already noised; centre, unscale, unrotate.
@@ -557,7 +575,7 @@ class SecAggAggregation(FedAvg):
             elif refusal is not None:
                 current.setdefault("refused", {})[name(nid)] = refusal.why
             else:
-                current.setdefault("failed", {})[name(nid)] = reason
+                current.setdefault("failed", {})[named_site(reason, name(nid))] = reason
         for refusal in outcome.refused.values():
             current.setdefault("refused", {})[refusal.site] = refusal.why
             current.setdefault("refusals", {})[refusal.site] = refusal.to_record()
@@ -650,16 +668,47 @@ class SecAggAggregation(FedAvg):
                 self.on_round(dict(current))
         raise SecAggRoundFailed(reason)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        replies = list(replies)
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        """Run the round's evaluation as a SecAgg+ round of its own: the server learns only
+        the sum of the sites' evaluation-sums vectors (common/evaluation.py)."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.secagg_eval: SecAggOutcome | None = None
+        if not messages:
+            return []
         names = getattr(self, "_secagg_names", {})
-        for msg in replies:
-            if msg.has_content() and "site" in msg.content.config_records:
-                names[msg.metadata.src_node_id] = site_name(msg)
         self._secagg_names = names
-        return super().aggregate_evaluate(server_round, replies)
+        # Distributed DP noises updates only: evaluation sums carry no training noise.
+        workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng)
+        self.secagg_eval = workflow(
+            grid,
+            node_ids=[m.metadata.dst_node_id for m in messages],
+            arrays=arrays,
+            config=messages[0].content.config_records.get("config", config),
+            server_round=server_round,
+            names=names,
+            sums_length=self.eval_layout.length,  # type: ignore[attr-defined]
+        )
+        names.update(self.secagg_eval.names)
+        return []
+
+    def evaluation_sums(self, server_round: int, replies: list[Message]) -> EvalRound:
+        """The secure round's sum, its contributors, and the sites it left out (and why)."""
+        outcome = getattr(self, "secagg_eval", None)
+        if outcome is None:
+            return EvalRound(total=None)
+        names = getattr(self, "_secagg_names", {})
+
+        def name(nid: int) -> str:
+            return names.get(nid, f"node-{nid}")
+
+        failed = {
+            named_site(why, name(n)): why
+            for n, why in {**outcome.dropped, **outcome.rejected}.items()
+        }
+        if outcome.error is not None:
+            log(WARNING, "SecAgg+ evaluation of round %s failed: %s", server_round, outcome.error)
+            return EvalRound(total=None, failed=failed or {"federation": outcome.error})
+        return EvalRound(total=outcome.sums, contributors=list(outcome.accepted), failed=failed)
 
 
 def mean_to_delta_sum(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -18,9 +19,16 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, decode_sums
 from server.checkpoint import save_checkpoint
 from server.client_dp import make_client_dp
-from server.privacy_report import FederationStopped, note_error, note_ledger, stop_reason
+from server.privacy_report import (
+    FederationStopped,
+    named_site,
+    note_error,
+    note_ledger,
+    stop_reason,
+)
 from server.rundir import RoundCallback, RunDirectory
 
 
@@ -53,7 +61,8 @@ def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRec
     weights: dict[str, float] = {}
     for rd in records:
         rec = next(iter(rd.metric_records.values()))
-        w = float(rec[weighting_key])  # type: ignore[arg-type]
+        # No weight in the clear (SecAgg+ masks it): plain mean.
+        w = float(rec.get(weighting_key, 1.0))  # type: ignore[arg-type]
         for k, v in rec.items():
             if k == weighting_key or not isinstance(v, (int, float)):
                 continue
@@ -62,10 +71,57 @@ def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRec
                 weights[k] = weights.get(k, 0.0) + w
     out: dict[str, Any] = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
     out[weighting_key] = sum(
-        float(next(iter(rd.metric_records.values()))[weighting_key])  # type: ignore[arg-type]
+        float(next(iter(rd.metric_records.values())).get(weighting_key, 1.0))  # type: ignore[arg-type]
         for rd in records
     )
     return MetricRecord(out)
+
+
+@dataclass
+class EvalRound:
+    """One evaluation round as the server sees it: the sum of the sites' evaluation-sums
+    vectors (None if no site contributed), the contributing replies (site names, and the
+    figures of sites that opted in), and why the other sites left it out."""
+
+    total: np.ndarray | None
+    contributors: list[Message] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def sum_clear_evaluations(replies: list[Message], layout: EvalLayout) -> EvalRound:
+    """Add up the evaluation vectors of replies that carry them in the clear (no SecAgg+)."""
+    total = np.zeros(layout.length, dtype=np.int64)
+    out = EvalRound(total=None)
+    for msg in replies:
+        name = site_name(msg)
+        if msg.has_error():
+            out.failed[named_site(str(msg.error.reason), name)] = str(msg.error.reason)
+            continue
+        rec = msg.content.array_records.get(EVAL_SUMS_KEY)
+        vec = rec[EVAL_SUMS_ARRAY].numpy() if rec is not None and EVAL_SUMS_ARRAY in rec else None
+        if vec is None or vec.shape != (layout.length,) or (vec.size and int(vec.min()) < 0):
+            out.failed[name] = f"no well-formed '{EVAL_SUMS_KEY}' vector in the reply"
+            continue
+        total += vec.astype(np.int64)
+        out.contributors.append(msg)
+    out.total = total if out.contributors else None
+    return out
+
+
+def _common_metric_keys(replies: list[Message]) -> list[Message]:
+    """The replies with only the metric keys every one of them has: a site that opted in to
+    share more (``share-site-metrics``) must not make Flower's aggregation refuse the round."""
+    keys: set[str] | None = None
+    for msg in replies:
+        for rec in msg.content.metric_records.values():
+            keys = set(rec.keys()) if keys is None else keys & set(rec.keys())
+    for msg in replies:
+        for name, rec in list(msg.content.metric_records.items()):
+            if keys is not None and set(rec.keys()) != keys:
+                msg.content.metric_records[name] = MetricRecord(
+                    {k: v for k, v in rec.items() if k in keys}
+                )
+    return replies
 
 
 class SiteRecordingMixin:
@@ -152,7 +208,7 @@ class SiteRecordingMixin:
                 good, self.global_arrays, weight_key=self.weighted_by_key
             )
             self.current["client-dp"] = self.client_dp.summary()
-        arrays, metrics = super().aggregate_train(server_round, good)
+        arrays, metrics = super().aggregate_train(server_round, _common_metric_keys(good))
         # After aggregation, counted from the recorded sites: under SecAgg+ the replies here are
         # empty and the secure aggregation records the sites it summed, the ones that dropped
         # (refusals included), and raises its own failure first when a round cannot finish.
@@ -177,29 +233,46 @@ class SiteRecordingMixin:
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         # The model evaluated this round is the one a checkpoint of this round must hold.
         self.evaluated_arrays = arrays
+        self.eval_layout = EvalLayout.for_config(self.run_dir.cfg)
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def evaluation_sums(self, server_round: int, replies: list[Message]) -> EvalRound:
+        """The round's summed evaluation vectors: from the secure round when the strategy runs
+        one (server/secagg.py), else added up here from the replies (each in the clear)."""
+        secure = getattr(super(), "evaluation_sums", None)
+        if secure is not None:
+            return secure(server_round, replies)
+        return sum_clear_evaluations(replies, self.eval_layout)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Federation-wide figures from the summed vectors; per-site figures only from sites
+        that opted in (``share-site-metrics``). Flower's metric averaging is not used: it
+        needs every site to send the same metric keys, and a site's own figures by default."""
         server_round += self.round_offset
-        replies = list(replies)
-        for msg in replies:
-            if msg.has_error():
-                continue
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            site = self.current.setdefault("sites", {}).setdefault(site_name(msg), {})
-            site.update(
-                {
-                    k: v
-                    for k, v in metrics.items()
-                    if k.startswith("eval-") and isinstance(v, (int, float))
-                }
-            )
-        agg = super().aggregate_evaluate(server_round, replies)
-        if agg is not None:
+        result = self.evaluation_sums(server_round, list(replies))
+        sites = self.current.setdefault("sites", {})
+        for msg in result.contributors:
+            metrics = next(iter(msg.content.metric_records.values()), None)
+            if metrics is not None:
+                sites.setdefault(site_name(msg), {}).update(
+                    {
+                        k: v
+                        for k, v in metrics.items()
+                        if k.startswith("eval-") and isinstance(v, (int, float))
+                    }
+                )
+        for name, why in result.failed.items():
+            self.current.setdefault("eval-failed", {})[name] = why
+            log(WARNING, "Round %s: site %s did not evaluate: %s", server_round, name, why)
+        agg: MetricRecord | None = None
+        if result.total is not None and int(result.total[0]) > 0:
+            figures = decode_sums(result.total, self.eval_layout)
+            figures["eval-sites"] = float(len(result.contributors))
+            agg = MetricRecord(figures)  # type: ignore[arg-type]
             # eval-loss/-accuracy/-auroc, plus per-class AUROC and modality contributions.
-            self.current.update({k: v for k, v in agg.items() if k.startswith("eval-")})
+            self.current.update({k: v for k, v in figures.items() if k.startswith("eval-")})
         self.current["round"] = server_round
         self.current["seconds"] = round(time.time() - self._t0, 3)
         self.run_dir.add_round(dict(self.current))

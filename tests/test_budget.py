@@ -195,7 +195,9 @@ cfg = RunConfig(num_rounds=3, local_epochs=1, batch_size=64, target_epsilon=4.0,
                 accountant="rdp")
 torch.manual_seed(0)
 model = build_model(cfg)
-context = Context(run_id=run_id, node_id=7, node_config={"data-path": site}, state=RecordDict(),
+context = Context(run_id=run_id, node_id=7, node_config={"data-path": site,
+                  # Opted in: the test reads the site internals from the reply.
+                  "share-site-metrics": True}, state=RecordDict(),
                   run_config={})
 
 def one_round(r):

@@ -79,15 +79,18 @@ def test_server_sees_only_noised_sums_with_the_configured_variance(
     # 1. Every message the server received: a collect reply carries one masked uint32 vector
     # and nothing else model-sized (no model, no noised vector in the clear); others none.
     collect = [m for m in grid.received if stage_of(m) == Stage.COLLECT_MASKED_VECTORS]
-    assert len(collect) == 3
+    train = [m for m in collect if m.metadata.message_type == "train"]
+    assert len(train) == 3 and len(collect) == 6  # 3 more: the evaluation round's (masked)
     for msg in grid.received:
         if not msg.has_content():
             continue
         arrays = dict(msg.content.array_records)
-        if msg in collect:
+        if msg in train:
             assert list(arrays) == [MASKED_KEY]
             (vec,) = [a.numpy() for a in arrays[MASKED_KEY].values()]
             assert vec.dtype == np.uint32 and vec.size == 1 + spec.padded
+        elif msg in collect:  # the evaluation sums, masked (common/evaluation.py)
+            assert list(arrays) == [MASKED_KEY]
         else:
             assert arrays == {}, f"an unexpected array reached the server: {list(arrays)}"
 

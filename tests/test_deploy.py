@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sqlite3
 import ssl
 import subprocess
@@ -295,7 +296,8 @@ def test_deploy_e2e_two_sites_tls_auth_dp(dp_run):
     for site in ("site-0", "site-1"):
         e1, e2 = (float(r["sites"][site]["epsilon"]) for r in rounds)
         assert 0 < e1 < e2 <= RunConfig().target_epsilon + 1e-6
-        assert float(rounds[1]["sites"][site]["noise-multiplier"]) > 0
+        # The site's noise, steps and lifetime spend stay at the site by default.
+        assert "noise-multiplier" not in rounds[1]["sites"][site]
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert state and all(torch.isfinite(v).all() for v in state.values())
     assert (run_dir / "privacy.json").exists() and (run_dir / "summary.md").exists()
@@ -477,6 +479,67 @@ def test_deploy_superlink_restart_keeps_runs(federation, dp_run):
     assert fed.runs_listed()[dp_run["run-id"]]["status"] == "finished:completed"
     # Registrations live in the database too: the same keys are let in again.
     fed.wait_nodes_online(2, timeout=180)
+
+
+def _capture_app(tmp: Path) -> Path:
+    """A copy of the project whose ServerApp writes down every message it receives
+    (tests/wire_capture.py); the ClientApp is fedfuse's own."""
+    app_dir = tmp / "capture-app"
+    if not app_dir.exists():
+        top = {".venv", ".git", "runs", "data", "deploy", ".pytest_cache", ".ruff_cache"}
+
+        def ignore(folder: str, names: list[str]) -> set[str]:
+            skip = {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
+            return skip | (top & set(names) if Path(folder) == ROOT else set())
+
+        shutil.copytree(ROOT, app_dir, ignore=ignore)
+        pp = app_dir / "pyproject.toml"
+        text = pp.read_text()
+        assert 'serverapp = "server.app:app"' in text
+        pp.write_text(text.replace('"server.app:app"', '"tests.wire_capture:app"'))
+    return app_dir
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_deploy_server_receives_no_path_traceback_or_site_figure(federation):
+    """One round over the real SuperLink and SuperNodes; every message the ServerApp received
+    holds only the README's fields: no file path, no traceback, no per-site evaluation figure
+    (the sites did not opt in to share them)."""
+    from tests.test_wire_privacy import (
+        EVAL_COLLECT,
+        PATH_LIKE,
+        SECAGG_STAGES,
+        TRAIN_COLLECT,
+    )
+
+    fed = federation
+    fed.wait_nodes_online(2)
+    line = fed.run_line.replace("flwr run . ", f"flwr run {_capture_app(fed.tmp)} ")
+    line = line.replace("num-rounds=2", "num-rounds=1 target-epsilon=2 secagg=true")
+    line = line.replace("run-name='deploy-demo'", "run-name='deploy-wire'")
+    fed.sh(line, timeout=RUN_TIMEOUT)
+    run_dir = fed.runs / "deploy-wire"
+    received = [json.loads(x) for x in (run_dir / "received.jsonl").read_text().splitlines()]
+    assert {m["type"] for m in received} == {"train", "evaluate"}, received
+    for m in received:
+        assert m["error"] is None, m
+        stage = m["records"].get("secaggplus", {}).get("values", {}).get("stage")
+        allowed = SECAGG_STAGES.get(stage) or (
+            TRAIN_COLLECT if m["type"] == "train" else EVAL_COLLECT
+        )
+        assert set(m["records"]) <= set(allowed), m
+        for name, rec in m["records"].items():
+            assert set(rec["keys"]) <= allowed[name], (name, rec["keys"])
+            assert not any(k.startswith("eval-") for k in rec["keys"]), (name, rec["keys"])
+            for v in rec["values"].values():
+                text = str(v)
+                assert "Traceback" not in text and str(fed.tmp) not in text, text
+                assert not (isinstance(v, str) and PATH_LIKE.search(text)), text
+    rounds = _rounds(run_dir)
+    assert rounds[0]["eval-sites"] == 2 and 0.0 <= rounds[0]["eval-auroc"] <= 1.0
+    for site in rounds[0]["sites"].values():
+        assert not any(k.startswith("eval-") for k in site), site
 
 
 @pytest.mark.e2e

@@ -17,6 +17,7 @@ from common.config import RunConfig
 from common.data.manifest import load_manifest
 from common.errors import ConfigError
 from common.models import build_model
+from common.privacy.ledger import Ledger
 from simulations.audit import (
     AuditSettings,
     canary_dataset,
@@ -223,8 +224,10 @@ def test_planted_bug_dropping_the_noise_is_caught(tmp_path):
     assert d["verdict"] == "VIOLATION"
     assert d["claimed_epsilon"] <= 2.0 < d["lower_bound"]
     # The site really did report its planned, noisy mechanism: the bug is silent there.
-    privacy = json.loads((Path(d["run_dir"]) / "privacy.json").read_text())
-    assert privacy["sites"][d["audit_site"]]["noise_multiplier"] > 1.0
+    # (read at the site: its noise does not leave it by default)
+    data_dir = json.loads((Path(d["run_dir"]) / "config.json").read_text())["data-dir"]
+    ledger = Ledger(Path(data_dir) / d["audit_site"] / ".fedfuse" / "ledger.sqlite")
+    assert ledger.entries() and all(e.noise_multiplier > 1.0 for e in ledger.entries())
 
 
 def test_the_cli_exits_3_on_a_violation(tmp_path, monkeypatch):

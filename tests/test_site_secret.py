@@ -15,7 +15,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app
 from common.config import RunConfig
 from common.data.synthetic import generate
-from common.errors import ConfigError
 from common.models import build_model
 from common.privacy.site_secret import (
     SiteSecretError,
@@ -134,8 +133,9 @@ def test_a_deployed_site_refuses_public_noise_seeds(tmp_path: Path, synth_sites:
     shutil.copytree(synth_sites[0], site)
     cfg = RunConfig(num_rounds=1, local_epochs=1, batch_size=64, noise_seed="public")
     msg, context = _train_request(cfg, site, **{"run-uid": "u-public"})
-    with pytest.raises(ConfigError, match="noise-seed = 'public'"):
-        app(msg, context)  # a SuperNode turns the exception into an error reply
+    reply = app(msg, context)  # the ClientApp's outermost mod turns it into an error reply
+    assert reply.has_error() and reply.error.reason.startswith("site site-0: ConfigError: ")
+    assert "noise-seed = 'public'" in reply.error.reason
 
 
 def test_secagg_settings_feed_the_seed_only_when_they_size_the_noise(

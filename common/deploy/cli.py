@@ -151,6 +151,12 @@ def site_run(
         None, "--max-retries", help="Give up after this many failed connection attempts."
     ),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS. Local tests only."),
+    share_site_metrics: bool = typer.Option(
+        False,
+        "--share-site-metrics",
+        help="Also send this site's own test figures and privacy internals in the clear "
+        "(outside any epsilon; README: What crosses the wire).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, do not run it."),
 ) -> None:
     """Check the site's data, then run its SuperNode (TLS, authenticated by the site key)."""
@@ -171,6 +177,7 @@ def site_run(
         runtime_port=runtime_port,
         insecure=insecure,
         max_retries=max_retries,
+        share_site_metrics=share_site_metrics,
     )
     cmd = _build(supernode_command, opts)
     # The same validation as `fedfuse data check`: a bad folder fails here, with every problem

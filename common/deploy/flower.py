@@ -159,6 +159,8 @@ class SiteOptions:
     insecure: bool = False
     max_retries: int | None = None
     max_wait_time: float | None = None
+    # The site's own figures and privacy internals also go to the server, in the clear.
+    share_site_metrics: bool = False
 
 
 def _toml_string(key: str, value: str) -> str:
@@ -191,13 +193,16 @@ def node_config(opts: SiteOptions) -> dict[str, Any]:
         raise ConfigError(
             f"--ledger '{opts.ledger}': folder '{ledger.parent}' does not exist; create it first"
         )
-    return {
+    config: dict[str, Any] = {
         "data-path": str(data),
         "site-name": opts.site_name or data.name,
         "ledger-path": str(ledger),
         "epsilon-budget": float(opts.epsilon_budget),
         "delta": float(opts.delta),
     }
+    if opts.share_site_metrics:  # opt-in only: absent, the ClientApp shares nothing more
+        config["share-site-metrics"] = True
+    return config
 
 
 def format_node_config(config: Mapping[str, Any]) -> str:

@@ -345,9 +345,10 @@ def _run_dir_ledgers(
     missing: list[str] = []
     for name, site in sorted(privacy.get("sites", {}).items()):
         info = site.get("ledger") or {}
-        if not info.get("path"):
+        if not info.get("path") and not info.get("entries"):
             continue
-        p = Path(info["path"])
+        # Sites do not send their ledger's path; a simulation's sites are under its data-dir.
+        p = Path(info.get("path") or _simulated_ledger(run_dir, name))
         if not p.is_absolute():
             p = (run_dir / p).resolve()
         if not p.is_file():
@@ -363,6 +364,13 @@ def _run_dir_ledgers(
     if not ledgers and not missing:
         raise FedfuseError(f"run directory '{run_dir}' names no site ledgers in privacy.json")
     return ledgers, anchors, missing
+
+
+def _simulated_ledger(run_dir: Path, site: str) -> Path:
+    """Where a simulated site's ledger is: ``<data-dir>/<site>/.fedfuse/ledger.sqlite``."""
+    cfg_file = run_dir / "config.json"
+    data_dir = json.loads(cfg_file.read_text()).get("data-dir", "") if cfg_file.is_file() else ""
+    return Path(str(data_dir)) / site / ".fedfuse" / "ledger.sqlite"
 
 
 def check_anchors(audit: LedgerAudit, anchors: list[dict[str, Any]]) -> None:

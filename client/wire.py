@@ -1,0 +1,119 @@
+"""What leaves a site besides its (masked) update: short error reasons, opt-in figures, logs.
+
+A reply carries an error class and a short reason, never a file path or a traceback: those go
+to the site's own log. Per-site evaluation figures and privacy internals leave the site only
+when its node config opts in (``share-site-metrics = true``; outside any epsilon, see the
+README's privacy section); otherwise they stay in ``<site>/.fedfuse/eval.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+_LOG = logging.getLogger(__name__)
+
+# Node-config key: the site shares its own evaluation figures and privacy internals in the clear.
+SHARE_NODE_CONFIG = "share-site-metrics"
+EVAL_LOG = Path(".fedfuse") / "eval.jsonl"
+# A path: a slash that does not follow a word character ("and/or", "1/2" are not paths).
+_PATH = re.compile(r"(?<![\w])(?:[A-Za-z]:)?(?:~|\.{1,2})?[\\/][^\s'\"(),;:<>]*")
+_MAX_REASON = 300
+
+
+def shares_site_metrics(node_config: Mapping[str, Any]) -> bool:
+    """Has this site opted in to share its own figures in the clear?"""
+    value = node_config.get(SHARE_NODE_CONFIG, False)
+    return value is True or str(value).strip().lower() in ("1", "true", "yes")
+
+
+def public_reason(text: str) -> str:
+    """``text`` fit to leave the site: first line, file paths replaced, at most 300 chars."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    line = _PATH.sub("<path>", line)
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
+
+
+def site_label(msg: Message, ctxt: Context) -> str | None:
+    """The site's name for an error reply, if its node config or the request says it."""
+    node = ctxt.node_config
+    if node.get("site-name"):
+        return str(node["site-name"])
+    if node.get("data-path"):
+        return Path(str(node["data-path"])).name
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    if config is not None and "partition-id" in node and config.get("data-dir"):
+        from client.site import simulation_site_dirs  # the simulation's site folders
+
+        try:
+            dirs = simulation_site_dirs(str(config["data-dir"]))
+            return dirs[int(node["partition-id"])].name  # type: ignore[arg-type]
+        except Exception:  # naming is a courtesy: never let it hide the real error
+            return None
+    return None
+
+
+def error_reply(
+    msg: Message, exc: BaseException, *, code: int | None = None, site: str | None = None
+) -> Message:
+    """An error reply naming the site, the exception's class and a short, path-free reason."""
+    reason = f"{type(exc).__name__}: {public_reason(str(exc))}"
+    if site:
+        reason = f"site {site}: {reason}"
+    if code is None:
+        code = getattr(exc, "code", ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+    return Message(Error(code=int(code), reason=reason), reply_to=msg)
+
+
+def contain_errors(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost mod: an exception becomes a short error reply; its traceback stays here."""
+    try:
+        reply = call_next(msg, ctxt)
+    except Exception as exc:  # every failure: the server must get a reply, not a traceback
+        _LOG.error("the %s request failed at this site", msg.metadata.message_type, exc_info=True)
+        return error_reply(
+            msg, exc, code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, site=site_label(msg, ctxt)
+        )
+    if reply.has_error():
+        reason = public_reason(reply.error.reason or "")
+        if reason != reply.error.reason:
+            _LOG.warning("error reply shortened before it left the site: %s", reply.error.reason)
+            return Message(Error(code=reply.error.code, reason=reason), reply_to=msg)
+    return reply
+
+
+def log_evaluation(
+    site_path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float]
+) -> Path:
+    """Append this site's own evaluation figures to ``<site>/.fedfuse/eval.jsonl``."""
+    path = site_path / EVAL_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {
+        "time": round(time.time(), 3),
+        "run-id": run_id,
+        "round": server_round,
+        **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in figures.items()},
+    }
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+    return path
+
+
+__all__ = [
+    "SHARE_NODE_CONFIG",
+    "contain_errors",
+    "error_reply",
+    "log_evaluation",
+    "public_reason",
+    "shares_site_metrics",
+]
