@@ -170,17 +170,23 @@ def simulate(
         )
     except FedfuseError as exc:
         _fail(str(exc))
+    from simulations.runner import check_resources
+
+    cpus = cpus_per_site if cpus_per_site is not None else scen.cpus_per_site
+    try:  # before any data is made or Ray starts: an impossible request would hang Ray
+        gpus, notes = check_resources(
+            cpus_per_site=cpus,
+            gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
+        )
+    except FedfuseError as exc:
+        _fail(str(exc))
+    for note in notes:
+        err_console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
     if cfg.secagg and sites < 2:
         _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
     cfg = cfg.replace(data_dir=str(data))
-    _run_simulation(
-        cfg,
-        sites,
-        verbose=verbose,
-        cpus_per_site=cpus_per_site if cpus_per_site is not None else scen.cpus_per_site,
-        gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
-    )
+    _run_simulation(cfg, sites, verbose=verbose, cpus_per_site=cpus, gpus_per_site=gpus)
 
 
 def _resolve_data(

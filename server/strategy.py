@@ -14,7 +14,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -44,6 +44,24 @@ def check_update(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             return f"'{key}' contains NaN or Inf"
     return None
+
+
+def match_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each array cast to the dtype of the same key in ``reference``.
+
+    Server optimisers compute in float64 (FedAdam's bias-corrected step is a numpy float64
+    scalar, which promotes float32 arrays under NumPy 2); the sites check that the model they
+    receive has their own dtypes, so the global model keeps the dtypes it started with.
+    """
+    if all(arrays[k].dtype == reference[k].dtype for k in arrays.keys() if k in reference):
+        return arrays
+    out = {}
+    for key in arrays.keys():
+        a = arrays[key].numpy()
+        if key in reference and a.dtype != np.dtype(reference[key].dtype):
+            a = a.astype(reference[key].dtype)
+        out[key] = Array(np.ascontiguousarray(a))
+    return ArrayRecord(out)
 
 
 def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -153,6 +171,8 @@ class SiteRecordingMixin:
             )
             self.current["client-dp"] = self.client_dp.summary()
         arrays, metrics = super().aggregate_train(server_round, good)
+        if arrays is not None and self.global_arrays is not None:
+            arrays = match_dtypes(arrays, self.global_arrays)
         # After aggregation, counted from the recorded sites: under SecAgg+ the replies here are
         # empty and the secure aggregation records the sites it summed, the ones that dropped
         # (refusals included), and raises its own failure first when a round cannot finish.
