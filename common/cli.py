@@ -504,10 +504,26 @@ def data_check(
             site, classes=names, multi_label=task == "multi-label", dicom_frame=dicom_frame
         )
     except DataValidationError as exc:
-        err_console.print(str(exc), soft_wrap=True)
+        # One line per problem, each naming the site, the file and the row.
+        err_console.print(
+            f"{len(exc.problems)} problem(s) in {exc.source or site}; fix them and run again "
+            "(nothing was changed):",
+            soft_wrap=True,
+            markup=False,
+        )
+        for problem in exc.problems:
+            err_console.print(f"  - {_site_line(site, problem)}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
+    for warning in m.warnings:
+        err_console.print(f"warning: {_site_line(site, warning)}", soft_wrap=True, markup=False)
     for line in summary_lines(m):
-        console.print(line)
+        console.print(line, markup=False)
+
+
+def _site_line(site: Path, line: str) -> str:
+    """``line`` prefixed with the site folder's name unless it already names a path."""
+    name = site.resolve().name
+    return line if line.startswith(("/", f"{name}/")) else f"{name}/{line}"
 
 
 @app.command()

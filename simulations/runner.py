@@ -29,10 +29,12 @@ def quiet_flower() -> None:
 
 def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
     """Validate every site folder before anything trains; one error lists every problem."""
+    from common.data.check import check_trainable
+
     problems: list[str] = []
     for d in site_dirs:
         try:
-            manifest_for(d, cfg)
+            check_trainable(manifest_for(d, cfg))
         except DataValidationError as exc:
             problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
     if problems:
@@ -79,6 +81,24 @@ def check_resources(
     return gpus_per_site, notes
 
 
+def check_out_dir(out: Path) -> None:
+    """Make ``out`` (where run directories go) and prove it writable, or raise ConfigError in
+    one line: a bad ``--out`` must fail here, not inside the server after the sites started."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fedfuse-write-test-"):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"--out '{out}': a file is in the way; give a folder") from None
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--out '{out}': cannot write there ({why}); give a writable folder"
+        ) from None
+
+
 def backend_config(*, cpus_per_site: float = 1.0, gpus_per_site: float | None = None) -> dict:
     gpus_per_site, notes = check_resources(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     for note in notes:
@@ -112,6 +132,7 @@ def simulate(
             f"--sites {num_sites} but data folder '{cfg.data_dir}' holds {len(dirs)} site folders"
         )
     validate_sites(dirs[:num_sites], cfg)
+    check_out_dir(Path(cfg.out_dir))
     bconf = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)
