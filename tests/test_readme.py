@@ -67,7 +67,8 @@ def readme_blocks(path: Path) -> list[Block]:
                 skip = m.group(1)
             elif DEPLOY.search(before):
                 skip = "run by tests/test_deploy.py (ports and paths substituted)"
-            blocks.append(Block(f"{path.name}:{start + 1}", split_commands(body), skip))
+            name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+            blocks.append(Block(f"{name}:{start + 1}", split_commands(body), skip))
         i += 1
     return blocks
 
@@ -167,90 +168,97 @@ def _new_run_dirs(work: Path, before: set[Path]) -> list[Path]:
     return sorted(now - before)
 
 
-@pytest.mark.e2e
-def test_every_readme_shell_block_runs(tmp_path, monkeypatch, capsys):
+BLOCKS = readme_blocks(ROOT / "README.md") + readme_blocks(ROOT / "docker" / "README.md")
+TIMINGS: list[dict[str, object]] = []
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    """One scratch folder for every block, in README order, as a reader's shell would be."""
     import flwr.simulation
 
-    monkeypatch.setattr(flwr.simulation, "run_simulation", _in_process)
-    work = tmp_path / "work"
+    work = tmp_path_factory.mktemp("readme") / "work"
     (work / "home").mkdir(parents=True)
-    monkeypatch.chdir(work)
-    env = {
-        "HOME": str(work / "home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PWD": str(work),
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
     # The README's "your own scenario file": the reader writes it; here a copy of smoke.
     (work / "my-scenario.toml").write_text(
         (ROOT / "simulations" / "scenarios" / "smoke.toml").read_text()
     )
-    timings: list[dict[str, object]] = []
-    blocks = readme_blocks(ROOT / "README.md")
-    assert len(blocks) >= 10
-    blocks += readme_blocks(ROOT / "docker" / "README.md")
-    runner = CliRunner()
-    for block in blocks:
-        if block.skip:
-            with capsys.disabled():
-                print(f"\n{block.source}: skipped: {block.skip}")
-            continue
-        keep_rounds = "--rounds 2" in " ".join(block.commands) and any(
-            "ledger" in c or "client-dp" in c or "ddp" in c for c in block.commands
-        )
-        for command in block.commands:
-            argv = shlex.split(command.split("\n", 1)[0], comments=True)
-            if argv[:1] == ["source"]:
-                continue  # the test already runs in the venv
-            if argv[:1] in (["docker"], ["flwr"], ["for"]) or "docker compose" in command:
-                with capsys.disabled():
-                    print(f"\n{block.source}: skipped (needs a Docker engine): {command[:70]}")
-                continue
-            if argv[:1] == ["export"]:
-                for kv in argv[1:]:
-                    k, _, v = kv.partition("=")
-                    monkeypatch.setenv(k, v)
-                continue
-            t0 = time.monotonic()
-            if argv[:1] == ["fedfuse"]:
-                before = {p.parent for p in work.glob("runs/**/privacy.json")}
-                small = shrink(argv[1:], keep_rounds=keep_rounds)
-                res = runner.invoke(app, small)
-                out = res.output
-                code = res.exit_code
-                assert res.exception is None or isinstance(res.exception, SystemExit), (
-                    block.source,
-                    command,
-                    repr(res.exception),
-                    out[-3000:],
-                )
-                shown = "fedfuse " + " ".join(small)
-            else:
-                proc = subprocess.run(
-                    ["bash", "-c", command], cwd=work, capture_output=True, text=True, timeout=120
-                )
-                out, code, shown = proc.stdout + proc.stderr, proc.returncode, command
-            seconds = time.monotonic() - t0
-            timings.append({"block": block.source, "command": shown, "seconds": round(seconds, 1)})
-            assert code == 0, (block.source, shown, out[-3000:])
-            if argv[:2] == ["fedfuse", "simulate"]:
-                new = _new_run_dirs(work, before)
-                assert len(new) == 1, (shown, out[-2000:])
-                for name in RUN_FILES:
-                    assert (new[0] / name).is_file(), (shown, name)
-            if argv[:3] == ["fedfuse", "data", "check"]:
-                assert "all valid" in out, out
-            if argv[:2] == ["fedfuse", "experiment"]:
-                assert "Results:" in out, out
-                csv_path = Path(out.split("Results:")[1].split(" and ")[0].strip())
-                assert csv_path.is_file() and csv_path.with_suffix(".png").is_file()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flwr.simulation, "run_simulation", _in_process)
+        mp.chdir(work)
+        mp.setenv("HOME", str(work / "home"))
+        mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
+        mp.setenv("PWD", str(work))
+        yield work, mp
     if dest := os.environ.get("FEDFUSE_README_TIMINGS"):
-        Path(dest).write_text(json.dumps(timings, indent=1) + "\n")
-    with capsys.disabled():
-        total = sum(float(t["seconds"]) for t in timings)  # type: ignore[arg-type]
-        print(f"\nREADME: {len(timings)} commands in {total:.0f} s")
+        Path(dest).write_text(json.dumps(TIMINGS, indent=1) + "\n")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.source for b in BLOCKS])
+def test_readme_block_runs(block: Block, workspace, capsys):
+    work, mp = workspace
+    if block.skip:
+        pytest.skip(block.skip)
+    keep_rounds = "--rounds 2" in " ".join(block.commands) and any(
+        "ledger" in c or "client-dp" in c or "ddp" in c for c in block.commands
+    )
+    runner = CliRunner()
+    needs_docker = False
+    for command in block.commands:
+        argv = shlex.split(command.split("\n", 1)[0], comments=True)
+        if argv[:1] == ["source"]:
+            continue  # the test already runs in the venv
+        # From the first command that needs the Docker engine on, the rest need its containers.
+        needs_docker = needs_docker or "docker compose" in command or argv[:1] == ["docker"]
+        if needs_docker:
+            with capsys.disabled():
+                print(f"\n{block.source}: skipped (needs a Docker engine): {command[:70]}")
+            continue
+        if argv[:1] == ["export"]:
+            for kv in argv[1:]:
+                k, _, v = kv.partition("=")
+                mp.setenv(k, v)
+            continue
+        t0 = time.monotonic()
+        if argv[:1] == ["fedfuse"]:
+            before = {p.parent for p in work.glob("runs/**/privacy.json")}
+            small = shrink(argv[1:], keep_rounds=keep_rounds)
+            res = runner.invoke(app, small)
+            out, code = res.output, res.exit_code
+            assert res.exception is None or isinstance(res.exception, SystemExit), (
+                block.source,
+                command,
+                repr(res.exception),
+                out[-3000:],
+            )
+            shown = "fedfuse " + " ".join(small)
+        else:
+            proc = subprocess.run(
+                ["bash", "-c", command], cwd=work, capture_output=True, text=True, timeout=120
+            )
+            out, code, shown = proc.stdout + proc.stderr, proc.returncode, command
+        seconds = time.monotonic() - t0
+        TIMINGS.append({"block": block.source, "command": shown, "seconds": round(seconds, 1)})
+        assert code == 0, (block.source, shown, out[-3000:])
+        # What the text says each command produces.
+        if argv[:2] == ["fedfuse", "simulate"]:
+            new = _new_run_dirs(work, before)
+            assert len(new) == 1, (shown, out[-2000:])
+            for name in RUN_FILES:
+                assert (new[0] / name).is_file(), (shown, name)
+            if "client-dp" in command:  # "learns": the README's client-level DP example
+                losses = [
+                    json.loads(x)["eval-loss"]
+                    for x in (new[0] / "metrics.jsonl").read_text().splitlines()
+                ]
+                assert losses[-1] < 1.0, losses
+        if argv[:3] == ["fedfuse", "data", "check"]:
+            assert "all valid" in out, out
+        if argv[:2] == ["fedfuse", "experiment"]:
+            assert "Results:" in out, out
+            csv_path = Path(out.split("Results:")[1].split(" and ")[0].strip())
+            assert csv_path.is_file() and csv_path.with_suffix(".png").is_file()
 
 
 def test_readme_blocks_parse_and_every_skip_has_a_reason():
