@@ -108,6 +108,20 @@ class SiteRecordingMixin:
         # A resumed run: Flower's loop counts 1, 2, ...; the federation is at round offset + 1.
         self.round_offset = 0
         self.evaluated_arrays: ArrayRecord | None = None
+        # Node id -> site name, from every reply that named its site: a later failure or
+        # silence is reported by the site's name, not a bare node id.
+        self._node_names: dict[int, str] = {}
+
+    def _name_of(self, node_id: int) -> str:
+        known = self._node_names.get(node_id) or getattr(self, "_secagg_names", {}).get(node_id)
+        return known or f"node-{node_id}"
+
+    def _site_of(self, msg: Message) -> str:
+        if msg.has_content() and "site" in msg.content.config_records:
+            name = site_name(msg)
+            self._node_names[msg.metadata.src_node_id] = name
+            return name
+        return self._name_of(msg.metadata.src_node_id)
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round += self.round_offset
@@ -137,11 +151,11 @@ class SiteRecordingMixin:
         replies = list(replies)
         answered = {m.metadata.src_node_id for m in replies}
         for nid in sorted(getattr(self, "_expected", set()) - answered):
-            self.current["failed"][f"node-{nid}"] = "no reply within the round's timeout"
-            log(WARNING, "Round %s: node %s sent no reply", server_round, nid)
+            self.current["failed"][self._name_of(nid)] = "no reply within the round's timeout"
+            log(WARNING, "Round %s: %s sent no reply", server_round, self._name_of(nid))
         good: list[Message] = []
         for msg in replies:
-            name = site_name(msg)
+            name = self._site_of(msg)
             if msg.has_error():
                 name, why, refused = note_error(self.current, msg, name)
                 what = "refused the round" if refused else "failed"
@@ -208,7 +222,7 @@ class SiteRecordingMixin:
             if msg.has_error():
                 continue
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            site = self.current.setdefault("sites", {}).setdefault(site_name(msg), {})
+            site = self.current.setdefault("sites", {}).setdefault(self._site_of(msg), {})
             site.update(
                 {
                     k: v

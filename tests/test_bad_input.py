@@ -134,3 +134,32 @@ def test_simulate_refuses_an_unwritable_out_in_one_line_before_training(tmp_path
     if os.geteuid() == 0:
         print("skipped the read-only --out case: root writes into read-only folders")
     assert snapshot(data) == before
+
+
+def test_a_failing_site_is_named_not_numbered(tmp_path, monkeypatch):
+    """Once a site has named itself, its later errors and silences carry its name."""
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.config import RunConfig
+    from server.rundir import RunDirectory
+    from server.strategy import make_strategy
+
+    cfg = RunConfig(secagg=False)
+    strategy = make_strategy(
+        cfg,
+        run_dir=RunDirectory(tmp_path, cfg, run_id="r"),
+        on_round=None,
+        min_train_nodes=1,
+        min_available_nodes=1,
+    )
+    # Messages are made in a task's name (Flower reads this process-global; SuperNode-like).
+    for attr, value in (("run_id", 1), ("node_id", 0), ("task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    ask = Message(RecordDict(), dst_node_id=7660176604983328544, message_type="train")
+    named = Message(RecordDict({"site": ConfigRecord({"name": "site-2"})}), reply_to=ask)
+    assert strategy._site_of(named) == "site-2"
+    failed = Message(Error(code=0, reason="boom"), reply_to=ask)
+    assert strategy._site_of(failed) == "site-2"
+    assert strategy._name_of(7660176604983328544) == "site-2"
+    assert strategy._name_of(12345) == "node-12345"  # never heard of: only its id is known
