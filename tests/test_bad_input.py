@@ -136,7 +136,7 @@ def test_simulate_refuses_an_unwritable_out_in_one_line_before_training(tmp_path
     assert snapshot(data) == before
 
 
-def test_a_failing_site_is_named_not_numbered(tmp_path, monkeypatch):
+def test_a_failing_site_is_named_not_numbered(tmp_path):
     """Once a site has named itself, its later errors and silences carry its name."""
     from flwr.app import ConfigRecord, Error, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -154,8 +154,7 @@ def test_a_failing_site_is_named_not_numbered(tmp_path, monkeypatch):
         min_available_nodes=1,
     )
     # Messages are made in a task's name (Flower reads this process-global; SuperNode-like).
-    for attr, value in (("run_id", 1), ("node_id", 0), ("task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     ask = Message(RecordDict(), dst_node_id=7660176604983328544, message_type="train")
     named = Message(RecordDict({"site": ConfigRecord({"name": "site-2"})}), reply_to=ask)
     assert strategy._site_of(named) == "site-2"
