@@ -51,3 +51,26 @@ def test_every_option_has_a_help_text(path, cmd):
             assert text, f"fedfuse {' '.join(path)} {param.opts[0]} has no help text"
             assert not text.endswith(" ."), text
             assert "[" not in text, f"{param.opts[0]}: rich drops '[...]' from help: {text}"
+
+
+def test_each_flower_log_line_is_printed_once():
+    """Opacus' logging.basicConfig at import used to print every Flower line twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import common, opacus.utils.module_utils\n"
+        "from logging import WARNING\n"
+        "from flwr.common.logger import log\n"
+        "log(WARNING, 'fedfuse-once-marker')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "FLWR_TELEMETRY_ENABLED": "0"},
+        timeout=120,
+    )
+    assert (res.stdout + res.stderr).count("fedfuse-once-marker") == 1, res.stderr
