@@ -140,7 +140,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]],
         return [], [], problems
     if path.suffix == ".jsonl":
         columns: list[str] = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # "\n" only: str.splitlines would also split inside a JSON string at U+2028 and kin.
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
