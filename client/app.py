@@ -22,7 +22,7 @@ from flwr.common.logger import log
 
 from client import ddp
 from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics, resolve_budget
-from client.secagg_mod import make_secaggplus_mod, secaggplus_mod
+from client.secagg_mod import check_local_update, make_secaggplus_mod, secaggplus_mod
 from client.site import SiteInfo, manifest_digest, resolve_site, site_data
 from client.training import PrivacyPlan, limit_threads, pick_device, train_round
 from client.wire import contain_errors, log_evaluation, public_reason, shares_site_metrics
@@ -128,7 +128,18 @@ def train(msg: Message, context: Context) -> Message:
     site = resolve_site(dict(context.node_config), cfg)
     _, datasets = site_data(site, cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    model = _model(msg, cfg)
+    model = build_model(cfg)
+    # A global model this site's model cannot hold unchanged (names, shapes, dtypes) is refused
+    # before training: a round whose update could not be sent must not be charged to the ledger.
+    mismatch = check_local_update(
+        {k: v.numpy() for k, v in global_state.items()},
+        {k: v.numpy() for k, v in model.state_dict().items()},
+    )
+    if mismatch:
+        reason = f"site {site.name} refused round {server_round}: the global model {mismatch}"
+        log(WARNING, "%s", reason)
+        return Message(Error(code=0, reason=reason), reply_to=msg)
+    model.load_state_dict(global_state)
     run_id, run_name = _run_key(msg)
     budget = resolve_budget(dict(context.node_config), site.data_path)
     # Distributed DP: the round's mechanism (raises if SecAgg+ is off or the sum could wrap).

@@ -21,7 +21,32 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # sub-commands inherit it
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fedfuse {version('fedfuse')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("fedfuse (not installed; version unknown)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Print fedfuse's version and exit.",
+    ),
+) -> None:
+    """fedfuse: privacy-preserving federated learning for multimodal medical data."""
 data_app = typer.Typer(
     help="Site data: make synthetic sites, check a site folder.", no_args_is_help=True
 )
@@ -93,13 +118,18 @@ def simulate(
         help="Built-in scenario name or a scenario .toml file (flags override its values).",
     ),
     sites: int | None = typer.Option(
-        None, "--sites", min=1, help="Virtual sites [scenario's, or all in --data]."
+        None,
+        "--sites",
+        min=1,
+        help="Virtual sites (default: the scenario's, or every site folder in --data).",
     ),
-    rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds."),
+    rounds: int | None = typer.Option(
+        None, "--rounds", min=1, help="Federated rounds (default: the scenario's)."
+    ),
     epsilon: float | None = typer.Option(
-        None, "--epsilon", help="Each site's epsilon for the whole run (inf = no DP) [8]."
+        None, "--epsilon", help="Each site's epsilon for the whole run; inf = no DP (default: 8)."
     ),
-    delta: float | None = typer.Option(None, "--delta", help="Each site's delta [1e-5]."),
+    delta: float | None = typer.Option(None, "--delta", help="Each site's delta (default: 1e-5)."),
     dp_level: str | None = typer.Option(
         None,
         "--dp-level",
@@ -107,19 +137,27 @@ def simulate(
         "distributed (sites add the noise inside SecAgg+) or record+distributed.",
     ),
     data: Path | None = typer.Option(
-        None, "--data", help="Folder of site folders [default: make synthetic]."
+        None, "--data", help="Folder of site folders (default: make synthetic sites)."
     ),
     out: Path = typer.Option(Path("runs"), "--out", help="Where run directories go."),
     seed: int = typer.Option(0, "--seed", help="Seed of data, model and DP noise."),
     records: int | None = typer.Option(
         None, "--records", min=10, help="Records per synthetic site (without --data)."
     ),
-    run_name: str = typer.Option("", "--run-name", help="Run directory name [default: time]."),
+    run_name: str = typer.Option(
+        "", "--run-name", help="Run directory name (default: the time).", show_default=False
+    ),
     cpus_per_site: float | None = typer.Option(
-        None, "--cpus-per-site", min=0.1, help="CPUs reserved per virtual site."
+        None,
+        "--cpus-per-site",
+        min=0.1,
+        help="CPUs reserved per virtual site (default: the scenario's, 1).",
     ),
     gpus_per_site: float | None = typer.Option(
-        None, "--gpus-per-site", min=0.0, help="GPU share per virtual site [0.5 if CUDA, else 0]."
+        None,
+        "--gpus-per-site",
+        min=0.0,
+        help="GPU share per virtual site (default: 0.5 if CUDA, else 0).",
     ),
     missing_rate: float = typer.Option(
         0.0, "--missing-rate", help="Synthetic data: share of records lacking one modality."
@@ -128,7 +166,9 @@ def simulate(
         [], "--set", help="Any run-config key, e.g. --set fusion=concat."
     ),
     secagg: bool | None = typer.Option(
-        None, "--secagg/--no-secagg", help="Secure aggregation (SecAgg+) of the updates [on]."
+        None,
+        "--secagg/--no-secagg",
+        help="Secure aggregation (SecAgg+) of the updates (default: on).",
     ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
@@ -170,17 +210,23 @@ def simulate(
         )
     except FedfuseError as exc:
         _fail(str(exc))
+    from simulations.runner import check_resources
+
+    cpus = cpus_per_site if cpus_per_site is not None else scen.cpus_per_site
+    try:  # before any data is made or Ray starts: an impossible request would hang Ray
+        gpus, notes = check_resources(
+            cpus_per_site=cpus,
+            gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
+        )
+    except FedfuseError as exc:
+        _fail(str(exc))
+    for note in notes:
+        err_console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
     if cfg.secagg and sites < 2:
         _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
     cfg = cfg.replace(data_dir=str(data))
-    _run_simulation(
-        cfg,
-        sites,
-        verbose=verbose,
-        cpus_per_site=cpus_per_site if cpus_per_site is not None else scen.cpus_per_site,
-        gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
-    )
+    _run_simulation(cfg, sites, verbose=verbose, cpus_per_site=cpus, gpus_per_site=gpus)
 
 
 def _resolve_data(
@@ -398,11 +444,21 @@ def _experiment_setup(
 def experiment_utility(
     epsilons: str = typer.Option("1,2,4,8,inf", "--epsilons", help="Comma-separated; inf = no DP."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
-    scenario: str = typer.Option("hospitals-3", "--scenario"),
-    sites: int | None = typer.Option(None, "--sites", min=1),
-    data: Path | None = typer.Option(None, "--data"),
-    out: Path = typer.Option(Path("runs/utility-vs-epsilon"), "--out"),
-    overrides: list[str] = typer.Option([], "--set"),
+    scenario: str = typer.Option(
+        "hospitals-3", "--scenario", help="Built-in scenario name or a scenario .toml file."
+    ),
+    sites: int | None = typer.Option(
+        None, "--sites", min=1, help="Virtual sites (default: the scenario's)."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Folder of site folders (default: make synthetic sites)."
+    ),
+    out: Path = typer.Option(
+        Path("runs/utility-vs-epsilon"), "--out", help="Where the CSV and PNG go."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Any run-config key, e.g. --set fusion=concat."
+    ),
 ) -> None:
     """Test AUROC against epsilon (with a centralised non-private ceiling): CSV + PNG."""
     eps = _floats(epsilons, "--epsilons")
@@ -421,11 +477,19 @@ def experiment_utility(
 @experiment_app.command("fusion")
 def experiment_fusion(
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
-    scenario: str = typer.Option("hospitals-3", "--scenario"),
-    sites: int | None = typer.Option(None, "--sites", min=1),
-    data: Path | None = typer.Option(None, "--data"),
-    out: Path = typer.Option(Path("runs/fusion"), "--out"),
-    overrides: list[str] = typer.Option([], "--set"),
+    scenario: str = typer.Option(
+        "hospitals-3", "--scenario", help="Built-in scenario name or a scenario .toml file."
+    ),
+    sites: int | None = typer.Option(
+        None, "--sites", min=1, help="Virtual sites (default: the scenario's)."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Folder of site folders (default: make synthetic sites)."
+    ),
+    out: Path = typer.Option(Path("runs/fusion"), "--out", help="Where the CSV and PNG go."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Any run-config key, e.g. --set fusion=concat."
+    ),
 ) -> None:
     """Test AUROC of each fusion head (and each single modality): CSV + PNG."""
     seed_list = [int(x) for x in _floats(seeds, "--seeds")]
@@ -439,9 +503,9 @@ def experiment_fusion(
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., "--out", help="Folder to write the site folders into."),
-    sites: int = typer.Option(3, "--sites", min=1),
+    sites: int = typer.Option(3, "--sites", min=1, help="Number of site folders."),
     records: int = typer.Option(1000, "--records", min=10, help="Records per site (average)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data (same seed, same sites)."),
     alpha: float = typer.Option(1.0, "--alpha", help="Dirichlet label skew (small = skewed)."),
     modalities: str = typer.Option(
         "image,report", "--modalities", help="Of image,report,audio,tabular."
@@ -503,10 +567,26 @@ def data_check(
             site, classes=names, multi_label=task == "multi-label", dicom_frame=dicom_frame
         )
     except DataValidationError as exc:
-        err_console.print(str(exc), soft_wrap=True)
+        # One line per problem, each naming the site, the file and the row.
+        err_console.print(
+            f"{len(exc.problems)} problem(s) in {exc.source or site}; fix them and run again "
+            "(nothing was changed):",
+            soft_wrap=True,
+            markup=False,
+        )
+        for problem in exc.problems:
+            err_console.print(f"  - {_site_line(site, problem)}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
+    for warning in m.warnings:
+        err_console.print(f"warning: {_site_line(site, warning)}", soft_wrap=True, markup=False)
     for line in summary_lines(m):
-        console.print(line)
+        console.print(line, markup=False)
+
+
+def _site_line(site: Path, line: str) -> str:
+    """``line`` prefixed with the site folder's name unless it already names a path."""
+    name = site.resolve().name
+    return line if line.startswith(("/", f"{name}/")) else f"{name}/{line}"
 
 
 @app.command()

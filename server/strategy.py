@@ -15,7 +15,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -52,6 +52,24 @@ def check_update(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             return f"'{key}' contains NaN or Inf"
     return None
+
+
+def match_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each array cast to the dtype of the same key in ``reference``.
+
+    Server optimisers compute in float64 (FedAdam's bias-corrected step is a numpy float64
+    scalar, which promotes float32 arrays under NumPy 2); the sites check that the model they
+    receive has their own dtypes, so the global model keeps the dtypes it started with.
+    """
+    if all(arrays[k].dtype == reference[k].dtype for k in arrays.keys() if k in reference):
+        return arrays
+    out = {}
+    for key in arrays.keys():
+        a = arrays[key].numpy()
+        if key in reference and a.dtype != np.dtype(reference[key].dtype):
+            a = a.astype(reference[key].dtype)
+        out[key] = Array(np.ascontiguousarray(a))
+    return ArrayRecord(out)
 
 
 def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -146,6 +164,20 @@ class SiteRecordingMixin:
         # A resumed run: Flower's loop counts 1, 2, ...; the federation is at round offset + 1.
         self.round_offset = 0
         self.evaluated_arrays: ArrayRecord | None = None
+        # Node id -> site name, from every reply that named its site: a later failure or
+        # silence is reported by the site's name, not a bare node id.
+        self._node_names: dict[int, str] = {}
+
+    def _name_of(self, node_id: int) -> str:
+        known = self._node_names.get(node_id) or getattr(self, "_secagg_names", {}).get(node_id)
+        return known or f"node-{node_id}"
+
+    def _site_of(self, msg: Message) -> str:
+        if msg.has_content() and "site" in msg.content.config_records:
+            name = site_name(msg)
+            self._node_names[msg.metadata.src_node_id] = name
+            return name
+        return self._name_of(msg.metadata.src_node_id)
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round += self.round_offset
@@ -175,11 +207,11 @@ class SiteRecordingMixin:
         replies = list(replies)
         answered = {m.metadata.src_node_id for m in replies}
         for nid in sorted(getattr(self, "_expected", set()) - answered):
-            self.current["failed"][f"node-{nid}"] = "no reply within the round's timeout"
-            log(WARNING, "Round %s: node %s sent no reply", server_round, nid)
+            self.current["failed"][self._name_of(nid)] = "no reply within the round's timeout"
+            log(WARNING, "Round %s: %s sent no reply", server_round, self._name_of(nid))
         good: list[Message] = []
         for msg in replies:
-            name = site_name(msg)
+            name = self._site_of(msg)
             if msg.has_error():
                 name, why, refused = note_error(self.current, msg, name)
                 what = "refused the round" if refused else "failed"
@@ -209,6 +241,8 @@ class SiteRecordingMixin:
             )
             self.current["client-dp"] = self.client_dp.summary()
         arrays, metrics = super().aggregate_train(server_round, _common_metric_keys(good))
+        if arrays is not None and self.global_arrays is not None:
+            arrays = match_dtypes(arrays, self.global_arrays)
         # After aggregation, counted from the recorded sites: under SecAgg+ the replies here are
         # empty and the secure aggregation records the sites it summed, the ones that dropped
         # (refusals included), and raises its own failure first when a round cannot finish.

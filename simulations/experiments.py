@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from common.data.manifest import csv_safe
 from simulations.baseline import centralised_baseline, pooled_test_metrics
 from simulations.runner import simulate
 
@@ -58,7 +59,8 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+            # Run names and config values come from users: no cell may run as a formula.
+            w.writerow({k: csv_safe(r.get(k, "")) for k in FIELDS})
     return path
 
 

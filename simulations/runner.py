@@ -29,21 +29,80 @@ def quiet_flower() -> None:
 
 def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
     """Validate every site folder before anything trains; one error lists every problem."""
+    from common.data.check import check_trainable
+
     problems: list[str] = []
     for d in site_dirs:
         try:
-            manifest_for(d, cfg)
+            check_trainable(manifest_for(d, cfg))
         except DataValidationError as exc:
             problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
     if problems:
         raise DataValidationError(problems, source=str(site_dirs[0].parent))
 
 
-def backend_config(*, cpus_per_site: float = 1.0, gpus_per_site: float | None = None) -> dict:
+def _machine_cpus() -> int:
+    """CPUs Ray will see (it honours cgroup limits; os.cpu_count does not)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except Exception:  # noqa: BLE001  (a private Ray helper: fall back to the OS's count)
+        return os.cpu_count() or 1
+
+
+def check_resources(
+    *, cpus_per_site: float, gpus_per_site: float | None
+) -> tuple[float, list[str]]:
+    """The GPU share to request per site, and warnings to show; raises ConfigError for a
+    request no site could ever get (Ray would wait for it forever: "ActorPool is empty")."""
     import torch
 
+    notes: list[str] = []
+    cpus = _machine_cpus()
+    if cpus_per_site > cpus:
+        raise ConfigError(
+            f"--cpus-per-site {cpus_per_site:g} is more than this machine's {cpus} CPUs; "
+            f"no site could start (give at most {cpus})"
+        )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus_per_site is None:
-        gpus_per_site = 0.5 if torch.cuda.is_available() else 0.0
+        return (0.5 if gpus else 0.0), notes
+    if gpus_per_site > 0 and gpus == 0:
+        notes.append(
+            f"--gpus-per-site {gpus_per_site:g} but no GPU is visible: the sites train on the CPU"
+        )
+        return 0.0, notes
+    if gpus_per_site > gpus:
+        raise ConfigError(
+            f"--gpus-per-site {gpus_per_site:g} is more than this machine's {gpus} GPUs; "
+            f"no site could start (give at most {gpus})"
+        )
+    return gpus_per_site, notes
+
+
+def check_out_dir(out: Path) -> None:
+    """Make ``out`` (where run directories go) and prove it writable, or raise ConfigError in
+    one line: a bad ``--out`` must fail here, not inside the server after the sites started."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fedfuse-write-test-"):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"--out '{out}': a file is in the way; give a folder") from None
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--out '{out}': cannot write there ({why}); give a writable folder"
+        ) from None
+
+
+def backend_config(*, cpus_per_site: float = 1.0, gpus_per_site: float | None = None) -> dict:
+    gpus_per_site, notes = check_resources(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return {
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
         "init_args": {"include_dashboard": False, "logging_level": "error", "log_to_driver": True},
@@ -73,6 +132,7 @@ def simulate(
             f"--sites {num_sites} but data folder '{cfg.data_dir}' holds {len(dirs)} site folders"
         )
     validate_sites(dirs[:num_sites], cfg)
+    check_out_dir(Path(cfg.out_dir))
     bconf = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)

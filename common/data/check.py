@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from common.data.manifest import SPLITS, Manifest, load_manifest
+from common.errors import DataValidationError
 
 
 def check_site(
@@ -22,13 +23,28 @@ def check_site(
     dicom_frame: int = 0,
 ) -> Manifest:
     """Validate ``site_dir`` (decoding every file); raises DataValidationError listing all."""
-    return load_manifest(
+    m = load_manifest(
         site_dir,
         classes=classes,
         multi_label=multi_label,
         dicom_frame=dicom_frame,
         check_files=True,
     )
+    check_trainable(m)
+    return m
+
+
+def check_trainable(m: Manifest) -> None:
+    """Raise unless the site has records to train on (else every round fails at the site)."""
+    if not m.split("train"):
+        counts = ", ".join(f"{s} {len(m.split(s))}" for s in SPLITS)
+        raise DataValidationError(
+            [
+                f"{m.path.name}: no record in the train split ({counts}); give some rows "
+                "split=train, or leave the split column empty for a seeded split"
+            ],
+            source=str(m.path),
+        )
 
 
 def summary_lines(m: Manifest) -> list[str]:

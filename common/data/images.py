@@ -8,6 +8,7 @@ Every image, whatever its format and bit depth, becomes a 2-D float32 array in [
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,11 @@ RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 # Fixed normalisation constants, the same at every site: statistics computed from site data
 # would either have to be shared (a leak) or differ between sites (a shift).
 NORM_MEAN, NORM_STD = 0.5, 0.5
+# Largest image accepted, in pixels (width x height x frames): 36 megapixels, above any
+# radiograph or mammogram (a 4,096 x 5,625 mammogram is 23 MP). Checked from the header before
+# decoding, so a decompression bomb (a small file that decodes to gigabytes) costs nothing;
+# whole-slide pathology images must be tiled first.
+IMAGE_PIXEL_LIMIT = 36_000_000
 
 
 class ImageReadError(ValueError):
@@ -52,14 +58,32 @@ def load_grayscale(path: str | Path, *, frame: int = 0) -> np.ndarray:
     if is_dicom(path):
         return _load_dicom(path, frame=frame)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns above 89 MP; ours (below) refuses first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            _check_pixels(im.size[0] * im.size[1], f"{im.size[0]} x {im.size[1]}")
             im.load()
             if im.mode.startswith("I"):  # 16/32-bit grayscale PNG
                 full = 65535.0 if im.mode.startswith("I;16") else float(2**31 - 1)
                 return np.clip(np.asarray(im, dtype=np.float32) / full, 0.0, 1.0)
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(
+            f"image too large to decode safely ({exc}); the limit is "
+            f"{IMAGE_PIXEL_LIMIT:,} pixels (IMAGE_PIXEL_LIMIT)"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot decode image: {exc}") from exc
+
+
+def _check_pixels(pixels: int, size: str) -> None:
+    if pixels > IMAGE_PIXEL_LIMIT:
+        raise ImageReadError(
+            f"{size} pixels is above the limit of {IMAGE_PIXEL_LIMIT:,} pixels "
+            "(IMAGE_PIXEL_LIMIT in common/data/images.py); downscale the image"
+        )
 
 
 def _first(value: object) -> float:
@@ -76,7 +100,12 @@ def _load_dicom(path: Path, *, frame: int) -> np.ndarray:
 
     try:
         ds = pydicom.dcmread(path)
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        _check_pixels(rows * cols * frames, f"{cols} x {rows} x {frames} frames")
         pixels = ds.pixel_array
+    except ImageReadError:
+        raise
     except Exception as exc:  # pydicom raises many types for bad files
         raise ImageReadError(f"cannot decode DICOM: {type(exc).__name__}: {exc}") from exc
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)

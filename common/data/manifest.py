@@ -9,8 +9,10 @@ that modality", which is normal. Validation never modifies anything on disk.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,26 @@ MODALITIES = ("image", "report", "audio", "tabular")
 SPLITS = ("train", "val", "test")
 # Seeded split when the manifest has no split column: fractions of train / val / test.
 DEFAULT_SPLIT = (0.7, 0.15, 0.15)
+# Largest magnitude of a tab.<name> value: no lab value comes near it, and squares of larger
+# values overflow float64 in the site's scaler (1e308 ** 2 = inf). A bigger value is a unit or
+# export error.
+TABULAR_LIMIT = 1e12
+# A cell a spreadsheet would run as a formula when our CSV or the site's is opened in one
+# (OWASP "CSV injection"): =..., @..., +/- followed by something that is not a number.
+_FORMULA = re.compile(r"^(?:[=@\t\r]|[+-][^\d\s.])")
+
+
+def formula_like(cell: str) -> bool:
+    """Whether a spreadsheet would treat ``cell`` as a formula."""
+    return bool(_FORMULA.match(cell))
+
+
+def csv_safe(value: object) -> object:
+    """``value`` as it may go into a CSV we write: a formula-like string gets a leading
+    apostrophe (the OWASP escape), so a spreadsheet shows it as text and never runs it."""
+    if isinstance(value, str) and formula_like(value):
+        return "'" + value
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,8 @@ class Manifest:
     path: Path
     records: tuple[Record, ...]
     tabular_columns: tuple[str, ...]
+    # Legal but risky cells (spreadsheet formulas): shown by `data check`, never fatal.
+    warnings: tuple[str, ...] = ()
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
@@ -84,40 +108,77 @@ def find_manifest(site_dir: Path) -> Path:
     )
 
 
+def _decode(path: Path, problems: list[str]) -> str | None:
+    """The manifest's text (a UTF-8 byte-order mark, as Excel's "CSV UTF-8" writes, is read),
+    or None with the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        problems.append(
+            f"{path.name}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the "
+            "manifest as UTF-8"
+        )
+        return None
+    nul = text.find("\x00")
+    if nul >= 0:
+        problems.append(
+            f"{path.name}:{text.count(chr(10), 0, nul) + 1}: a NUL byte; the manifest must be "
+            "plain UTF-8 text (is it UTF-16 or a binary file?)"
+        )
+        return None
+    return text
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[str]]:
     """Rows as (line number, raw dict of strings); problems that stop reading entirely."""
     problems: list[str] = []
     rows: list[tuple[int, dict[str, str]]] = []
+    text = _decode(path, problems)
+    if text is None:
+        return [], [], problems
     if path.suffix == ".jsonl":
         columns: list[str] = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    problems.append(f"{path.name}:{lineno}: not valid JSON ({exc.msg})")
-                    continue
-                if not isinstance(obj, dict):
-                    problems.append(f"{path.name}:{lineno}: expected a JSON object per line")
-                    continue
-                for k in obj:
-                    if k not in columns:
-                        columns.append(k)
-                rows.append((lineno, {k: _cell(v) for k, v in obj.items()}))
+        # "\n" only: str.splitlines would also split inside a JSON string at U+2028 and kin.
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path.name}:{lineno}: not valid JSON ({exc.msg})")
+                continue
+            except RecursionError:
+                problems.append(f"{path.name}:{lineno}: JSON nested too deeply")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{path.name}:{lineno}: expected a JSON object per line")
+                continue
+            for k in obj:
+                if k not in columns:
+                    columns.append(k)
+            rows.append((lineno, {k: _cell(v) for k, v in obj.items()}))
         return columns, rows, problems
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    last = 0  # the last line read without an error: a bad row starts on the next one
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            for i, raw in enumerate(reader, start=2):  # line 1 is the header
-                if None in raw:
-                    problems.append(f"{path.name}:{i}: more cells than header columns")
-                    raw.pop(None)  # type: ignore[call-overload]
-                rows.append((i, {(k or "").strip(): (v or "").strip() for k, v in raw.items()}))
-    except UnicodeDecodeError as exc:
-        problems.append(f"{path.name}: not UTF-8 text ({exc.reason})")
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        last = reader.line_num
+        for raw in reader:
+            i = last = reader.line_num  # the row's last line (a quoted cell may span lines)
+            if None in raw:
+                problems.append(f"{path.name}:{i}: more cells than header columns")
+                raw.pop(None)  # type: ignore[call-overload]
+            rows.append((i, {(k or "").strip(): (v or "").strip() for k, v in raw.items()}))
+    except csv.Error as exc:
+        why = str(exc)
+        if "field larger than field limit" in why:
+            why = (
+                f"a cell is longer than {csv.field_size_limit():,} characters; put long reports "
+                "in a .txt file and name it in the report column"
+            )
+        problems.append(f"{path.name}:{last + 1}: not a readable CSV row ({why})")
         return [], [], problems
     return columns, rows, problems
 
@@ -187,13 +248,21 @@ def load_manifest(
                 f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
                 "tab.<name>, label, split)"
             )
-    if problems and not rows:
+    if problems and (not rows or not modality_cols or not {"id", "label"} <= set(columns)):
+        # Without rows, or without a required column, per-row checks would only repeat it.
         raise DataValidationError(problems, source=str(path))
 
     seen: dict[str, int] = {}
     records: list[Record] = []
+    warnings: list[str] = []
     for lineno, raw in rows:
         where = f"{name}:{lineno}"
+        for col, cell in raw.items():
+            if formula_like(cell):
+                warnings.append(
+                    f"{where}: {col}: '{cell[:40]}' looks like a spreadsheet formula; it is "
+                    "read as text (fedfuse escapes it in every CSV it writes)"
+                )
         row_problems: list[str] = []
         rid = raw.get("id", "")
         if not rid:
@@ -246,6 +315,12 @@ def load_manifest(
             if not math.isfinite(value):
                 row_problems.append(f"{where}: {col}: '{cell}' is not a finite number")
                 continue
+            if abs(value) > TABULAR_LIMIT:
+                row_problems.append(
+                    f"{where}: {col}: '{cell}' is beyond +-{TABULAR_LIMIT:g} (TABULAR_LIMIT); "
+                    "check the value's unit"
+                )
+                continue
             tabular[col[4:]] = value
         if not row_problems and image is None and report is None and audio is None and not tabular:
             row_problems.append(f"{where}: record '{rid}' has no modality at all")
@@ -270,6 +345,7 @@ def load_manifest(
         path=path,
         records=tuple(records),
         tabular_columns=tuple(c[4:] for c in tab_cols),
+        warnings=tuple(warnings),
     )
 
 

@@ -143,7 +143,9 @@ def site_run(
     delta: float = typer.Option(1e-5, "--delta", help="This site's delta."),
     certs_dir: Path | None = typer.Option(None, "--certs", help="Folder holding ca.crt."),
     key: Path | None = typer.Option(None, "--key", help="This site's private key (.key)."),
-    name: str = typer.Option("", "--name", help="Site name [default: the data folder's name]."),
+    name: str = typer.Option(
+        "", "--name", help="Site name (default: the data folder's name).", show_default=False
+    ),
     runtime_port: int = typer.Option(
         9094, "--runtime-port", help="Local port of the SuperNode's ClientApp API."
     ),

@@ -8,6 +8,7 @@ events, with any accountant.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import Counter
@@ -112,6 +113,24 @@ def rdp_epsilon(events: Iterable[DpSgdEvent | DdgEvent], *, delta: float) -> flo
     return epsilon_from_rdp(orders, total, delta=delta)
 
 
+@functools.lru_cache(maxsize=256)
+def _plan_fresh(
+    target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Opacus' search, memoised: a pure function of its arguments that takes seconds (PRV's
+    domain bound evaluates RDP at fractional orders), asked again by every run on the same data
+    and by each site of an in-process federation."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
 def plan_noise_multiplier(
     *,
     target_epsilon: float,
@@ -131,15 +150,7 @@ def plan_noise_multiplier(
         raise ValueError(f"target_epsilon must be > 0; found {target_epsilon}")
     prior = [e.as_opacus() for e in prior_events]
     if not prior:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-            )
-        )
+        return _plan_fresh(target_epsilon, target_delta, sample_rate, steps, accountant)
     # With earlier spend on the same data, search sigma so that prior + new fits the target.
     if (
         epsilon_from_events(
