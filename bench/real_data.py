@@ -184,6 +184,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     ceiling; middle and right: the federation's per-round test AUROC and training loss (mean over
     seeds, one line per epsilon)."""
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from common import plots  # noqa: F401  (selects the headless backend)
 
@@ -231,6 +232,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
             label = "no DP" if math.isinf(e) else f"epsilon {e:g}"
             ax.plot(range(1, n + 1), mean, "o-", color=f"C{i}", label=label)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
