@@ -87,10 +87,11 @@ def check_privacy_args(*, epsilon: float, delta: float) -> None:
 
 @app.command()
 def simulate(
-    scenario: str = typer.Option(
-        "hospitals-3",
+    scenario: str | None = typer.Option(
+        None,
         "--scenario",
-        help="Built-in scenario name or a scenario .toml file (flags override its values).",
+        help="Built-in scenario name or a scenario .toml file (flags override its values) "
+        "[hospitals-3].",
     ),
     sites: int | None = typer.Option(
         None, "--sites", min=1, help="Virtual sites [scenario's, or all in --data]."
@@ -140,11 +141,15 @@ def simulate(
     from dataclasses import replace
 
     from common.config import RunConfig
-    from common.privacy.planning import without_auto
+    from common.privacy.planning import without_auto, without_planned
     from simulations.scenarios import load_scenario
 
     try:
-        scen = load_scenario(scenario)
+        scen = load_scenario(scenario or "hospitals-3")
+        if data is not None and scenario is None:
+            # The default scenario's training keys are for its own synthetic sites: on the
+            # user's sites the plan chooses them.
+            scen = replace(scen, run=without_planned(scen.run))
         raw: dict[str, Any] = {"seed": seed, "out-dir": str(out), "run-name": run_name}
         for key, value in (
             ("num-rounds", rounds),

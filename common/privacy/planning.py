@@ -83,6 +83,11 @@ def without_auto(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if not (isinstance(v, str) and v.strip().lower() == AUTO)}
 
 
+def without_planned(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` without the keys the planner chooses."""
+    return {k: v for k, v in raw.items() if k not in PLANNED_KEYS}
+
+
 def plan_training(
     record_counts: Mapping[str, int],
     *,
