@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import DataValidationError
 from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
 
 AUTO = "auto"
@@ -181,10 +182,22 @@ def _explain(
 
 
 def count_train_records(site_dirs: list[Path], cfg: Any) -> dict[str, int]:
-    """Training records of each site folder, read locally from its manifest (by name)."""
+    """Training records of each site folder, read locally from its manifest (by name).
+
+    Raises one :class:`DataValidationError` listing every site's problems.
+    """
     from common.data.dataset import manifest_for
 
-    return {d.name: len(manifest_for(d, cfg).split("train")) for d in site_dirs}
+    counts: dict[str, int] = {}
+    problems: list[str] = []
+    for d in site_dirs:
+        try:
+            counts[d.name] = len(manifest_for(d, cfg).split("train"))
+        except DataValidationError as exc:
+            problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
+    if problems:
+        raise DataValidationError(problems, source=str(site_dirs[0].parent))
+    return counts
 
 
 def plan_for_sites(
@@ -202,7 +215,10 @@ def plan_for_sites(
     fixed = {k: getattr(cfg, k.replace("-", "_")) for k in user_keys(raw)}
     if cfg.private and not cfg.record_level_dp:
         return None, cfg
-    counts = count_train_records(site_dirs, cfg)
+    # A site without training records only evaluates: it has nothing to plan.
+    counts = {s: n for s, n in count_train_records(site_dirs, cfg).items() if n > 0}
+    if not counts:
+        return None, cfg
     plan = plan_training(
         counts,
         target_epsilon=cfg.target_epsilon,
