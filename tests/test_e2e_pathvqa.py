@@ -78,7 +78,8 @@ def test_dp_federation_on_real_data_learns(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=600,
+        # About a minute on an idle 2-core machine; ten under a heavily shared one.
+        timeout=1200,
         env=env,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
