@@ -112,10 +112,11 @@ def check_privacy_args(*, epsilon: float, delta: float) -> None:
 
 @app.command()
 def simulate(
-    scenario: str = typer.Option(
-        "hospitals-3",
+    scenario: str | None = typer.Option(
+        None,
         "--scenario",
-        help="Built-in scenario name or a scenario .toml file (flags override its values).",
+        help="Built-in scenario name or a scenario .toml file (flags override its values) "
+        "[hospitals-3].",
     ),
     sites: int | None = typer.Option(
         None,
@@ -179,10 +180,16 @@ def simulate(
         )
     from dataclasses import replace
 
+    from common.config import RunConfig
+    from common.privacy.planning import without_auto, without_planned
     from simulations.scenarios import load_scenario
 
     try:
-        scen = load_scenario(scenario)
+        scen = load_scenario(scenario or "hospitals-3")
+        if data is not None and scenario is None:
+            # The default scenario's training keys are for its own synthetic sites: on the
+            # user's sites the plan chooses them.
+            scen = replace(scen, run=without_planned(scen.run))
         raw: dict[str, Any] = {"seed": seed, "out-dir": str(out), "run-name": run_name}
         for key, value in (
             ("num-rounds", rounds),
@@ -198,7 +205,8 @@ def simulate(
             from common.data.synthetic_cli import synthetic_defaults
 
             raw = synthetic_defaults({**scen.run, **raw})
-        cfg = scen.run_config(**raw)
+        raw = {**scen.run, **raw}
+        cfg = RunConfig.from_mapping(without_auto(raw))
         if not 0.0 <= missing_rate < 1.0:
             _fail(f"--missing-rate must be in range [0, 1); found {missing_rate}")
         spec = replace(
@@ -226,7 +234,94 @@ def simulate(
     if cfg.secagg and sites < 2:
         _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
     cfg = cfg.replace(data_dir=str(data))
+    # Keys left unset or "auto" (rounds, epochs, batch, rate, clipping) take the plan.
+    cfg = _apply_plan(data, sites, {**raw, "data-dir": str(data)})
     _run_simulation(cfg, sites, verbose=verbose, cpus_per_site=cpus, gpus_per_site=gpus)
+
+
+def _apply_plan(data: Path, sites: int, raw: dict[str, Any]) -> Any:
+    """The run config with the training plan for the first ``sites`` site folders of ``data``
+    applied (the user's keys kept); prints the plan."""
+    from client.site import simulation_site_dirs
+    from common.config import RunConfig
+    from common.privacy.planning import plan_for_sites
+
+    try:
+        plan, cfg = plan_for_sites(
+            simulation_site_dirs(str(data))[:sites], raw, build=RunConfig.from_mapping
+        )
+    except FedfuseError as exc:
+        _fail(str(exc))
+    if plan is not None:
+        _print_plan(plan, brief=True)
+    return cfg
+
+
+def _print_plan(plan: Any, *, brief: bool = False) -> None:
+    """The plan as a table of settings and one of sites (``brief``: one line of settings)."""
+    keys = ", ".join(
+        f"{k} {v:g}{'' if k in plan.chosen else ' (yours)'}" for k, v in plan.settings.items()
+    )
+    if brief:
+        console.print(f"Plan: {keys}")
+        return
+    eps = "no DP" if math.isinf(plan.target_epsilon) else f"epsilon {plan.target_epsilon:g}"
+    console.print(f"[bold]Training plan[/] ({eps}, delta {plan.target_delta:g} per site)")
+    settings = Table("key", "value", "from")
+    for k, v in plan.settings.items():
+        settings.add_row(k, f"{v:g}", "plan" if k in plan.chosen else "yours")
+    _table_console().print(settings)
+    sites = Table("site", "train records", "sample rate", "steps", "noise multiplier", "epsilon")
+    for s in plan.sites:
+        sigma = "-" if s.noise_multiplier is None else f"{s.noise_multiplier:.3f}"
+        sites.add_row(
+            s.site,
+            str(s.num_train),
+            f"{s.sample_rate:.3f}",
+            str(s.steps),
+            sigma,
+            "inf" if math.isinf(s.epsilon) else f"{s.epsilon:.3f}",
+        )
+    _table_console().print(sites)
+    console.print(plan.explanation)
+    keys_set = ",".join(f"{k}={v:g}" for k, v in plan.settings.items())
+    console.print(f'Use it with: flwr run . --run-config "{keys_set.replace(",", " ")}"')
+
+
+@app.command()
+def plan(
+    data: Path = typer.Option(..., "--data", help="Folder of site folders (counts read here)."),
+    epsilon: float = typer.Option(8.0, "--epsilon", help="Each site's epsilon for the run."),
+    delta: float = typer.Option(1e-5, "--delta", help="Each site's delta."),
+    sites: int | None = typer.Option(None, "--sites", min=1, help="Use the first N sites."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Run-config keys; a planned key you set is kept (auto = plan it)."
+    ),
+) -> None:
+    """Choose rounds, epochs, batch size, noise, clipping and learning rate for these sites."""
+    check_privacy_args(epsilon=epsilon, delta=delta)
+    from client.site import simulation_site_dirs
+    from common.config import RunConfig
+    from common.privacy.planning import plan_for_sites
+
+    if not data.is_dir():
+        _fail(f"--data '{data}' is not a folder (give a folder of site folders)")
+    raw = {
+        "target-epsilon": epsilon,
+        "target-delta": delta,
+        "data-dir": str(data),
+        **_parse_overrides(overrides),
+    }
+    try:
+        dirs = simulation_site_dirs(str(data))[:sites]
+        if not dirs:
+            _fail(f"--data '{data}' holds no site folders")
+        found, _ = plan_for_sites(dirs, raw, build=RunConfig.from_mapping)
+    except FedfuseError as exc:
+        _fail(str(exc))
+    if found is None:
+        _fail("only record-level DP (dp-level record) and training without DP are planned")
+    _print_plan(found)
 
 
 def _resolve_data(

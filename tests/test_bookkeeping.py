@@ -120,7 +120,7 @@ def test_models_match_hooks_mode(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch
             "conv": ["DPConv2d x3"],
             "embedding": ["GhostEmbedding x1"],
             "group-norm": ["GroupNorm x3"],
-            "linear": ["Linear x4"],
+            "linear": ["Linear x2"],
         }
 
 

@@ -214,6 +214,31 @@ class HashedAttentionEncoder(_HashedText):
         return torch.relu(self.proj(pooled))
 
 
+@TEXT_ENCODERS.register("hash-bag")
+class HashedBagEncoder(nn.Module):
+    """Hashed unigrams and bigrams -> a linear bag of features (no hidden layer).
+
+    The features are the sum of the tokens' embedding rows divided by sqrt(token count), the
+    hashed counterpart of an L2-normalised bag of words: with a linear fusion head the model is
+    a (low-rank) logistic regression on hashed n-grams, the model that does best on short
+    clinical questions and the cheapest to train under DP-SGD (each record's gradient touches
+    only its own rows, and there are no hidden units for the noise to push around). The table
+    starts at zero, so an untrained text tower adds nothing to the logits. See
+    docs/BENCHMARKS.md#real-data-pathvqa.
+    """
+
+    def __init__(self, *, dim: int, num_buckets: int) -> None:
+        super().__init__()
+        self.embed = GhostEmbedding(num_buckets, dim)
+        nn.init.zeros_(self.embed.weight)
+        self.out_dim = dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = (ids != PAD_ID).unsqueeze(-1).to(self.embed.weight.dtype)
+        summed = (self.embed(ids) * keep).sum(dim=1)
+        return summed / keep.sum(dim=1).clamp_min(1.0).sqrt()
+
+
 @AUDIO_ENCODERS.register("logmel-cnn")
 class LogMelCNN(nn.Module):
     """A GroupNorm CNN over a ``(1, bins, frames)`` log-mel spectrogram (or MFCC) + projection."""

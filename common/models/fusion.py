@@ -52,6 +52,25 @@ class ConcatHead(nn.Module):
         return self.mlp(torch.cat([*masked, mask], dim=1))
 
 
+@FUSION_HEADS.register("linear")
+class LinearHead(nn.Module):
+    """Early fusion with no hidden layer: one Linear over the masked features and the mask.
+
+    The fewest parameters a head can have: under DP-SGD every parameter receives noise, and
+    with linear encoders (``hash-bag``) the whole model stays a logistic regression, which
+    learns steadily under noise (see docs/BENCHMARKS.md#real-data-pathvqa).
+    """
+
+    def __init__(self, *, dim: int, num_modalities: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_modalities * dim + num_modalities, num_classes)
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, feats: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        masked = [f * mask[:, i : i + 1] for i, f in enumerate(feats)]
+        return self.linear(torch.cat([*masked, mask], dim=1))
+
+
 @FUSION_HEADS.register("gated")
 class GatedHead(nn.Module):
     """Gated fusion: learned per-record modality weights, renormalised over present modalities.

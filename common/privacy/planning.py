@@ -1,0 +1,229 @@
+"""Plan a federation's training from the sites' record counts and the privacy budget.
+
+:func:`plan_training` is deterministic: the same record counts, budget and fixed keys give the
+same plan. It chooses the run-config keys in :data:`PLANNED_KEYS` that the user left unset or
+set to ``auto`` (a key the user set is kept), then computes, with the sites' own calibration
+(:func:`common.privacy.accounting.plan_noise_multiplier`, the call ``SiteLedger._new_plan``
+makes before a site's first round), the noise multiplier each site will draw and the epsilon
+it will end the run at. The rules follow the measurements on real data in
+docs/BENCHMARKS.md#real-data-pathvqa (De et al. 2022, arXiv:2204.13650; Sander et al. 2023,
+arXiv:2210.03403): under DP-SGD the noise a site's whole run adds is set by its epsilon and
+record count, whatever the batch size, so the plan picks batches of about a third of a site
+(three noisy steps an epoch, each averaging many records) and enough steps for Adam to
+converge, and a model with few parameters (``hash-bag`` text into a ``linear`` head) so that
+the noise is spread over few coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import DataValidationError
+from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+
+AUTO = "auto"
+# The run-config keys the planner chooses (kebab-case, as in [tool.flwr.app.config]).
+PLANNED_KEYS = ("num-rounds", "local-epochs", "batch-size", "learning-rate", "max-grad-norm")
+# Noisy steps per local epoch at the median site: batches of a third of its records. Fewer,
+# larger batches average more records into each noisy step; three keep enough steps per round.
+STEPS_PER_EPOCH = 3
+# The smallest batch planned: below it a step's noise swamps its signal at any budget.
+MIN_BATCH = 32
+# Clipping norm 1 with Adam at rate 0.1: Adam normalises the update's scale, so the clipping
+# norm only sets which records are clipped (all of them, at 1, under a fresh linear model) and
+# the rate alone sets the step (Li et al. 2022, arXiv:2110.05679, on clipping every record).
+MAX_GRAD_NORM = 1.0
+PRIVATE_LEARNING_RATE = 0.1
+# Without noise a smaller step: the larger one overfits the training records in a few rounds.
+NON_PRIVATE_LEARNING_RATE = 0.03
+LOCAL_EPOCHS = 3
+ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One site's part of the plan: what it will sample, and spend."""
+
+    site: str
+    num_train: int
+    sample_rate: float
+    steps: int
+    noise_multiplier: float | None  # None: trains without DP
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The run-config values to use and what each site will spend with them."""
+
+    settings: dict[str, Any]
+    chosen: tuple[str, ...]  # the keys the planner set (the others were the user's)
+    sites: tuple[SitePlan, ...]
+    target_epsilon: float
+    target_delta: float
+    explanation: str
+
+
+def user_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The planned keys the user set to a value (not ``auto``) in ``raw``."""
+    return {
+        k: v
+        for k, v in raw.items()
+        if k in PLANNED_KEYS and not (isinstance(v, str) and v.strip().lower() == AUTO)
+    }
+
+
+def without_auto(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` without the keys set to ``auto`` (the plan fills them in)."""
+    return {k: v for k, v in raw.items() if not (isinstance(v, str) and v.strip().lower() == AUTO)}
+
+
+def without_planned(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` without the keys the planner chooses."""
+    return {k: v for k, v in raw.items() if k not in PLANNED_KEYS}
+
+
+def plan_training(
+    record_counts: Mapping[str, int],
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    accountant: str = "prv",
+    fixed: Mapping[str, Any] | None = None,
+) -> TrainingPlan:
+    """Choose rounds, local epochs, batch size, learning rate and clipping norm for sites
+    holding ``record_counts`` training records, and the noise each site will draw.
+
+    ``fixed`` holds planned keys the user set (kebab-case); they are kept as given.
+    ``target_epsilon`` may be ``inf`` (no DP: no noise, a smaller learning rate).
+    """
+    if not record_counts:
+        raise ValueError("record_counts is empty: there is no site to plan for")
+    bad = {s: n for s, n in record_counts.items() if n < 1}
+    if bad:
+        raise ValueError(f"sites with no training records cannot train: {bad}")
+    fixed = dict(fixed or {})
+    unknown = sorted(set(fixed) - set(PLANNED_KEYS))
+    if unknown:
+        raise ValueError(f"fixed holds keys the planner does not choose: {unknown}")
+    private = math.isfinite(target_epsilon)
+    median = statistics.median_low(sorted(record_counts.values()))
+    planned: dict[str, Any] = {
+        "num-rounds": ROUNDS,
+        "local-epochs": LOCAL_EPOCHS,
+        "batch-size": max(MIN_BATCH, math.ceil(median / STEPS_PER_EPOCH)),
+        "learning-rate": PRIVATE_LEARNING_RATE if private else NON_PRIVATE_LEARNING_RATE,
+        "max-grad-norm": MAX_GRAD_NORM,
+    }
+    settings = {**planned, **fixed}
+    rounds, epochs = int(settings["num-rounds"]), int(settings["local-epochs"])
+    batch = int(settings["batch-size"])
+    sites = []
+    for site in sorted(record_counts):
+        n = record_counts[site]
+        per_epoch = max(1, math.ceil(n / batch))  # client.training.batches_per_epoch
+        q = 1.0 / per_epoch
+        steps = per_epoch * epochs * rounds
+        if not private:
+            sites.append(SitePlan(site, n, q, steps, None, math.inf))
+            continue
+        with warnings.catch_warnings():
+            # PRV at sample rate 1 takes log(0) on its way to a correct bound, and RDP notes
+            # its largest order; neither is actionable (as in SiteLedger._new_plan).
+            warnings.simplefilter("ignore")
+            sigma = plan_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=q,
+                steps=steps,
+                accountant=accountant,
+            )
+            eps = epsilon_from_events(
+                [DpSgdEvent(sigma, q, steps)], delta=target_delta, accountant=accountant
+            )
+        sites.append(SitePlan(site, n, q, steps, sigma, eps))
+    chosen = tuple(k for k in PLANNED_KEYS if k not in fixed)
+    return TrainingPlan(
+        settings=settings,
+        chosen=chosen,
+        sites=tuple(sites),
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        explanation=_explain(settings, sites, median=median, private=private),
+    )
+
+
+def _explain(
+    settings: Mapping[str, Any], sites: list[SitePlan], *, median: int, private: bool
+) -> str:
+    batch = settings["batch-size"]
+    steps = sorted({s.steps for s in sites})
+    span = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    if not private:
+        return (
+            f"Without DP, batches of {batch} (a third of the median site's {median} records) "
+            f"and Adam at {settings['learning-rate']:g} for {span} steps per site learn "
+            "without overfitting the training records."
+        )
+    sigmas = [s.noise_multiplier for s in sites if s.noise_multiplier is not None]
+    return (
+        f"Batches of {batch} (a third of the median site's {median} records) average many "
+        f"records into each of {span} noisy steps per site, so the noise each site must add "
+        f"for its budget (multiplier {min(sigmas):.2f}-{max(sigmas):.2f}) stays small beside "
+        f"the clipped gradient, and Adam at {settings['learning-rate']:g} converges in that "
+        "many steps."
+    )
+
+
+def count_train_records(site_dirs: list[Path], cfg: Any) -> dict[str, int]:
+    """Training records of each site folder, read locally from its manifest (by name).
+
+    Raises one :class:`DataValidationError` listing every site's problems.
+    """
+    from common.data.dataset import manifest_for
+
+    counts: dict[str, int] = {}
+    problems: list[str] = []
+    for d in site_dirs:
+        try:
+            counts[d.name] = len(manifest_for(d, cfg).split("train"))
+        except DataValidationError as exc:
+            problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
+    if problems:
+        raise DataValidationError(problems, source=str(site_dirs[0].parent))
+    return counts
+
+
+def plan_for_sites(
+    site_dirs: list[Path], raw: Mapping[str, Any], *, build: Any
+) -> tuple[TrainingPlan | None, Any]:
+    """The plan for ``site_dirs`` and the run config with it applied.
+
+    ``raw`` holds the kebab-case keys the user (or a scenario) gave, ``auto`` included;
+    ``build(mapping)`` makes the run config from such a mapping. Only record-level DP (and
+    training without DP) is planned: for client-level and distributed DP the noise is the
+    server's or the sites' shares, and the keys keep their configured values.
+    """
+    cfg = build(without_auto(raw))
+    # The user's values as the run config parsed them (``--set`` gives strings).
+    fixed = {k: getattr(cfg, k.replace("-", "_")) for k in user_keys(raw)}
+    if cfg.private and not cfg.record_level_dp:
+        return None, cfg
+    # A site without training records only evaluates: it has nothing to plan.
+    counts = {s: n for s, n in count_train_records(site_dirs, cfg).items() if n > 0}
+    if not counts:
+        return None, cfg
+    plan = plan_training(
+        counts,
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        accountant=cfg.accountant,
+        fixed=fixed,
+    )
+    return plan, build({**without_auto(raw), **plan.settings})
