@@ -25,7 +25,8 @@ from common.privacy.secure_rng import SecureDPDataLoader, SecureRandom, use_secu
 
 # Opacus' ghost clipping runs two backward passes through hooks that warn on every step. Not
 # actionable for a site; silence exactly those messages. (Its "Secure RNG turned off" warning is
-# silenced only where it is false: when the noise comes from a SecureRandom, below.)
+# never shown raw: false where the noise comes from a SecureRandom, and said once per simulation
+# by `fedfuse simulate` where it is true, below.)
 for _msg in (
     ".*Full backward hook is firing.*",
     ".*Optimal order is the largest alpha.*",
@@ -167,7 +168,11 @@ def train_round(
         )
         sampling: dict = dict(data_loader=secure_loader, poisson_sampling=False)
     else:
-        engine = PrivacyEngine(accountant=cfg.accountant)
+        with warnings.catch_warnings():
+            # True here (keyed, reproducible generators), and said once for the whole run by
+            # `fedfuse simulate` instead of once per round from every simulated site.
+            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            engine = PrivacyEngine(accountant=cfg.accountant)
         noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         sampling = dict(data_loader=loader, poisson_sampling=True, noise_generator=noise_gen)
     private_kwargs = dict(

@@ -358,6 +358,11 @@ def _run_simulation(
         f"{eps_text}, delta {cfg.target_delta:g}, "
         f"{'SecAgg+' if cfg.secagg else 'no secure aggregation'}, data {cfg.data_dir}"
     )
+    if cfg.private:
+        console.print(
+            "  (simulated sites draw DP noise from keyed, reproducible generators; a deployed "
+            "site draws it from a secure one)"
+        )
 
     def on_round(rec: dict[str, Any]) -> None:
         eps = rec.get("max-epsilon")
@@ -365,7 +370,8 @@ def _run_simulation(
         auc = rec.get("eval-auroc")
         console.print(
             f"  round {rec['round']}/{cfg.num_rounds}  sites {rec.get('num-sites', 0)}  "
-            f"train loss {_num(rec.get('train-loss'))}  test loss {_num(rec.get('eval-loss'))}  "
+            + (f"train loss {_num(rec['train-loss'])}  " if "train-loss" in rec else "")
+            + f"test loss {_num(rec.get('eval-loss'))}  "
             f"test AUROC {_num(auc)}  max epsilon {eps_s} (target {cfg.target_epsilon:g})  "
             f"[{rec.get('seconds', 0):.1f}s]"
         )
