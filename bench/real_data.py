@@ -142,9 +142,21 @@ def run_federation(
         "rounds": len(rounds),
         "seconds": round(seconds, 1),
         "round_auroc": " ".join(f"{_num(r.get('eval-auroc')):.4f}" for r in rounds),
-        "round_train_loss": " ".join(f"{_num(r.get('train-loss')):.4f}" for r in rounds),
+        "round_train_loss": " ".join(f"{x:.4f}" for x in site_train_loss(data, name)),
     }
     return run_dir, row
+
+
+def site_train_loss(data: Path, run_id: str) -> list[float]:
+    """The sites' mean training loss after each round of run ``run_id``. Training loss does not
+    leave a site; each keeps it in ``<site>/.fedfuse/train.jsonl``, which a simulation can read."""
+    per_round: dict[int, list[float]] = {}
+    for log in sorted(data.glob("*/.fedfuse/train.jsonl")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("run-id") == run_id and row.get("train-loss") is not None:
+                per_round.setdefault(int(row["round"]), []).append(float(row["train-loss"]))
+    return [statistics.fmean(v) for _, v in sorted(per_round.items())]
 
 
 def _num(value: Any) -> float:
@@ -218,7 +230,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     for ax, key, ylabel in (
         (axes[1], "round_auroc", "sites' test AUROC (server's figure)"),
-        (axes[2], "round_train_loss", "training loss"),
+        (axes[2], "round_train_loss", "sites' mean training loss (kept at the sites)"),
     ):
         for i, e in enumerate(eps_values):
             curves = [
@@ -260,9 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="skip the non-private federation and the centralised baseline",
     )
-    ap.add_argument(
-        "--set", action="append", default=[], help="run-config key=value for every run"
-    )
+    ap.add_argument("--set", action="append", default=[], help="run-config key=value for every run")
     ap.add_argument("--out", type=Path, default=Path("runs/real_data"), help="CSV/PNG folder")
     args = ap.parse_args(argv)
     epsilons = [float(e) for e in args.epsilons.split(",") if e]

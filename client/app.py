@@ -25,7 +25,13 @@ from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics,
 from client.secagg_mod import check_local_update, make_secaggplus_mod, secaggplus_mod
 from client.site import SiteInfo, manifest_digest, resolve_site, site_data
 from client.training import PrivacyPlan, limit_threads, pick_device, train_round
-from client.wire import contain_errors, log_evaluation, public_reason, shares_site_metrics
+from client.wire import (
+    contain_errors,
+    log_evaluation,
+    log_training,
+    public_reason,
+    shares_site_metrics,
+)
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, eval_sums, evaluate_site
@@ -202,17 +208,15 @@ def train(msg: Message, context: Context) -> Message:
         "delta": cfg.target_delta,
         "ledger-seq": entry.seq,
     }
+    own = {
+        "train-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "noise-multiplier": plan.noise_multiplier if plan else 0.0,
+        "steps": sum(e.steps for e in permit.run_events) + (plan.steps_per_round if plan else 0),
+    }
+    log_training(site.data_path, run_id=run_name or run_id, server_round=server_round, figures=own)
     if shares_site_metrics(context.node_config):
-        shared.update(
-            {
-                "train-examples": result.num_examples,
-                "train-loss": result.train_loss,
-                "noise-multiplier": plan.noise_multiplier if plan else 0.0,
-                "steps": sum(e.steps for e in permit.run_events)
-                + (plan.steps_per_round if plan else 0),
-                **privacy_metrics(budget, permit, entry),
-            }
-        )
+        shared.update({**own, **privacy_metrics(budget, permit, entry)})
     metrics = MetricRecord(shared)
     state = model.to("cpu").state_dict()
     if cfg.client_level_dp:

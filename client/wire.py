@@ -26,6 +26,7 @@ _LOG = logging.getLogger(__name__)
 # Node-config key: the site shares its own evaluation figures and privacy internals in the clear.
 SHARE_NODE_CONFIG = "share-site-metrics"
 EVAL_LOG = Path(".fedfuse") / "eval.jsonl"
+TRAIN_LOG = Path(".fedfuse") / "train.jsonl"
 # A path: a slash that does not follow a word character ("and/or", "1/2" are not paths).
 _PATH = re.compile(r"(?<![\w])(?:[A-Za-z]:)?(?:~|\.{1,2})?[\\/][^\s'\"(),;:<>]*")
 _MAX_REASON = 300
@@ -96,7 +97,24 @@ def log_evaluation(
     site_path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float]
 ) -> Path:
     """Append this site's own evaluation figures to ``<site>/.fedfuse/eval.jsonl``."""
-    path = site_path / EVAL_LOG
+    return _log_site_figures(
+        site_path / EVAL_LOG, run_id=run_id, server_round=server_round, figures=figures
+    )
+
+
+def log_training(
+    site_path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float]
+) -> Path:
+    """Append this site's own training figures (loss, records, noise, steps) to
+    ``<site>/.fedfuse/train.jsonl``: they stay at the site unless it opts in to share them."""
+    return _log_site_figures(
+        site_path / TRAIN_LOG, run_id=run_id, server_round=server_round, figures=figures
+    )
+
+
+def _log_site_figures(
+    path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float]
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     row = {
         "time": round(time.time(), 3),
@@ -114,6 +132,7 @@ __all__ = [
     "contain_errors",
     "error_reply",
     "log_evaluation",
+    "log_training",
     "public_reason",
     "shares_site_metrics",
 ]

@@ -116,7 +116,7 @@ def simulate(
         None,
         "--scenario",
         help="Built-in scenario name or a scenario .toml file (flags override its values) "
-        "[hospitals-3].",
+        "(default: hospitals-3).",
     ),
     sites: int | None = typer.Option(
         None,
