@@ -370,7 +370,15 @@ def _simulated_ledger(run_dir: Path, site: str) -> Path:
     """Where a simulated site's ledger is: ``<data-dir>/<site>/.fedfuse/ledger.sqlite``."""
     cfg_file = run_dir / "config.json"
     data_dir = json.loads(cfg_file.read_text()).get("data-dir", "") if cfg_file.is_file() else ""
-    return Path(str(data_dir)) / site / ".fedfuse" / "ledger.sqlite"
+    ledger = Path(str(data_dir)) / site / ".fedfuse" / "ledger.sqlite"
+    if ledger.is_absolute():
+        return ledger
+    # A relative data-dir is relative to where the simulation ran: the folder the audit runs in,
+    # or the one holding the runs folder (`runs/<run-id>`), as `fedfuse simulate` lays it out.
+    for base in (Path.cwd(), run_dir.resolve().parent.parent):
+        if (base / ledger).is_file():
+            return (base / ledger).resolve()
+    return (Path.cwd() / ledger).resolve()
 
 
 def check_anchors(audit: LedgerAudit, anchors: list[dict[str, Any]]) -> None:
