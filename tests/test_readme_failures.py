@@ -55,7 +55,7 @@ def test_fedadam_runs_two_rounds_under_secagg(synth_sites, small_cfg, tmp_path):
     round 2 ("dtype float32, expected float64") and charged every ledger for it."""
     data = tmp_path / "data"
     for s in synth_sites[:2]:
-        shutil.copytree(s, data / s.name, ignore=shutil.ignore_patterns("ledger.sqlite*"))
+        shutil.copytree(s, data / s.name, ignore=shutil.ignore_patterns(".fedfuse"))
     cfg = small_cfg.replace(
         data_dir=str(data), strategy="fedadam", server_learning_rate=0.01, run_name="adam"
     )
@@ -117,7 +117,7 @@ def test_readme_client_level_dp_example_does_not_diverge(
     monkeypatch.setattr(flwr.simulation, "run_simulation", _in_process)
     data = tmp_path / "data"
     for s in synth_sites[:2]:
-        shutil.copytree(s, data / s.name, ignore=shutil.ignore_patterns("ledger.sqlite*"))
+        shutil.copytree(s, data / s.name, ignore=shutil.ignore_patterns(".fedfuse"))
     cfg = small_cfg.replace(
         data_dir=str(data),
         dp_level="both",
