@@ -1,6 +1,6 @@
 """DP-SGD overhead of the default fusion model on the CPU: non-private vs Opacus, side by side.
 
-Run:  PYTHONPATH=. python bench/dp_overhead.py [--records 2000] [--repeats 5] [--threads 1]
+Run:  python -m bench.dp_overhead [--records 2000] [--repeats 5] [--threads 1]
 
 Trains the default fusion model (run config defaults: cnn + hash-mean + concat, batch 256) on
 one synthetic site, alternating one non-private epoch and one DP epoch of each mode so that
@@ -29,17 +29,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from client.training import make_optimizer  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from common.data.dataset import load_site  # noqa: E402
-from common.data.synthetic import generate  # noqa: E402
-from common.models import build_model  # noqa: E402
-from common.models.dp_layers import GhostEmbedding, ghost_coverage  # noqa: E402
-from common.models.objectives import make_criterion  # noqa: E402
-from common.privacy.bookkeeping import (  # noqa: E402
+from fedfuse.client.training import make_optimizer  # noqa: E402
+from fedfuse.common.config import RunConfig  # noqa: E402
+from fedfuse.common.data.dataset import load_site  # noqa: E402
+from fedfuse.common.data.synthetic import generate  # noqa: E402
+from fedfuse.common.models import build_model  # noqa: E402
+from fedfuse.common.models.dp_layers import GhostEmbedding, ghost_coverage  # noqa: E402
+from fedfuse.common.models.objectives import make_criterion  # noqa: E402
+from fedfuse.common.privacy.bookkeeping import (  # noqa: E402
     bookkeeping_coverage,
     make_private_bookkeeping,
 )
@@ -192,7 +191,8 @@ def main() -> None:
             out = subprocess.run(
                 [
                     sys.executable,
-                    __file__,
+                    "-m",
+                    "bench.dp_overhead",
                     "--_memory-child",
                     m,
                     "--records",

@@ -2,12 +2,12 @@
 
 Runs the default audit (DP at epsilon 2), the control (no DP), both with white-box scores, each a
 real Flower simulation, and the planted bug (noise dropped, epsilon still reported; planted by
-tests/faults.py in an in-process federation, since production code has no switch for it), and
-prints one table. For each run it also prints, from the saved scores, what other splits of the
+tests/support/faults.py in an in-process federation, since production code has no switch for it),
+and prints one table. For each run it also prints, from the saved scores, what other splits of the
 200 guesses into "in"/"out" would have given -- exploration only: an audit must fix its split
 before it looks at which canaries were included, as ``fedfuse audit empirical`` does.
 
-    PYTHONPATH=. python bench/empirical_audit.py [--out DIR] [--seed N] [--only NAME ...]
+    python -m bench.empirical_audit [--out DIR] [--seed N] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -16,18 +16,15 @@ import argparse
 import contextlib
 import csv
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 
-from common.privacy.empirical import audit_from_scores  # noqa: E402
-from simulations.audit import AuditSettings, run_empirical_audit  # noqa: E402
-from simulations.inprocess import federate_in_process  # noqa: E402
-from tests.faults import noise_dropped  # noqa: E402
+from fedfuse.common.privacy.empirical import audit_from_scores  # noqa: E402
+from fedfuse.simulations.empirical_audit import AuditSettings, run_empirical_audit  # noqa: E402
+from fedfuse.simulations.inprocess import federate_in_process  # noqa: E402
+from tests.support.faults import noise_dropped  # noqa: E402
 
 SETTINGS = {
     "dp-eps2": {"epsilon": 2.0},

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset
 
-from client.app import app as client_app
-from client.site import SiteInfo, simulation_site_dirs, site_data
-from common.config import RunConfig
-from common.evaluation import evaluate_site
-from common.models import build_model
-from server.app import run_federation
-from server.rundir import RunDirectory
-from simulations.inprocess import InProcessGrid
+from fedfuse.client.app import app as client_app
+from fedfuse.client.site import SiteInfo, simulation_site_dirs, site_data
+from fedfuse.common.config import RunConfig
+from fedfuse.common.evaluation import evaluate_site
+from fedfuse.common.models import build_model
+from fedfuse.server.app import run_federation
+from fedfuse.server.rundir import RunDirectory
+from fedfuse.simulations.inprocess import InProcessGrid
 
 
 def compare(cfg: RunConfig, run_dir: Path) -> list[tuple[str, float, float, float]]:

@@ -1,6 +1,6 @@
 """Fusion heads vs single modalities on synthetic data: 3 sites, DP epsilon 8 per site.
 
-Run:  PYTHONPATH=. python bench/fusion.py [--records 1000] [--rounds 4] [--seeds 0,1]
+Run:  python -m bench.fusion [--records 1000] [--rounds 4] [--seeds 0,1]
       [--learning-rate 0.03] [--plot fusion.png]
 
 For each fusion head (all four modalities) and each single modality, runs a federation and
@@ -9,8 +9,8 @@ prints the final global model's AUROC on the pooled test splits of the three sit
 noisier), on complete data and with 30% of records missing one modality, and each run's last
 rounds (the sites' mean test AUROC; ``--plot`` draws every round): a run still climbing at its
 end is under-trained, and its number says where the last round landed. The federation is
-the real one -- ``server.app.run_federation`` and the ClientApp (Opacus DP-SGD, whole-run
-noise plan, ledger) -- over ``simulations.inprocess.InProcessGrid``: sites run one after
+the real one -- ``fedfuse.server.app.run_federation`` and the ClientApp (Opacus DP-SGD, whole-run
+noise plan, ledger) -- over ``fedfuse.simulations.inprocess.InProcessGrid``: sites run one after
 another in this process instead of in Ray workers, which fits a sweep of ~30 federations on
 two shared cores. SecAgg+ is off (``--secagg`` turns it on): it changes who can see the
 updates, not what is learned (up to its quantisation).
@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -33,16 +32,15 @@ from typing import NamedTuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from client.app import app as client_app  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from common.data.synthetic import TABULAR_COLUMNS, TABULAR_RANGES, generate  # noqa: E402
-from server.app import run_federation  # noqa: E402
-from server.rundir import RunDirectory  # noqa: E402
-from simulations.baseline import pooled_test_metrics  # noqa: E402
-from simulations.inprocess import InProcessGrid  # noqa: E402
+from fedfuse.client.app import app as client_app  # noqa: E402
+from fedfuse.common.config import RunConfig  # noqa: E402
+from fedfuse.common.data.synthetic import TABULAR_COLUMNS, TABULAR_RANGES, generate  # noqa: E402
+from fedfuse.server.app import run_federation  # noqa: E402
+from fedfuse.server.rundir import RunDirectory  # noqa: E402
+from fedfuse.simulations.baseline import pooled_test_metrics  # noqa: E402
+from fedfuse.simulations.inprocess import InProcessGrid  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -74,7 +72,7 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
     """Per-round test AUROC: one panel per model; a colour per seed, dashed with missing data."""
     from matplotlib.ticker import MaxNLocator
 
-    from common.plots import plt
+    from fedfuse.common.plots import plt
 
     fig, axes = plt.subplots(
         1, len(curves), figsize=(3.2 * len(curves), 3.2), sharey=True, squeeze=False

@@ -1,7 +1,7 @@
 """Ledger benchmark: what the privacy ledger costs a site per round, and an audit per entry.
 
-    python bench/ledger.py                     # 3 runs x 10 rounds, then audit
-    python bench/ledger.py --runs 10 --rounds 10
+    python -m bench.ledger                     # 3 runs x 10 rounds, then audit
+    python -m bench.ledger --runs 10 --rounds 10
 
 Prints: seconds per append (chain verify + PRV over every earlier event + insert, in one
 transaction) as the ledger grows; verify and audit time; two processes appending at once
@@ -20,16 +20,15 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from common.privacy.accounting import DpSgdEvent, epsilon_from_events  # noqa: E402
-from common.privacy.audit import audit  # noqa: E402
-from common.privacy.ledger import Ledger  # noqa: E402
+from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events  # noqa: E402
+from fedfuse.common.privacy.ledger import Ledger  # noqa: E402
+from fedfuse.common.privacy.ledger_audit import audit  # noqa: E402
 
 _WRITER = """
 import sys
-from common.privacy.accounting import DpSgdEvent
-from common.privacy.ledger import Ledger
+from fedfuse.common.privacy.accounting import DpSgdEvent
+from fedfuse.common.privacy.ledger import Ledger
 led = Ledger(sys.argv[1])
 for r in range(1, int(sys.argv[3]) + 1):
     led.append(site="s", run_id=sys.argv[2], run_name=sys.argv[2], round=r,

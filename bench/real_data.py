@@ -2,8 +2,8 @@
 
 Run (from the repository, with the venv active):
 
-    python bench/real_data.py --data ../shared/data/pathvqa-yesno --set classes=no,yes
-    python bench/real_data.py --data ../shared/data/pathvqa-yesno --set classes=no,yes \
+    python -m bench.real_data --data ../shared/data/pathvqa-yesno --set classes=no,yes
+    python -m bench.real_data --data ../shared/data/pathvqa-yesno --set classes=no,yes \
         --train-records 300 --epsilons 8 --no-private-baseline   # "small hospitals"
 
 For every seed it runs, each as a user would (the real ``fedfuse simulate`` command: Flower's
@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from simulations.baseline import centralised_baseline, pooled_test_metrics
+from fedfuse.common.config import RunConfig
+from fedfuse.simulations.baseline import centralised_baseline, pooled_test_metrics
 
 FIELDS = [
     "variant",
@@ -198,7 +198,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     from matplotlib import pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from common import plots  # noqa: F401  (selects the headless backend)
+    from fedfuse.common import plots  # noqa: F401  (selects the headless backend)
 
     fed = [r for r in rows if r["variant"] == "federated"]
     eps_values = sorted({float(r["epsilon"]) for r in fed})

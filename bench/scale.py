@@ -1,7 +1,7 @@
 """Scale benchmark: many virtual sites, a sample of them per round, DP on, small model.
 
-    python bench/scale.py                  # 100 sites x 3 rounds, 10 per round
-    python bench/scale.py --sites 1000 --fraction 0.01 --records 20
+    python -m bench.scale                  # 100 sites x 3 rounds, 10 per round
+    python -m bench.scale --sites 1000 --fraction 0.01 --records 20
 
 Prints wall time, seconds per round and per site-round, and the peak resident memory of the
 whole process tree (driver + Ray workers).
@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench._procmem import PeakMemory  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from simulations.runner import simulate  # noqa: E402
-from simulations.scenarios import DataSpec, ensure_data  # noqa: E402
+from fedfuse.common.config import RunConfig  # noqa: E402
+from fedfuse.simulations.runner import simulate  # noqa: E402
+from fedfuse.simulations.scenarios import DataSpec, ensure_data  # noqa: E402
 
 
 def main() -> None:

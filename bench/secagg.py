@@ -1,14 +1,14 @@
 """SecAgg+ overhead per training round: the same round with and without it, side by side.
 
-    python bench/secagg.py                                  # the full grid below (minutes)
-    python bench/secagg.py --sites 5 --sizes 100k --training none
+    python -m bench.secagg                                  # the full grid below (minutes)
+    python -m bench.secagg --sites 5 --sizes 100k --training none
 
 For each number of sites (5, 10, 20), model size (~100k and ~1M parameters: the fusion model
 with 5,120 or 61,440 text buckets) and training mode (``none``: a site returns the global model
 plus a constant step at once; ``dp``: the real fedfuse ClientApp trains with Opacus DP-SGD
 on synthetic sites), it runs ``--rounds`` training rounds of the real strategy
-(``server.strategy.make_strategy``) with ``secagg`` on and off, over the in-process Grid with
-the real ClientApp and ``secaggplus_mod``. Rounds with and without SecAgg+ alternate; a round's
+(``fedfuse.server.strategy.make_strategy``) with ``secagg`` on and off, over the in-process Grid
+with the real ClientApp and ``secaggplus_mod``. Rounds with and without SecAgg+ alternate; a round's
 time is the sites' median training time plus the fastest non-training time measured after the
 first round (see ``alternate``: training time swings several-fold on a shared machine). Two
 times per round:
@@ -23,16 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
@@ -45,13 +41,13 @@ from flwr.app import (  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
-from client.secagg_mod import secaggplus_mod  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from common.models import build_model  # noqa: E402
-from server.rundir import RunDirectory  # noqa: E402
-from server.strategy import make_strategy  # noqa: E402
-from simulations.inprocess import InProcessGrid  # noqa: E402
-from simulations.scenarios import DataSpec, ensure_data  # noqa: E402
+from fedfuse.client.secagg_mod import secaggplus_mod  # noqa: E402
+from fedfuse.common.config import RunConfig  # noqa: E402
+from fedfuse.common.models import build_model  # noqa: E402
+from fedfuse.server.rundir import RunDirectory  # noqa: E402
+from fedfuse.server.strategy import make_strategy  # noqa: E402
+from fedfuse.simulations.inprocess import InProcessGrid  # noqa: E402
+from fedfuse.simulations.scenarios import DataSpec, ensure_data  # noqa: E402
 
 TEXT_BUCKETS = {"100k": 5120, "1m": 61440}
 
@@ -140,7 +136,7 @@ class Setup:
 def client_app_for(training: str) -> ClientApp:
     if training == "dp":
         # fedfuse's own train function (Opacus DP-SGD), behind the same mod as in client/app.py
-        from client.app import train as fedfuse_train
+        from fedfuse.client.app import train as fedfuse_train
 
         app = ClientApp()
         app.train(mods=[secaggplus_mod])(timed(fedfuse_train))
@@ -297,7 +293,7 @@ def measure(
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from simulations.runner import backend_config, quiet_flower
+    from fedfuse.simulations.runner import backend_config, quiet_flower
 
     quiet_flower()
     result: list[tuple[dict[bool, tuple[float, float]], int]] = []

@@ -1,10 +1,10 @@
 """Cost of secure randomness on the default model's DP epoch: keyed torch generators (simulation)
 vs the ChaCha20 generator a deployed site uses (common/privacy/secure_rng.py), side by side.
 
-    PYTHONPATH=. python bench/secure_rng.py [--data DIR] [--site site-0] [--repeats 5]
+    python -m bench.secure_rng [--data DIR] [--site site-0] [--repeats 5]
 
 Trains the default fusion model (run-config defaults, classes no/yes, DP-SGD at epsilon 8) for one
-local epoch through ``client.training.train_round``, as a site does, alternating keyed and
+local epoch through ``fedfuse.client.training.train_round``, as a site does, alternating keyed and
 secure epochs so that machine load hits both alike, on one thread. Prints the median CPU and
 wall time per epoch of each and the secure/keyed ratio (goal: at most 1.10), and the cost of
 the noise alone per step. Default data: a copy of the real PathVQA site (its NOTICE.md asks for
@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -25,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from client.training import plan_site_privacy, train_round  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from common.data.dataset import load_site  # noqa: E402
-from common.models import build_model  # noqa: E402
-from common.privacy.secure_rng import SecureRandom  # noqa: E402
+from fedfuse.client.training import plan_site_privacy, train_round  # noqa: E402
+from fedfuse.common.config import RunConfig  # noqa: E402
+from fedfuse.common.data.dataset import load_site  # noqa: E402
+from fedfuse.common.models import build_model  # noqa: E402
+from fedfuse.common.privacy.secure_rng import SecureRandom  # noqa: E402
 
 warnings.filterwarnings("ignore")
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pathvqa-yesno"

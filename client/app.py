@@ -1,4 +1,5 @@
-"""The fedfuse ClientApp: wiring only; the logic is in client.training and client.site."""
+"""The fedfuse ClientApp: wiring only; the logic is in fedfuse.client.training and
+fedfuse.client.site."""
 
 from __future__ import annotations
 
@@ -20,28 +21,40 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client import ddp
-from client.budget import RoundRefused, SiteLedger, model_hash, privacy_metrics, resolve_budget
-from client.secagg_mod import check_local_update, make_secaggplus_mod, secaggplus_mod
-from client.site import SiteInfo, manifest_digest, resolve_site, site_data
-from client.training import PrivacyPlan, limit_threads, pick_device, train_round
-from client.wire import (
+from fedfuse.client import distributed_dp
+from fedfuse.client.budget import (
+    RoundRefused,
+    SiteLedger,
+    model_hash,
+    privacy_metrics,
+    resolve_budget,
+)
+from fedfuse.client.secagg_mod import check_local_update, make_secaggplus_mod, secaggplus_mod
+from fedfuse.client.site import SiteInfo, manifest_digest, resolve_site, site_data
+from fedfuse.client.training import PrivacyPlan, limit_threads, pick_device, train_round
+from fedfuse.client.wire import (
     contain_errors,
     log_evaluation,
     log_training,
     public_reason,
     shares_site_metrics,
 )
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, eval_sums, evaluate_site
-from common.models import build_model
-from common.privacy.accounting import epsilon_from_events
-from common.privacy.client_dp import clip_update_
-from common.privacy.refusal import Refusal
-from common.privacy.secure_rng import SecureRandom
-from common.privacy.site_secret import load_or_create_secret, round_seed
-from common.secagg.ddp import ROUND_KEY, VECTOR_KEY
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.evaluation import (
+    EVAL_SUMS_ARRAY,
+    EVAL_SUMS_KEY,
+    EvalLayout,
+    eval_sums,
+    evaluate_site,
+)
+from fedfuse.common.models import build_model
+from fedfuse.common.privacy.accounting import epsilon_from_events
+from fedfuse.common.privacy.client_level_dp import clip_update_
+from fedfuse.common.privacy.refusal import Refusal
+from fedfuse.common.privacy.secure_rng import SecureRandom
+from fedfuse.common.privacy.site_secret import load_or_create_secret, round_seed
+from fedfuse.common.secagg.distributed_dp import ROUND_KEY, VECTOR_KEY
 
 app = ClientApp()
 
@@ -150,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
     budget = resolve_budget(dict(context.node_config), site.data_path)
     # Distributed DP: the round's mechanism (raises if SecAgg+ is off or the sum could wrap).
     ddp_round = (
-        ddp.site_round(msg, cfg, {k: v.numpy() for k, v in global_state.items()})
+        distributed_dp.site_round(msg, cfg, {k: v.numpy() for k, v in global_state.items()})
         if cfg.distributed_dp
         else None
     )
@@ -233,7 +246,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if ddp_round is not None:
         # The noised integer vector the SecAgg+ mod masks (the model itself never leaves).
-        content.array_records[VECTOR_KEY] = ddp.noisy_vector(
+        content.array_records[VECTOR_KEY] = distributed_dp.noisy_vector(
             {k: v.numpy() for k, v in state.items()},
             {k: v.numpy() for k, v in global_state.items()},
             ddp_round,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import tomllib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,16 +27,11 @@ from typing import Any
 
 import torch
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-from client.training import PrivacyPlan, RoundResult, batches_per_epoch
-from common.config import RunConfig
-from common.errors import ConfigError, FedfuseError, PrivacyBudgetExhaustedError
-from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
-from common.privacy.anchor import (
+from fedfuse.client.training import PrivacyPlan, RoundResult, batches_per_epoch
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError, FedfuseError, PrivacyBudgetExhaustedError
+from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from fedfuse.common.privacy.anchor import (
     ANCHOR_NAME,
     HEAD_META,
     LedgerHead,
@@ -44,16 +40,16 @@ from common.privacy.anchor import (
     read_head,
     write_head,
 )
-from common.privacy.ddgauss import DdgEvent
-from common.privacy.ledger import (
+from fedfuse.common.privacy.ddgauss import DdgEvent
+from fedfuse.common.privacy.ledger import (
     LEDGER_ACCOUNTANT,
     Ledger,
     LedgerEntry,
     LedgerError,
     cumulative_epsilon,
 )
-from common.privacy.refusal import PRIVACY_REFUSAL_CODE, Refusal
-from common.privacy.site_secret import (
+from fedfuse.common.privacy.refusal import PRIVACY_REFUSAL_CODE, Refusal
+from fedfuse.common.privacy.site_secret import (
     SECRET_NAME,
     SiteSecretError,
     existing_secret,

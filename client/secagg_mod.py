@@ -48,11 +48,11 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
-from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
-from common.privacy.refusal import Refusal
-from common.secagg import crypto, ddp, masking
-from common.secagg.params import RoundParams
-from common.secagg.protocol import (
+from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
+from fedfuse.common.privacy.refusal import Refusal
+from fedfuse.common.secagg import crypto, distributed_dp, masking
+from fedfuse.common.secagg.params import RoundParams
+from fedfuse.common.secagg.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     INS,
@@ -332,8 +332,8 @@ def _collect_masked_vector(
     if ARRAYS_KEY not in msg.content.array_records:
         raise KeyError(f"SecAgg+ collect: the server's message lacks the model '{ARRAYS_KEY}'")
     global_arrays = msg.content.array_records[ARRAYS_KEY]
-    # Distributed DP sizes each site's noise share by these (client/ddp.py).
-    msg.content.config_records[ddp.ROUND_KEY] = ConfigRecord(
+    # Distributed DP sizes each site's noise share by these (client/distributed_dp.py).
+    msg.content.config_records[distributed_dp.ROUND_KEY] = ConfigRecord(
         {
             "threshold": params.threshold,
             "sample-num": params.sample_num,
@@ -380,15 +380,20 @@ def _collect_masked_vector(
             params.max_weight,
             params.max_weight,
         )
-    noisy = content.array_records.get(ddp.VECTOR_KEY)
+    noisy = content.array_records.get(distributed_dp.VECTOR_KEY)
     dp_level = (
         str(msg.content.config_records[CONFIG_KEY].get("dp-level", ""))
         if (CONFIG_KEY in msg.content.config_records)
         else ""
     )
     if noisy is not None:
-        # Distributed DP: the site already noised its update (client/ddp.py); mask that.
-        vec, clipped = ddp.to_modular(noisy[ddp.VECTOR_ARRAY].numpy(), params.modulus_range), 0
+        # Distributed DP: the site already noised its update (client/distributed_dp.py); mask that.
+        vec, clipped = (
+            distributed_dp.to_modular(
+                noisy[distributed_dp.VECTOR_ARRAY].numpy(), params.modulus_range
+            ),
+            0,
+        )
     elif "distributed" in dp_level:
         reason = f"dp-level {dp_level!r} but the training reply holds no noised vector"
         log(WARNING, "SecAgg+: not uploading this round's update: %s", reason)
@@ -469,7 +474,7 @@ def _collect_eval_sums(
         log(WARNING, "SecAgg+: not uploading this round's evaluation: %s", reason)
         out.config_records[RECORD_KEY] = ConfigRecord({Key.REFUSED: reason})
         return out
-    masked = _mask(state, ddp.to_modular(vec, params.modulus_range))
+    masked = _mask(state, distributed_dp.to_modular(vec, params.modulus_range))
     out.array_records[MASKED_KEY] = ArrayRecord({MASKED_ARRAY: Array(masked)})
     out.config_records[RECORD_KEY] = ConfigRecord({})
     return out

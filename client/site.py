@@ -1,4 +1,4 @@
-"""Where a site's data lives (its privacy state lives in its ledger: client.budget).
+"""Where a site's data lives (its privacy state lives in its ledger: fedfuse.client.budget).
 
 In deployment the SuperNode's node config names the folder (``data-path``) and the site
 (``site-name``). In simulation, virtual node ``partition-id`` uses the partition-id-th folder
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.data.dataset import SiteDataset, data_signature, load_site
-from common.data.manifest import Manifest
-from common.errors import ConfigError
+from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import SiteDataset, data_signature, load_site
+from fedfuse.common.data.manifest import Manifest
+from fedfuse.common.errors import ConfigError
 
 
 def simulation_site_dirs(data_dir: str | Path) -> list[Path]:

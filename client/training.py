@@ -17,11 +17,11 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common.config import RunConfig
-from common.models.objectives import make_criterion, modality_dropout
-from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
-from common.privacy.bookkeeping import make_private_bookkeeping
-from common.privacy.secure_rng import SecureDPDataLoader, SecureRandom, use_secure_noise
+from fedfuse.common.config import RunConfig
+from fedfuse.common.models.objectives import make_criterion, modality_dropout
+from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from fedfuse.common.privacy.bookkeeping import make_private_bookkeeping
+from fedfuse.common.privacy.secure_rng import SecureDPDataLoader, SecureRandom, use_secure_noise
 
 # Opacus' ghost clipping runs two backward passes through hooks that warn on every step. Not
 # actionable for a site; silence exactly those messages. (Its "Secure RNG turned off" warning is

@@ -54,7 +54,7 @@ def site_label(msg: Message, ctxt: Context) -> str | None:
         return Path(str(node["data-path"])).name
     config = msg.content.config_records.get("config") if msg.has_content() else None
     if config is not None and "partition-id" in node and config.get("data-dir"):
-        from client.site import simulation_site_dirs  # the simulation's site folders
+        from fedfuse.client.site import simulation_site_dirs  # the simulation's site folders
 
         try:
             dirs = simulation_site_dirs(str(config["data-dir"]))

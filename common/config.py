@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from common.errors import ConfigError
-from common.secagg.params import SecAggSettings
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.secagg.params import SecAggSettings
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ class RunConfig:
     # Client-level DP: L2 bound of a site's update, and noise std on the sum as a multiple of it.
     client_clip_norm: float = 1.0
     client_noise_multiplier: float = 1.0
-    # Distributed DP (dp-level distributed / record+distributed, common/secagg/ddp.py): the
-    # clipped update's L2 bound in integer units (finer rounding as it grows, until the noisy
+    # Distributed DP (dp-level distributed / record+distributed, common/secagg/distributed_dp.py):
+    # the clipped update's L2 bound in integer units (finer rounding as it grows, until the noisy
     # sum could wrap around modulus-range), and the conditional-rounding failure probability.
     ddp_norm_units: int = 4096
     ddp_beta: float = 0.5
@@ -90,7 +90,8 @@ class RunConfig:
     # must be the same); "" starts a new run.
     resume_from: str = ""
     # Secure aggregation (SecAgg+): the server sees only the masked sum of the sites' updates.
-    # The keys below are checked by common.secagg.params.SecAggSettings, which explains them.
+    # The keys below are checked by fedfuse.common.secagg.params.SecAggSettings, which explains
+    # them.
     secagg: bool = True
     num_shares: int = 0
     reconstruction_threshold: int = 0
@@ -237,12 +238,13 @@ class RunConfig:
 
     @property
     def client_level_dp(self) -> bool:
-        """Central client-level DP: the server adds the noise (server/client_dp.py)."""
-        return self.dp_level in ("client", "both")
+        """Central client-level DP: the server adds the noise (server/client_level_dp.py)."""
+        return self.dp_level in ("client", "record+client")
 
     @property
     def distributed_dp(self) -> bool:
-        """Client-level DP whose noise the sites add inside SecAgg+ (common/secagg/ddp.py)."""
+        """Client-level DP whose noise the sites add inside SecAgg+
+        (common/secagg/distributed_dp.py)."""
         return self.dp_level in ("distributed", "record+distributed")
 
     @classmethod
@@ -267,7 +269,7 @@ class RunConfig:
 
 
 KNOWN_MODALITIES = ("image", "report", "audio", "tabular")
-DP_LEVELS = ("record", "client", "both", "distributed", "record+distributed")
+DP_LEVELS = ("record", "client", "record+client", "distributed", "record+distributed")
 
 
 def _check_modalities(cfg: RunConfig) -> None:

@@ -5,8 +5,8 @@ that SecAgg+ adds up with the other sites' before the server sees it: record cou
 correct predictions, per-class histograms of the scores over a fixed public binning (with every
 modality, and with each one hidden), and the fusion head's weight sums. The federation's loss,
 accuracy, AUROC and modality contributions follow from the sum alone (:func:`decode_sums`); the
-pooled AUROC to the histogram's resolution (``common.metrics.histogram_auroc``). The site's own
-figures (:func:`evaluate_site`) stay in its local log unless it opts in to share them.
+pooled AUROC to the histogram's resolution (``fedfuse.common.metrics.histogram_auroc``). The site's
+own figures (:func:`evaluate_site`) stay in its local log unless it opts in to share them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from common.config import RunConfig
-from common.explain import contribution_metrics, modality_contributions
-from common.metrics import SCORE_BINS, evaluate, histogram_auroc, predict, score_bins
+from fedfuse.common.config import RunConfig
+from fedfuse.common.explain import contribution_metrics, modality_contributions
+from fedfuse.common.metrics import SCORE_BINS, evaluate, histogram_auroc, predict, score_bins
 
 # Fixed-point scale of the loss and weight sums, and the per-record loss cap: public constants,
 # so every site's vector has the same meaning and a bound a site can check against the modulus.
@@ -135,7 +135,7 @@ def decode_sums(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
     The same keys as :func:`evaluate_site` (``eval-auroc-<class>`` for multi-class or
     multi-label tasks), plus ``eval-auroc-resolution``: how far any pooled AUROC here (with
     every modality or one hidden) can be from that of the raw scores
-    (``common.metrics.histogram_auroc``).
+    (``fedfuse.common.metrics.histogram_auroc``).
     """
     total = np.asarray(total, dtype=np.int64)
     if total.shape != (layout.length,):
@@ -183,8 +183,8 @@ def evaluate_site(
     """This site's own figures, computed in the clear (its local log; shared only on opt-in):
     ``num-examples``, ``eval-loss``, ``eval-accuracy``, ``eval-auroc`` (plus
     ``eval-auroc-<class>`` for multi-class / multi-label tasks) and the per-modality
-    contributions of :mod:`common.explain`. Every key is always present (NaN where undefined),
-    so that every site reports the same keys."""
+    contributions of :mod:`fedfuse.common.explain`. Every key is always present (NaN where
+    undefined), so that every site reports the same keys."""
     model = model.to(device)
     res = evaluate(
         model, dataset, device=device, multi_label=cfg.multi_label, class_names=cfg.class_names

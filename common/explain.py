@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.metrics import predict, scores
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.metrics import predict, scores
 
 
 def modality_contributions(
@@ -115,8 +115,8 @@ def explain_run(
         ConfigError: the run directory lacks config.json or model.pt, or ``split`` is unknown.
         DataValidationError: the site folder is not valid for the run's config.
     """
-    from common.data.dataset import load_site
-    from common.models import build_model
+    from fedfuse.common.data.dataset import load_site
+    from fedfuse.common.models import build_model
 
     run_dir = Path(run_dir)
     cfg_file, model_file = run_dir / "config.json", run_dir / "model.pt"

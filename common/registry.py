@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from common.errors import ConfigError
+from fedfuse.common.errors import ConfigError
 
 T = TypeVar("T")
 

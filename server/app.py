@@ -1,4 +1,5 @@
-"""The fedfuse ServerApp: wiring only; the logic is in server.strategy and server.rundir."""
+"""The fedfuse ServerApp: wiring only; the logic is in fedfuse.server.strategy and
+fedfuse.server.rundir."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from common.models import build_model
-from server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
-from server.privacy_report import FederationStopped
-from server.rundir import RoundCallback, RunDirectory
-from server.strategy import make_strategy
+from fedfuse.common.config import RunConfig
+from fedfuse.common.models import build_model
+from fedfuse.server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
+from fedfuse.server.privacy_report import FederationStopped
+from fedfuse.server.rundir import RoundCallback, RunDirectory
+from fedfuse.server.strategy import make_strategy
 
 
 def run_federation(

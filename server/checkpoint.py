@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from common.config import RunConfig
-from common.errors import ConfigError
-from server.rundir import RunDirectory
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
+from fedfuse.server.rundir import RunDirectory
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -13,8 +13,8 @@ from typing import Any
 
 from flwr.app import Message
 
-from common.errors import FedfuseError
-from common.privacy.refusal import find_refusal, parse_refusal
+from fedfuse.common.errors import FedfuseError
+from fedfuse.common.privacy.refusal import find_refusal, parse_refusal
 
 
 class FederationStopped(FedfuseError):

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.explain import contribution_markdown
-from common.jsonsafe import jsonable
-from common.privacy.ledger import LEDGER_ACCOUNTANT
-from server.privacy_report import site_privacy
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.explain import contribution_markdown
+from fedfuse.common.jsonsafe import jsonable
+from fedfuse.common.privacy.ledger import LEDGER_ACCOUNTANT
+from fedfuse.server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -132,7 +132,7 @@ class RunDirectory:
         (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
 
     def _plots(self) -> None:
-        from common import plots
+        from fedfuse.common import plots
 
         if not self.rounds:
             return

@@ -28,12 +28,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.errors import ConfigError
-from common.privacy.refusal import Refusal, find_refusal
-from common.secagg import crypto, masking
-from common.secagg import ddp as ddp_mech
-from common.secagg.params import RoundParams, SecAggSettings
-from common.secagg.protocol import (
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.privacy.refusal import Refusal, find_refusal
+from fedfuse.common.secagg import crypto, masking
+from fedfuse.common.secagg import distributed_dp as ddp_mech
+from fedfuse.common.secagg.params import RoundParams, SecAggSettings
+from fedfuse.common.secagg.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     MASKED_ARRAY,
@@ -46,9 +46,9 @@ from common.secagg.protocol import (
     Stage,
     check_record,
 )
-from server.ddp import DistributedDp, make_distributed_dp
-from server.privacy_report import FederationStopped, named_site, note_error, note_ledger
-from server.strategy import EvalRound, site_name
+from fedfuse.server.distributed_dp import DistributedDp, make_distributed_dp
+from fedfuse.server.privacy_report import FederationStopped, named_site, note_error, note_ledger
+from fedfuse.server.strategy import EvalRound, site_name
 
 
 @dataclass

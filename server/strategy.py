@@ -19,17 +19,17 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, decode_sums
-from server.checkpoint import save_checkpoint
-from server.client_dp import make_client_dp
-from server.privacy_report import (
+from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, decode_sums
+from fedfuse.server.checkpoint import save_checkpoint
+from fedfuse.server.client_level_dp import make_client_dp
+from fedfuse.server.privacy_report import (
     FederationStopped,
     named_site,
     note_error,
     note_ledger,
     stop_reason,
 )
-from server.rundir import RoundCallback, RunDirectory
+from fedfuse.server.rundir import RoundCallback, RunDirectory
 
 
 def site_name(msg: Message) -> str:
@@ -357,8 +357,8 @@ def make_strategy(
         extra["eta"] = cfg.server_learning_rate
     cls = STRATEGIES[cfg.strategy]
     if cfg.secagg:  # the strategy then only ever holds the masked sum (server/secagg.py)
-        from common.secagg import SecAggSettings
-        from server.secagg import secagg_variant
+        from fedfuse.common.secagg import SecAggSettings
+        from fedfuse.server.secagg import secagg_variant
 
         cls = secagg_variant(cls, SecAggSettings.from_run_config(cfg))
     return cls(run_dir=run_dir, on_round=on_round, **common, **extra)

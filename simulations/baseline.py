@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from client.site import simulation_site_dirs
-from client.training import pick_device, train_round
-from common.config import RunConfig
-from common.data.dataset import load_site
-from common.metrics import evaluate
-from common.models import build_model
+from fedfuse.client.site import simulation_site_dirs
+from fedfuse.client.training import pick_device, train_round
+from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import load_site
+from fedfuse.common.metrics import evaluate
+from fedfuse.common.models import build_model
 
 
 def _splits(cfg: RunConfig, num_sites: int | None) -> tuple[list[Dataset], list[Dataset]]:

@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.data.manifest import csv_safe
-from simulations.baseline import centralised_baseline, pooled_test_metrics
-from simulations.runner import simulate
+from fedfuse.common.config import RunConfig
+from fedfuse.common.data.manifest import csv_safe
+from fedfuse.simulations.baseline import centralised_baseline, pooled_test_metrics
+from fedfuse.simulations.runner import simulate
 
 Progress = Callable[[str], None]
 FIELDS = [
@@ -117,7 +117,7 @@ def utility_vs_epsilon(
 def plot_utility_vs_epsilon(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from common import plots  # noqa: F401  (selects the headless backend)
+    from fedfuse.common import plots  # noqa: F401  (selects the headless backend)
 
     fed = [r for r in rows if r["variant"] == "federated"]
     eps_values = sorted({float(r["epsilon"]) for r in fed})
@@ -156,7 +156,7 @@ def plot_utility_vs_epsilon(rows: list[dict[str, Any]], path: Path) -> Path:
 def fusion_variants() -> list[tuple[str, dict[str, Any]]]:
     """One variant per registered fusion head, plus single-modality variants when the run
     config can select modalities."""
-    from common.models import FUSION_HEADS
+    from fedfuse.common.models import FUSION_HEADS
 
     variants = [(f"fusion:{h}", {"fusion": h}) for h in FUSION_HEADS.names()]
     if "modalities" in RunConfig().to_mapping():
@@ -208,7 +208,7 @@ def fusion_comparison(
 def plot_fusion(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from common import plots  # noqa: F401
+    from fedfuse.common import plots  # noqa: F401
 
     names = list(dict.fromkeys(r["variant"] for r in rows))
     means = [statistics.fmean(float(r["auroc"]) for r in rows if r["variant"] == n) for n in names]

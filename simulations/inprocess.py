@@ -149,21 +149,21 @@ def federate_in_process(
     *,
     num_sites: int,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    verbose: bool = False,  # noqa: ARG001  (the signature of simulations.runner.simulate)
+    verbose: bool = False,  # noqa: ARG001  (the signature of fedfuse.simulations.runner.simulate)
 ) -> Any:
     """Run the federation of ``cfg`` over ``num_sites`` sites in this process, one after another
     (the real ServerApp logic and ClientApp over :class:`InProcessGrid`); the run directory.
 
-    What ``simulations.runner.simulate`` does without Ray: for tests that plant a fault in this
-    process (tests/faults.py), which Ray's worker processes would not see.
+    What ``fedfuse.simulations.runner.simulate`` does without Ray: for tests that plant a fault in
+    this process (tests/support/faults.py), which Ray's worker processes would not see.
     """
     from pathlib import Path
 
-    from client.app import app as client_app
-    from client.site import simulation_site_dirs
-    from server.app import run_federation
-    from server.rundir import RunDirectory
-    from simulations.runner import check_run_status, validate_sites
+    from fedfuse.client.app import app as client_app
+    from fedfuse.client.site import simulation_site_dirs
+    from fedfuse.server.app import run_federation
+    from fedfuse.server.rundir import RunDirectory
+    from fedfuse.simulations.runner import check_run_status, validate_sites
 
     validate_sites(simulation_site_dirs(cfg.data_dir)[:num_sites], cfg)
     if num_sites < cfg.min_sites:

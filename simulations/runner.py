@@ -10,10 +10,10 @@ import os
 import warnings
 from pathlib import Path
 
-from common.config import RunConfig
-from common.data.dataset import manifest_for
-from common.errors import ConfigError, DataValidationError, FedfuseError
-from server.rundir import RoundCallback, new_run_id
+from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import manifest_for
+from fedfuse.common.errors import ConfigError, DataValidationError, FedfuseError
+from fedfuse.server.rundir import RoundCallback, new_run_id
 
 
 class FederationFailedError(FedfuseError):
@@ -29,7 +29,7 @@ def quiet_flower() -> None:
 
 def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
     """Validate every site folder before anything trains; one error lists every problem."""
-    from common.data.check import check_trainable
+    from fedfuse.common.data.check import check_trainable
 
     problems: list[str] = []
     for d in site_dirs:
@@ -122,8 +122,8 @@ def simulate(
 
     Returns the run directory. Leaves no process behind (Ray is shut down at the end).
     """
-    from client.site import simulation_site_dirs
-    from common.data.dataset import load_site  # noqa: F401  (import errors surface early)
+    from fedfuse.client.site import simulation_site_dirs
+    from fedfuse.common.data.dataset import load_site  # noqa: F401  (import errors surface early)
 
     quiet_flower()
     dirs = simulation_site_dirs(cfg.data_dir)
@@ -139,8 +139,8 @@ def simulate(
 
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import make_server_app
+    from fedfuse.client.app import app as client_app
+    from fedfuse.server.app import make_server_app
 
     run_id = new_run_id(cfg)
     run_dir = Path(cfg.out_dir) / run_id

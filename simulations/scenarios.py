@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.errors import ConfigError
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -150,7 +150,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
 
 def ensure_data(spec: DataSpec, *, seed: int, root: Path = Path("data")) -> Path:
     """Generate the scenario's synthetic sites once; reuse them when already there."""
-    from common.data.synthetic import generate
+    from fedfuse.common.data.synthetic import generate
 
     out = root / spec.folder_name(seed)
     done = out / ".complete"

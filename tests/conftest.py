@@ -9,8 +9,8 @@ import pytest
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 
-from common.config import RunConfig  # noqa: E402
-from common.data.synthetic import generate  # noqa: E402
+from fedfuse.common.config import RunConfig  # noqa: E402
+from fedfuse.common.data.synthetic import generate  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """A ServerApp for the deployment test: fedfuse's own ServerApp over a Grid that writes down
 every message the server receives (``<out-dir>/received.jsonl``), as the strategy and the
-SecAgg+ workflow get it. Test code only: ``tests/test_deploy.py`` runs it in place of
-``server.app:app`` from a copy of the project."""
+SecAgg+ workflow get it. Test code only: ``tests/deploy/test_deploy.py`` runs it in place of
+``fedfuse.server.app:app`` from a copy of the project."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from server.app import run_federation
-from server.checkpoint import open_run
+from fedfuse.common.config import RunConfig
+from fedfuse.server.app import run_federation
+from fedfuse.server.checkpoint import open_run
 
 
 def describe(msg: Message) -> dict[str, Any]:

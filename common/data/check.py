@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from common.data.manifest import SPLITS, Manifest, load_manifest
-from common.errors import DataValidationError
+from fedfuse.common.data.manifest import SPLITS, Manifest, load_manifest
+from fedfuse.common.errors import DataValidationError
 
 
 def check_site(

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from common.config import RunConfig
-from common.data.manifest import Manifest, Record, load_manifest
-from common.data.modalities import ModalityInput, build_inputs
+from fedfuse.common.config import RunConfig
+from fedfuse.common.data.manifest import Manifest, Record, load_manifest
+from fedfuse.common.data.modalities import ModalityInput, build_inputs
 
 
 class LabelEncoder:

@@ -17,7 +17,6 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 # Fixed normalisation constants, the same at every site: statistics computed from site data
 # would either have to be shared (a leak) or differ between sites (a shift).
 NORM_MEAN, NORM_STD = 0.5, 0.5

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data.audio import check_audio
-from common.data.images import check_image
-from common.errors import DataValidationError
+from fedfuse.common.data.audio import check_audio
+from fedfuse.common.data.images import check_image
+from fedfuse.common.errors import DataValidationError
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 MODALITIES = ("image", "report", "audio", "tabular")

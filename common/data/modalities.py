@@ -14,12 +14,17 @@ from typing import Protocol
 
 import torch
 
-from common.config import RunConfig
-from common.data.audio import AudioFeatures
-from common.data.images import load_grayscale, normalise, to_model_tensor, train_augmentation
-from common.data.manifest import Manifest, Record
-from common.data.tabular import TabularScaler
-from common.data.tokenizer import HashingTokenizer
+from fedfuse.common.config import RunConfig
+from fedfuse.common.data.audio import AudioFeatures
+from fedfuse.common.data.images import (
+    load_grayscale,
+    normalise,
+    to_model_tensor,
+    train_augmentation,
+)
+from fedfuse.common.data.manifest import Manifest, Record
+from fedfuse.common.data.tabular import TabularScaler
+from fedfuse.common.data.tokenizer import HashingTokenizer
 
 
 class ModalityInput(Protocol):
@@ -126,10 +131,6 @@ def audio_features(cfg: RunConfig) -> AudioFeatures:
         kind=cfg.audio_features,
         bins=cfg.audio_bins,
     )
-
-
-def tabular_input_dim(cfg: RunConfig) -> int:
-    return 2 * len(cfg.tabular_names)
 
 
 def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...]:

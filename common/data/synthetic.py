@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.privacy.site_secret import write_synthetic_secret
+from fedfuse.common.privacy.site_secret import write_synthetic_secret
 
 CLASSES = ("no_finding", "pneumonia")
 MODALITIES = ("image", "report", "audio", "tabular")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.config import tabular_ranges_required
-from common.errors import ConfigError
+from fedfuse.common.config import tabular_ranges_required
+from fedfuse.common.errors import ConfigError
 
 # Scaled values are clipped: one extreme lab value must not dominate a record's gradient.
 CLIP = 5.0

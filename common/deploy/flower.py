@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from common.errors import ConfigError
+from fedfuse.common.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedfuse.common.errors import ConfigError
 
 DEFAULT_SUPERLINK_PORT = 9092
 DEFAULT_SUPERNODE_RUNTIME_PORT = 9094

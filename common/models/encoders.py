@@ -3,7 +3,7 @@
 Every encoder must pass ``opacus.validators.ModuleValidator.validate`` (no BatchNorm: it mixes
 samples of a batch, which breaks per-sample gradients; GroupNorm instead). Layers with an
 Opacus norm sampler (Linear, Embedding / :class:`GhostEmbedding`) are ghost-clipped; convolutions
-and norms fall back to per-sample-gradient hooks (see :mod:`common.models.dp_layers`).
+and norms fall back to per-sample-gradient hooks (see :mod:`fedfuse.common.models.dp_layers`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from common.data.tokenizer import PAD_ID
-from common.errors import ConfigError
-from common.models.dp_layers import DPConv2d, GhostEmbedding
-from common.registry import Registry
+from fedfuse.common.data.tokenizer import PAD_ID
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.models.dp_layers import DPConv2d, GhostEmbedding
+from fedfuse.common.registry import Registry
 
 IMAGE_ENCODERS: Registry[nn.Module] = Registry("image encoder")
 TEXT_ENCODERS: Registry[nn.Module] = Registry("text encoder")

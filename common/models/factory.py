@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.models.encoders import (
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.models.encoders import (
     AUDIO_ENCODERS,
     IMAGE_ENCODERS,
     TABULAR_ENCODERS,
     TEXT_ENCODERS,
 )
-from common.models.fusion import FUSION_HEADS, FusionModel
+from fedfuse.common.models.fusion import FUSION_HEADS, FusionModel
 
 
 def build_encoder(modality: str, cfg: RunConfig) -> nn.Module:

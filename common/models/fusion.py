@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.models.dp_layers import GhostEmbedding
-from common.registry import Registry
+from fedfuse.common.models.dp_layers import GhostEmbedding
+from fedfuse.common.registry import Registry
 
 FUSION_HEADS: Registry[nn.Module] = Registry("fusion head")
 NEG = -1e4  # "minus infinity" that keeps fully-masked rows finite

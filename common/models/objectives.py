@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.config import RunConfig
+from fedfuse.common.config import RunConfig
 
 
 class MultiLabelLoss(nn.Module):

@@ -1,6 +1,6 @@
 """Privacy maths (pure functions), privacy events, and the stateful objects built on them."""
 
-from common.privacy.accounting import (
+from fedfuse.common.privacy.accounting import (
     DpSgdEvent,
     epsilon_from_events,
     plan_noise_multiplier,

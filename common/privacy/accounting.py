@@ -20,7 +20,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.privacy.ddgauss import DdgEvent, epsilon_from_rdp, orders_for
+from fedfuse.common.privacy.ddgauss import DdgEvent, epsilon_from_rdp, orders_for
 
 ACCOUNTANTS = ("prv", "rdp")
 

@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedfuseError
-from common.privacy.ledger import GENESIS_HASH, Ledger, LedgerEntry, LedgerError
-from common.privacy.site_secret import SECRET_NAME, ledger_key, load_or_create_secret_file
+from fedfuse.common.errors import FedfuseError
+from fedfuse.common.privacy.ledger import GENESIS_HASH, Ledger, LedgerEntry, LedgerError
+from fedfuse.common.privacy.site_secret import SECRET_NAME, ledger_key, load_or_create_secret_file
 
 ANCHOR_NAME = "ledger-head"
 # Set in the ledger's meta table, to the head file's path, once a head was written: a head

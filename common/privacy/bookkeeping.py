@@ -10,8 +10,8 @@ layer by layer, with no second backward:
 
 - ``nn.Linear``: ghost norms (``|a|^2 |g|^2``, or the Gram form for sequences); the clipped sum is
   ``(c g)^T a``.
-- ``nn.Embedding`` (and :class:`~common.models.dp_layers.GhostEmbedding`): norms from one 1-D
-  ``unique``; the clipped sum is an ``index_add`` of the re-weighted output gradients.
+- ``nn.Embedding`` (and :class:`~fedfuse.common.models.dp_layers.GhostEmbedding`): norms from one
+  1-D ``unique``; the clipped sum is an ``index_add`` of the re-weighted output gradients.
 - ``nn.Conv2d`` (groups 1, zero padding): per-record weight gradients (DPConv2d's grouped
   backward) in chunks of records, reduced to norms and, when small, kept for the clipped sum
   ``c @ grads``; otherwise one weight-only convolution backward on the re-weighted gradients.
@@ -22,8 +22,9 @@ layer by layer, with no second backward:
 
 The coefficients are Opacus' own (``min(1, C / (norm + 1e-6))``) and noise, scaling and
 accounting stay with Opacus' ``DPOptimizerFastGradientClipping``, so a step is the same DP-SGD
-step as Opacus' ghost or hooks mode (tested against hooks mode in tests/test_bookkeeping.py).
-Parameter tying (a layer called twice in one forward) is rejected.
+step as Opacus' ghost or hooks mode (tested against hooks mode in
+tests/common/privacy/test_bookkeeping.py). Parameter tying (a layer called twice in one forward) is
+rejected.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from torch import nn
 
-from common.models.dp_layers import conv_weight_grad, dp_conv2d_grad_sample
+from fedfuse.common.models.dp_layers import conv_weight_grad, dp_conv2d_grad_sample
 
 # Per-record gradients of a generic layer up to this many elements are kept between the norm
 # pass and the clipped sum; larger ones are recomputed (bounded memory for wide layers).

@@ -5,7 +5,7 @@ multiplier, sampling rate, steps, clipping norm, delta), together with the site'
 epsilon over ALL entries (every run on this data), the budget in force, a hash of the global
 model the round started from, and a SHA-256 chain hash over the previous entry's hash and this
 entry's content. Epsilon is always recomputable from the stored events
-(:func:`common.privacy.accounting.epsilon_from_events`).
+(:func:`fedfuse.common.privacy.accounting.epsilon_from_events`).
 
 Appends run in ``BEGIN IMMEDIATE`` transactions: the read of the chain head, the epsilon
 computed over every earlier event, the budget check and the insert are one atomic step, so two
@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common.errors import FedfuseError, PrivacyBudgetExhaustedError
-from common.privacy.accounting import DpSgdEvent, epsilon_from_events
-from common.privacy.ddgauss import MECHANISM as DDGAUSS
-from common.privacy.ddgauss import DdgEvent
+from fedfuse.common.errors import FedfuseError, PrivacyBudgetExhaustedError
+from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events
+from fedfuse.common.privacy.ddgauss import MECHANISM as DDGAUSS
+from fedfuse.common.privacy.ddgauss import DdgEvent
 
 SCHEMA_VERSION = "2"  # 2: entries have an attempt number
 GENESIS_HASH = "0" * 64
@@ -41,9 +41,9 @@ DP_SGD = "poisson-sampled-gaussian"
 # Training without noise (a non-private baseline): epsilon is infinite from then on.
 NON_PRIVATE = "none"
 MECHANISMS = (DP_SGD, NON_PRIVATE)
-# Distributed DP (common/secagg/ddp.py) writes its event's full parameters into the mechanism,
-# "distributed-discrete-gaussian[sites>=T,dim=...,sensitivity=...,local-std=...,...]", the
-# assumption (at least T sites' noise in every sum) included. With DP-SGD in the same round
+# Distributed DP (common/secagg/distributed_dp.py) writes its event's full parameters into the
+# mechanism, "distributed-discrete-gaussian[sites>=T,dim=...,sensitivity=...,local-std=...,...]",
+# the assumption (at least T sites' noise in every sum) included. With DP-SGD in the same round
 # ("record+distributed") the entry is "poisson-sampled-gaussian+distributed-...[...]": its
 # numbers are the DP-SGD event, which alone bounds the site's record-level epsilon (the
 # distributed noise is post-processing of DP-SGD's output, and its guarantee is conditional).

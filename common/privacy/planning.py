@@ -3,7 +3,7 @@
 :func:`plan_training` is deterministic: the same record counts, budget and fixed keys give the
 same plan. It chooses the run-config keys in :data:`PLANNED_KEYS` that the user left unset or
 set to ``auto`` (a key the user set is kept), then computes, with the sites' own calibration
-(:func:`common.privacy.accounting.plan_noise_multiplier`, the call ``SiteLedger._new_plan``
+(:func:`fedfuse.common.privacy.accounting.plan_noise_multiplier`, the call ``SiteLedger._new_plan``
 makes before a site's first round), the noise multiplier each site will draw and the epsilon
 it will end the run at. The rules follow the measurements on real data in
 docs/BENCHMARKS.md#real-data-pathvqa (De et al. 2022, arXiv:2204.13650; Sander et al. 2023,
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import DataValidationError
-from common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from fedfuse.common.errors import DataValidationError
+from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
 
 AUTO = "auto"
 # The run-config keys the planner chooses (kebab-case, as in [tool.flwr.app.config]).
@@ -127,7 +127,7 @@ def plan_training(
     sites = []
     for site in sorted(record_counts):
         n = record_counts[site]
-        per_epoch = max(1, math.ceil(n / batch))  # client.training.batches_per_epoch
+        per_epoch = max(1, math.ceil(n / batch))  # fedfuse.client.training.batches_per_epoch
         q = 1.0 / per_epoch
         steps = per_epoch * epochs * rounds
         if not private:
@@ -186,7 +186,7 @@ def count_train_records(site_dirs: list[Path], cfg: Any) -> dict[str, int]:
 
     Raises one :class:`DataValidationError` listing every site's problems.
     """
-    from common.data.dataset import manifest_for
+    from fedfuse.common.data.dataset import manifest_for
 
     counts: dict[str, int] = {}
     problems: list[str] = []

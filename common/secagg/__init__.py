@@ -1,6 +1,6 @@
 """Secure aggregation (SecAgg+) shared by the site's mod and the server's workflow."""
 
-from common.secagg.params import RoundParams, SecAggSettings
-from common.secagg.protocol import SecAggProtocolError, SecAggRoundFailed, Stage
+from fedfuse.common.secagg.params import RoundParams, SecAggSettings
+from fedfuse.common.secagg.protocol import SecAggProtocolError, SecAggRoundFailed, Stage
 
 __all__ = ["RoundParams", "SecAggProtocolError", "SecAggRoundFailed", "SecAggSettings", "Stage"]

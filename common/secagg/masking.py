@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
 from flwr.common.secure_aggregation.quantization import dequantize
 
-from common.secagg.params import RoundParams
+from fedfuse.common.secagg.params import RoundParams
 
 # A fixed nonce is safe: every mask key is fresh (new key pairs and seeds each round) and
 # expands exactly one mask.

@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError
-from common.secagg.protocol import Key, SecAggProtocolError
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.secagg.protocol import Key, SecAggProtocolError
 
 if TYPE_CHECKING:
-    from common.config import RunConfig
+    from fedfuse.common.config import RunConfig
 
 # Masks are 32-bit words of a ChaCha20 keystream, so the modulus is at most 2**32.
 MAX_MODULUS = 2**32

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.errors import FedfuseError
+from fedfuse.common.errors import FedfuseError
 
 # The ConfigRecord that every SecAgg+ message carries, in both directions.
 RECORD_KEY = "secaggplus"
@@ -24,7 +24,7 @@ MASKED_ARRAY = "vector"
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 WEIGHT_METRIC = "num-examples"
-# The ConfigRecord of a site's refusal at setup (common.privacy.refusal.Refusal.to_record):
+# The ConfigRecord of a site's refusal at setup (fedfuse.common.privacy.refusal.Refusal.to_record):
 # site, round, why, spent, budget, would-reach.
 REFUSAL_KEY = "privacy-refusal"
 # Node-config key: a site that sets it refuses any training request without SecAgg+.

@@ -1,0 +1,105 @@
+"""The training planner (common/privacy/planning.py): within budget, deterministic, and the
+user's keys kept."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedfuse.client.training import plan_site_privacy
+from fedfuse.common.config import RunConfig
+from fedfuse.common.privacy.planning import PLANNED_KEYS, plan_for_sites, plan_training
+
+COUNTS = {"small": 300, "large": 2610, "one": 1}
+
+
+def _independent_epsilon(accountant: str, sigma: float, q: float, steps: int) -> float:
+    """Epsilon straight from an Opacus accountant, not through fedfuse.common.privacy.accounting."""
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return float(acc.get_epsilon(delta=1e-5))
+
+
+@pytest.mark.parametrize(("eps", "accountant"), [(8.0, "prv"), (1.0, "prv"), (2.0, "rdp")])
+def test_every_site_ends_within_its_budget(eps, accountant):
+    plan = plan_training(COUNTS, target_epsilon=eps, target_delta=1e-5, accountant=accountant)
+    batch = plan.settings["batch-size"]
+    rounds, epochs = plan.settings["num-rounds"], plan.settings["local-epochs"]
+    assert [s.site for s in plan.sites] == sorted(COUNTS)
+    for s in plan.sites:
+        # Sampling and steps recomputed from the settings, as a site's DataLoader will see them.
+        per_epoch = max(1, math.ceil(s.num_train / batch))
+        assert s.sample_rate == pytest.approx(1 / per_epoch)
+        assert s.steps == per_epoch * epochs * rounds
+        spent = _independent_epsilon(accountant, s.noise_multiplier, s.sample_rate, s.steps)
+        assert spent <= eps * (1 + 1e-9)
+        assert spent >= 0.9 * eps  # the budget is used, not wasted on needless noise
+        assert s.epsilon == pytest.approx(spent, rel=1e-6)
+
+
+def test_the_plan_is_the_noise_each_site_will_draw():
+    plan = plan_training(COUNTS, target_epsilon=4.0, target_delta=1e-5)
+    cfg = RunConfig.from_mapping({**plan.settings, "target-epsilon": 4.0})
+    for s in plan.sites:
+        site = plan_site_privacy(cfg=cfg, num_train=s.num_train)
+        assert site.noise_multiplier == s.noise_multiplier
+        assert site.sample_rate == s.sample_rate
+        assert site.planned_steps == s.steps
+
+
+def test_the_plan_is_deterministic():
+    a = plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5)
+    b = plan_training(dict(reversed(COUNTS.items())), target_epsilon=8.0, target_delta=1e-5)
+    assert a == b
+    assert a.explanation and a.explanation.count(".") >= 1
+
+
+def test_the_batch_is_a_third_of_the_median_site():
+    small = plan_training({"a": 300, "b": 310}, target_epsilon=8.0, target_delta=1e-5)
+    large = plan_training({"a": 2400, "b": 2500}, target_epsilon=8.0, target_delta=1e-5)
+    assert small.settings["batch-size"] == 100 and large.settings["batch-size"] == 800
+    assert [s.steps for s in small.sites] == [3 * 3 * 5, 4 * 3 * 5]
+
+
+def test_keys_the_user_set_are_kept():
+    fixed = {"num-rounds": 7, "batch-size": 50}
+    plan = plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5, fixed=fixed)
+    assert plan.settings["num-rounds"] == 7 and plan.settings["batch-size"] == 50
+    assert set(plan.chosen) == set(PLANNED_KEYS) - set(fixed)
+    small = next(s for s in plan.sites if s.site == "small")
+    assert small.steps == math.ceil(300 / 50) * plan.settings["local-epochs"] * 7
+
+
+def test_no_dp_plans_no_noise():
+    plan = plan_training(COUNTS, target_epsilon=math.inf, target_delta=1e-5)
+    assert all(s.noise_multiplier is None and math.isinf(s.epsilon) for s in plan.sites)
+    assert (
+        plan.settings["learning-rate"]
+        < plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5).settings["learning-rate"]
+    )
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="no site"):
+        plan_training({}, target_epsilon=8.0, target_delta=1e-5)
+    with pytest.raises(ValueError, match="no training records"):
+        plan_training({"a": 0}, target_epsilon=8.0, target_delta=1e-5)
+    with pytest.raises(ValueError, match="does not choose"):
+        plan_training({"a": 5}, target_epsilon=8.0, target_delta=1e-5, fixed={"seed": 1})
+
+
+def test_auto_and_unset_keys_take_the_plan_and_set_keys_survive(synth_sites):
+    raw = {"batch-size": "40", "learning-rate": "auto", "target-epsilon": "3"}
+    plan, cfg = plan_for_sites(synth_sites, raw, build=RunConfig.from_mapping)
+    assert plan is not None
+    assert cfg.batch_size == 40 and "batch-size" not in plan.chosen
+    assert cfg.learning_rate == plan.settings["learning-rate"] == 0.1
+    assert cfg.num_rounds == plan.settings["num-rounds"]
+    assert all(s.epsilon <= 3.0 for s in plan.sites)
+    # Client-level DP is not planned: the keys keep their configured values.
+    none, client = plan_for_sites(
+        synth_sites, {"dp-level": "client", "learning-rate": "auto"}, build=RunConfig.from_mapping
+    )
+    assert none is None and client.learning_rate == RunConfig.learning_rate

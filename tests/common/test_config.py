@@ -1,0 +1,54 @@
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pyproject_run_config_matches_dataclass_defaults():
+    """The Flower run config in pyproject.toml and RunConfig's defaults are one truth."""
+    raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_mapping(raw) == RunConfig()
+    assert set(raw) == set(RunConfig().to_mapping())
+
+
+def test_unknown_key_lists_known_keys():
+    with pytest.raises(ConfigError, match="Unknown config key.*num-roundz.*Known keys.*num-rounds"):
+        RunConfig.from_mapping({"num-roundz": 3})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("target-epsilon", 0.0, "'target-epsilon' must be in range (0.0, inf]"),
+        ("target-epsilon", -1.0, "'target-epsilon'"),
+        ("target-delta", 1.0, "'target-delta' must be in range (0.0, 1.0)"),
+        ("target-delta", 0.0, "'target-delta'"),
+        ("num-rounds", 0, "'num-rounds' must be an integer >= 1"),
+        ("batch-size", 0, "'batch-size'"),
+        ("accountant", "gdp", "'accountant' must be one of"),
+        ("classes", "only_one", "'classes'"),
+    ],
+)
+def test_out_of_range_values_name_the_key(key, value, needle):
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_mapping({key: value})
+    assert needle in str(exc.value)
+
+
+def test_round_trip_and_types():
+    cfg = RunConfig.from_mapping({"num-rounds": "5", "target-epsilon": "2.5", "fusion": "concat"})
+    assert cfg.num_rounds == 5 and cfg.target_epsilon == 2.5
+    assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+    with pytest.raises(ConfigError, match="'num-rounds' must be a int"):
+        RunConfig.from_mapping({"num-rounds": 2.5})
+
+
+def test_infinite_epsilon_means_no_dp():
+    assert not RunConfig(target_epsilon=math.inf).private
+    assert RunConfig().private
