@@ -370,9 +370,11 @@ def _run_simulation(
         eps = rec.get("max-epsilon")
         eps_s = "-" if eps is None else f"{eps:.3f}"
         auc = rec.get("eval-auroc")
+        # Training loss stays at the sites unless they share it (README: what crosses the wire).
+        train = rec.get("train-loss")
         console.print(
             f"  round {rec['round']}/{cfg.num_rounds}  sites {rec.get('num-sites', 0)}  "
-            + (f"train loss {_num(rec['train-loss'])}  " if "train-loss" in rec else "")
+            + (f"train loss {_num(train)}  " if train is not None else "")
             + f"test loss {_num(rec.get('eval-loss'))}  "
             f"test AUROC {_num(auc)}  max epsilon {eps_s} (target {cfg.target_epsilon:g})  "
             f"[{rec.get('seconds', 0):.1f}s]"
