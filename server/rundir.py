@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fedfuse.common.clinical import clinical_markdown
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.explain import contribution_markdown
@@ -221,6 +222,7 @@ class RunDirectory:
         if (self.path / "epsilon.png").exists():
             lines += ["", "![epsilon per site](epsilon.png)"]
         if self.rounds:
+            lines += clinical_markdown(self.rounds[-1])
             lines += contribution_markdown(self.rounds[-1], cfg.modality_names)
         return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from fedfuse.common.clinical import clinical_from_sums
 from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, EvalLayout, decode_sums
 from fedfuse.server.checkpoint import save_checkpoint
 from fedfuse.server.client_level_dp import make_client_dp
@@ -304,6 +305,11 @@ class SiteRecordingMixin:
         if result.total is not None and int(result.total[0]) > 0:
             figures = decode_sums(result.total, self.eval_layout)
             figures["eval-sites"] = float(len(result.contributors))
+            # Average precision, operating point, calibration and bootstrap intervals from the
+            # same pooled histograms (post-processing of the sum; common/clinical.py).
+            clinical, diagrams = clinical_from_sums(result.total, self.eval_layout)
+            figures.update(clinical)
+            self.current["reliability"] = diagrams
             agg = MetricRecord(figures)  # type: ignore[arg-type]
             # eval-loss/-accuracy/-auroc, plus per-class AUROC and modality contributions.
             self.current.update({k: v for k, v in figures.items() if k.startswith("eval-")})
