@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from fedfuse.common.errors import FedfuseError
 from fedfuse.deploy_cli import register as register_deploy_commands
+from fedfuse.report import register as register_report_command
 
 app = typer.Typer(
     help="fedfuse: privacy-preserving federated learning for multimodal medical data.",
@@ -795,6 +796,8 @@ def ledger_reset(
 
 # Deployment: fedfuse certs / server run / server connect / site run (fedfuse/deploy_cli.py).
 register_deploy_commands(app)
+# Run report (fedfuse/report.py); predict and export (fedfuse/export.py).
+register_report_command(app)
 
 
 def main() -> None:

@@ -7,10 +7,12 @@ import math
 import secrets
 import time
 from collections.abc import Callable
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.common.logger import log
 
 from fedfuse.common.clinical import clinical_markdown
 from fedfuse.common.config import RunConfig
@@ -131,6 +133,17 @@ class RunDirectory:
         self.write_json("status.json", {"status": status, "reason": reason})
         self._plots()
         (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
+        self._report()
+
+    def _report(self) -> None:
+        """report.html beside summary.md (server/report.py). A report that cannot be drawn
+        must not turn a finished run into a failed one: `fedfuse report` can redraw it."""
+        from fedfuse.server.report import write_report
+
+        try:
+            write_report(self.path, verify_ledgers=None)
+        except Exception as exc:  # noqa: BLE001
+            log(WARNING, "report.html not written: %s: %s", type(exc).__name__, exc)
 
     def _plots(self) -> None:
         from fedfuse.common import plots
