@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from fedfuse.common.errors import FedfuseError
 from fedfuse.deploy_cli import register as register_deploy_commands
+from fedfuse.export import register as register_export_commands
 from fedfuse.report import register as register_report_command
 
 app = typer.Typer(
@@ -798,6 +799,7 @@ def ledger_reset(
 register_deploy_commands(app)
 # Run report (fedfuse/report.py); predict and export (fedfuse/export.py).
 register_report_command(app)
+register_export_commands(app)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from fedfuse.common.errors import ConfigError
 from fedfuse.common.explain import contribution_markdown
 from fedfuse.common.jsonsafe import jsonable
 from fedfuse.common.privacy.ledger import LEDGER_ACCOUNTANT
+from fedfuse.common.provenance import code_digest
 from fedfuse.server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -56,6 +57,8 @@ class RunDirectory:
         self.resumed_after: list[int] = []
         self.uid = _run_uid(self.path)
         self.write_json("config.json", cfg.to_mapping())
+        # Which code ran (the model card of `fedfuse export` quotes it).
+        self.write_json("code.json", {"sha256": code_digest()})
 
     @classmethod
     def reopen(cls, path: str | Path, cfg: RunConfig, *, completed_rounds: int) -> RunDirectory:

@@ -3,18 +3,24 @@ exported model with its card. One tiny in-process federation serves every test h
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
-import math
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedfuse.cli import app
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.synthetic import generate
+from fedfuse.common.errors import ConfigError, FedfuseError
+from fedfuse.common.models import build_model
+from fedfuse.common.provenance import code_digest
+from fedfuse.export import load_model, site_records
 from fedfuse.server.report import SECTIONS, write_report
 from fedfuse.simulations.inprocess import federate_in_process
 from tests.support.browser import chromium, load
@@ -26,7 +32,8 @@ pytestmark = pytest.mark.e2e
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2-site, 2-round private run (SecAgg+ on), its sites under data/."""
     root = tmp_path_factory.mktemp("run")
-    generate(root / "data", sites=2, records=160, seed=1)
+    # Some records lack a modality: predictions must handle them as training did.
+    generate(root / "data", sites=2, records=160, seed=1, missing_rate=0.3)
     cfg = RunConfig(
         data_dir=str(root / "data"),
         out_dir=str(root / "runs"),
@@ -91,8 +98,82 @@ def test_report_shows_a_rewritten_ledger(run: Path, tmp_path: Path) -> None:
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path: Path) -> None:
-    from fedfuse.common.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="not a finished run directory"):
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, ConfigError)
+    assert "not a finished run directory" in str(res.exception)
+    with pytest.raises(ConfigError, match="lacks config.json, metrics.jsonl, privacy.json"):
         write_report(tmp_path)
-    assert math.isfinite(1.0)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
+    site = run.parents[1] / "data" / "site-1"
+    res = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "export")])
+    assert res.exit_code == 0, res.output
+    export = tmp_path / "export"
+    assert (export / "model.ts").is_file()
+    # The exported TorchScript model against the training model, record by record.
+    cfg = RunConfig.from_mapping(json.loads((run / "config.json").read_text()))
+    eager = build_model(cfg)
+    eager.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    eager.eval()
+    ds = site_records(site, cfg)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64)
+    scripted = torch.jit.load(str(export / "model.ts"))
+    missing = 0
+    with torch.no_grad():
+        for mask, *xs, _ in loader:
+            missing += int((mask == 0).any(dim=1).sum())
+            torch.testing.assert_close(scripted(mask, *xs), eager(mask, *xs), rtol=1e-5, atol=1e-6)
+    assert missing > 0  # records with a modality missing went through both
+    # `fedfuse predict` gives the same file from the run and from the export.
+    a, b = tmp_path / "run.csv", tmp_path / "export.csv"
+    for src, out in ((run, a), (export, b)):
+        res = CliRunner().invoke(app, ["predict", str(src), "--data", str(site), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    assert a.read_text() == b.read_text()
+    rows = _read_csv(a)
+    assert [r["id"] for r in rows] == [r.id for r in ds.records]
+    for r in rows:
+        p = [float(r[f"p_{c}"]) for c in cfg.class_names]
+        assert sum(p) == pytest.approx(1.0, abs=1e-5)
+        assert r["predicted"] == cfg.class_names[max(range(len(p)), key=p.__getitem__)]
+    # The card: privacy as privacy.json says, evaluation as metrics.jsonl, hashes of the files.
+    card = json.loads((export / "model_card.json").read_text())
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert set(card["sites"]) == set(privacy["sites"]) == {"site-0", "site-1"}
+    assert card["privacy"]["epsilon_max_over_sites"] == max(
+        s["epsilon"] for s in privacy["sites"].values()
+    )
+    assert card["privacy"]["delta"] == 1e-5 and card["privacy"]["accountant"] == "prv"
+    assert any("SecAgg+" in a for a in card["privacy"]["assumptions"])
+    last = _last_round(run)
+    assert card["evaluation"]["figures"]["specificity"] == last["eval-specificity"]
+    assert card["evaluation"]["figures"]["auroc-ci-low"] == last["eval-auroc-ci-low"]
+    digest = hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()
+    assert card["hashes"]["weights (model.pt)"] == digest
+    code = json.loads((run / "code.json").read_text())["sha256"]
+    assert card["hashes"]["code of the run"] == code == code_digest()
+    md = (export / "model_card.md").read_text()
+    assert digest in md and "## Privacy guarantee" in md and "## Intended use" in md
+
+
+def test_predict_bad_input_is_one_line(run: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(
+        run.parents[1] / "data" / "site-0", site, ignore=shutil.ignore_patterns(".fedfuse")
+    )
+    manifest = site / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    lines[3] = lines[3].replace("images/", "images/nope-")
+    manifest.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(app, ["predict", str(run), "--data", str(site)])
+    assert res.exit_code != 0 and isinstance(res.exception, FedfuseError)
+    assert "manifest.csv" in str(res.exception) and ":4" in str(res.exception)
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_model(tmp_path)
