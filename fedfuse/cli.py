@@ -17,6 +17,7 @@ from fedfuse.common.errors import FedfuseError
 from fedfuse.deploy_cli import register as register_deploy_commands
 from fedfuse.export import register as register_export_commands
 from fedfuse.report import register as register_report_command
+from fedfuse.split_cli import register as register_split_command
 
 app = typer.Typer(
     help="fedfuse: privacy-preserving federated learning for multimodal medical data.",
@@ -800,6 +801,7 @@ register_deploy_commands(app)
 # Run report (fedfuse/report.py); predict and export (fedfuse/export.py).
 register_report_command(app)
 register_export_commands(app)
+register_split_command(data_app)  # fedfuse data split (fedfuse/split_cli.py)
 
 
 def main() -> None:

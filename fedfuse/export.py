@@ -138,6 +138,8 @@ def predicted_labels(probs: Any, cfg: RunConfig) -> list[str]:
 
 def write_predictions(model_or_run: str | Path, site_dir: str | Path, out: str | Path) -> int:
     """Write ``id, p_<class>..., predicted`` for every record of ``site_dir``; the count."""
+    from fedfuse.common.data.manifest import csv_safe
+
     model = load_model(model_or_run)
     ds = site_records(site_dir, model.cfg)
     probs = predict_probabilities(model, ds)
@@ -146,7 +148,9 @@ def write_predictions(model_or_run: str | Path, site_dir: str | Path, out: str |
         w = csv.writer(fh)
         w.writerow(["id", *(f"p_{c}" for c in model.cfg.class_names), "predicted"])
         for rec, row, label in zip(ds.records, probs.tolist(), labels, strict=True):
-            w.writerow([rec.id, *(f"{p:.6g}" for p in row), label])
+            # Ids and labels come from the site's manifest: escaped if a spreadsheet would
+            # run them as formulas.
+            w.writerow([csv_safe(rec.id), *(f"{p:.6g}" for p in row), csv_safe(label)])
     return len(ds)
 
 
