@@ -102,7 +102,8 @@ class RunFiles:
     def load(cls, run_dir: str | Path) -> RunFiles:
         path = Path(run_dir)
         need = [path / n for n in ("config.json", "metrics.jsonl", "privacy.json")]
-        missing = [p.name for p in need if not p.is_file()]
+        # A run that failed before its first round has no metrics.jsonl: still worth a page.
+        missing = [p.name for p in need if not p.is_file() and p.name != "metrics.jsonl"]
         if missing:
             raise ConfigError(
                 f"'{path}' is not a finished run directory (it lacks {', '.join(missing)}): "
@@ -110,7 +111,8 @@ class RunFiles:
             )
         try:
             config = json.loads(need[0].read_text())
-            rounds = [json.loads(x) for x in need[1].read_text().splitlines() if x.strip()]
+            lines = need[1].read_text().splitlines() if need[1].is_file() else []
+            rounds = [json.loads(x) for x in lines if x.strip()]
             privacy = json.loads(need[2].read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(
