@@ -194,16 +194,6 @@ def calibration(pos: np.ndarray, neg: np.ndarray, *, bins: int = RELIABILITY_BIN
     return Calibration(float(ece), float(res), tuple(out))
 
 
-def _ece_fast(pos: np.ndarray, neg: np.ndarray, group: np.ndarray, mid: np.ndarray, k: int):
-    count = pos + neg
-    total = count.sum()
-    n = np.bincount(group, weights=count, minlength=k)
-    s = np.bincount(group, weights=count * mid, minlength=k)
-    y = np.bincount(group, weights=pos, minlength=k)
-    keep = n > 0
-    return float(np.abs(s[keep] - y[keep]).sum() / total) if total else math.nan
-
-
 def bootstrap_intervals(
     pos: np.ndarray,
     neg: np.ndarray,
@@ -221,31 +211,46 @@ def bootstrap_intervals(
     """
     pos = np.asarray(pos, np.float64)
     neg = np.asarray(neg, np.float64)
-    k = len(pos)
+    names = ("auroc", "average-precision", "sensitivity", "specificity", "ece")
+    if pos.sum() == 0 or neg.sum() == 0:
+        return {n: (math.nan, math.nan) for n in names}
+    edges = bin_edges(len(pos))
+    # Empty bins stay empty in every resample: drop them, keeping the bins' order.
+    used = np.nonzero(pos + neg)[0]
+    mid = ((edges[:-1] + edges[1:]) / 2)[used]
+    onehot = np.eye(reliability_bins)[_groups(edges, reliability_bins)[used]]  # (k, bins)
+    threshold_bin = int((used < threshold_bin).sum())
+    pos, neg = pos[used], neg[used]
+    k = len(used)
     counts = np.concatenate([pos, neg])
     total = int(counts.sum())
-    names = ("auroc", "average-precision", "sensitivity", "specificity", "ece")
-    if total == 0 or pos.sum() == 0 or neg.sum() == 0:
-        return {n: (math.nan, math.nan) for n in names}
-    edges = bin_edges(k)
-    mid = (edges[:-1] + edges[1:]) / 2
-    group = _groups(edges, reliability_bins)
     draws = rng.multinomial(total, counts / total, size=resamples).astype(np.float64)
-    values: dict[str, list[float]] = {n: [] for n in names}
-    for d in draws:
-        p, q = d[:k], d[k:]
-        lo, hi = _ap_bounds(p, q)
-        sens, spec = sensitivity_specificity(p, q, threshold_bin)
-        values["auroc"].append(histogram_auroc(p, q)[0])
-        values["average-precision"].append((lo + hi) / 2)
-        values["sensitivity"].append(sens)
-        values["specificity"].append(spec)
-        values["ece"].append(_ece_fast(p, q, group, mid, reliability_bins))
+    # Every figure for all resamples at once (rows), as the point estimates compute them.
+    p, q = draws[:, :k], draws[:, k:]
+    n_pos, n_neg = p.sum(1), q.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = np.cumsum(q, axis=1) - q
+        auc = (p * (below + q / 2)).sum(1) / (n_pos * n_neg)
+        pr, qr = p[:, ::-1], q[:, ::-1]
+        tp = np.cumsum(pr, axis=1) - pr
+        fp = np.cumsum(qr, axis=1) - qr
+        upper = (pr - fp * _harmonic_gap(tp + fp, pr)).sum(1)
+        lower = (pr - (fp + qr) * _harmonic_gap(tp + fp + qr, pr)).sum(1)
+        ap = (upper + lower) / 2 / n_pos
+        sens = p[:, threshold_bin:].sum(1) / n_pos
+        spec = q[:, :threshold_bin].sum(1) / n_neg
+        ece = np.abs((p + q) * mid @ onehot - p @ onehot).sum(1) / (n_pos + n_neg)
+    values = {
+        "auroc": auc,
+        "average-precision": ap,
+        "sensitivity": sens,
+        "specificity": spec,
+        "ece": ece,
+    }
     tail = (1 - confidence) / 2 * 100
     out = {}
     for n, xs in values.items():
-        arr = np.asarray(xs)
-        arr = arr[~np.isnan(arr)]
+        arr = xs[np.isfinite(xs)]
         out[n] = (
             (float(np.percentile(arr, tail)), float(np.percentile(arr, 100 - tail)))
             if arr.size
@@ -312,8 +317,8 @@ def clinical_from_sums(
     """Clinical figures from the summed evaluation vector (``fedfuse.common.evaluation``).
 
     Returns the flat ``eval-*`` figures (for two classes the positive class's; otherwise per
-    class with a ``-<class>`` suffix and their macro mean unsuffixed, resolutions and
-    interval ends as the worst or mean over classes) and the reliability diagram(s) as
+    class with a ``-<class>`` suffix, and unsuffixed their macro mean, with the worst class's
+    resolution, but no macro interval or threshold) and the reliability diagram(s) as
     ``{task: [bin, ...]}`` (task ``""`` for two classes).
     """
     total = np.asarray(total, dtype=np.int64)
@@ -333,6 +338,9 @@ def clinical_from_sums(
         for key, v in fig.items():
             out[f"{key}-{name}"] = v
     for key in next(iter(rows.values())):
+        # No macro interval (the classes' resamples were drawn apart) and no macro threshold.
+        if "-ci-" in key or key.startswith("eval-threshold"):
+            continue
         xs = [fig[key] for fig in rows.values() if not math.isnan(fig[key])]
         if not xs:
             out[key] = math.nan

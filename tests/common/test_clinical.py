@@ -136,3 +136,4 @@ def test_from_sums_binary_and_multiclass_keys() -> None:
     assert figures3["eval-average-precision-a"] == figures["eval-average-precision"]
     assert figures3["eval-average-precision"] == pytest.approx(figures["eval-average-precision"])
     assert list(diagrams3) == ["a", "b", "c"]
+    assert "eval-auroc-ci-low-a" in figures3 and "eval-auroc-ci-low" not in figures3
