@@ -30,14 +30,14 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 2-site, 2-round private run (SecAgg+ on), its sites under data/."""
+    """A finished 2-site, 1-round private run (SecAgg+ on), its sites under data/."""
     root = tmp_path_factory.mktemp("run")
     # Some records lack a modality: predictions must handle them as training did.
     generate(root / "data", sites=2, records=160, seed=1, missing_rate=0.3)
     cfg = RunConfig(
         data_dir=str(root / "data"),
         out_dir=str(root / "runs"),
-        num_rounds=2,
+        num_rounds=1,
         local_epochs=1,
         batch_size=64,
         target_epsilon=4.0,
@@ -57,7 +57,7 @@ def _shown(dom: str, pattern: str) -> tuple[float, str]:
 
 
 def test_report_in_a_headless_browser(run: Path, tmp_path: Path) -> None:
-    # Written at the end of the run, beside summary.md, with the ledgers verified (4 entries).
+    # Written at the end of the run, beside summary.md, with the ledgers verified (2 entries).
     page = run / "report.html"
     assert page.is_file() and (run / "summary.md").is_file()
     exe, why = chromium()
