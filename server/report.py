@@ -197,7 +197,10 @@ def _privacy_section(run: RunFiles) -> str:
 
     rows = []
     for name, s in sorted(sites.items()):
-        budget = s.get("epsilon_budget", s.get("target_epsilon"))
+        # The site's own lifetime budget where it shares it, else the run's target.
+        own = s.get("epsilon_budget")
+        budget = own if own is not None else s.get("target_epsilon")
+        budget_name = "budget" if own is not None else "target"
         life = s.get("lifetime_epsilon")
         bar = f'<div class="run" style="width:{pct(s.get("epsilon")):.2f}%"></div>'
         if isinstance(life, (int, float)):
@@ -207,7 +210,7 @@ def _privacy_section(run: RunFiles) -> str:
         refused = s.get("refused") or []
         rows.append(
             f'<div data-site="{_e(name)}">{_e(name)}</div><div class="track">{bar}</div>'
-            f"<div>run {_val(s.get('epsilon'))} · lifetime {_val(life)} · budget "
+            f"<div>run {_val(s.get('epsilon'))} · lifetime {_val(life)} · {budget_name} "
             f"{_val(budget, 'g')}{' · refused ' + str(len(refused)) if refused else ''}</div>"
         )
     level = p.get("client_level")
