@@ -365,11 +365,15 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict[str, 
     written = {"torchscript": ts}
     try:
         import onnx  # noqa: F401  (torch.onnx needs it)
-
-        torch.onnx.export(wrapped, example, str(out_dir / ONNX), dynamo=False)
-        written["onnx"] = out_dir / ONNX
     except ImportError:
-        pass
+        onnx = None
+    if onnx is not None:
+        try:
+            torch.onnx.export(wrapped, example, str(out_dir / ONNX), dynamo=False)
+            written["onnx"] = out_dir / ONNX
+        except Exception as exc:  # noqa: BLE001  (ONNX is optional: TorchScript is the export)
+            (out_dir / ONNX).unlink(missing_ok=True)
+            warnings.warn(f"ONNX export failed, TorchScript only: {exc}", stacklevel=2)
     (out_dir / "config.json").write_text((run_dir / "config.json").read_text())
     code = run_dir / CODE_FILE
     hashes = {
@@ -377,6 +381,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict[str, 
         f"TorchScript ({TORCHSCRIPT})": _sha256(ts),
         "code at export": code_digest(),
     }
+    if "onnx" in written:
+        hashes[f"ONNX ({ONNX})"] = _sha256(written["onnx"])
     if code.is_file():
         hashes["code of the run"] = str(json.loads(code.read_text()).get("sha256"))
     card = model_card(run_dir, cfg, hashes)
