@@ -275,6 +275,9 @@ class ClinicalEvaluation:
         """Flat ``eval-*`` figures (without a class suffix)."""
         op, cal = self.operating, self.calibration
         out = {
+            # The AUROC's own bound (every modality present); eval-auroc-resolution is the
+            # coarsest over the modality-hidden variants too.
+            "eval-auroc-full-resolution": self.auroc_resolution,
             "eval-average-precision": self.average_precision,
             "eval-average-precision-resolution": self.average_precision_resolution,
             "eval-sensitivity-target": op.target_sensitivity,
@@ -382,7 +385,7 @@ def clinical_markdown(record: dict[str, Any]) -> list[str]:
         "",
         "| figure | value | 95% interval | resolution |",
         "|---|---|---|---|",
-        row("AUROC", "eval-auroc", "eval-auroc-resolution"),
+        row("AUROC", "eval-auroc", "eval-auroc-full-resolution"),
         row("average precision", "eval-average-precision", "eval-average-precision-resolution"),
         row("sensitivity at threshold", "eval-sensitivity", None),
         row("specificity at threshold", "eval-specificity", None),

@@ -393,7 +393,7 @@ def _clinical_section(run: RunFiles) -> str:
         "bootstrap over the pooled counts (records independent; site clustering not "
         "modelled). Resolution: how far a figure can be from the raw scores' own.</p>"
         "<table><tr><th>figure</th><th>value</th><th>95% interval</th><th>resolution</th></tr>"
-        + row("AUROC", "eval-auroc", "eval-auroc-resolution")
+        + row("AUROC", "eval-auroc", "eval-auroc-full-resolution")
         + row("average precision", "eval-average-precision", "eval-average-precision-resolution")
         + row("sensitivity at threshold", "eval-sensitivity", None)
         + row("specificity at threshold", "eval-specificity", None)

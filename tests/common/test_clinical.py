@@ -116,6 +116,7 @@ def test_from_sums_binary_and_multiclass_keys() -> None:
     total[at : at + SCORE_BINS], total[at + SCORE_BINS : at + 2 * SCORE_BINS] = pos, neg
     figures, diagrams = clinical_from_sums(total, layout)
     for key in (
+        "eval-auroc-full-resolution",
         "eval-average-precision",
         "eval-sensitivity",
         "eval-specificity",
