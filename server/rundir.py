@@ -136,15 +136,17 @@ class RunDirectory:
 
         if not self.rounds:
             return
-        plots.learning_curve(self.rounds, self.path / "learning_curve.png")
-        per_site: dict[str, list[tuple[int, float]]] = {}
-        for rec in self.rounds:
-            for name, s in rec.get("sites", {}).items():
-                if "epsilon" in s:
-                    per_site.setdefault(name, []).append((rec["round"], s["epsilon"]))
+        target = self.cfg.target_epsilon if self.cfg.private else None
+        title = plots.run_title(self.run_id, self.rounds, target_epsilon=target)
+        plots.learning_curve(self.rounds, self.path / "learning_curve.png", title=title)
+        per_site = plots.epsilon_history(self.rounds)
         if per_site and self.cfg.private:
             plots.epsilon_curves(
-                per_site, self.path / "epsilon.png", budget=self.cfg.target_epsilon
+                per_site,
+                self.path / "epsilon.png",
+                budget=self.cfg.target_epsilon,
+                site_budget=plots.site_budgets(self.rounds),
+                title=title,
             )
 
     def _summary(self, privacy: dict[str, Any], status: str, reason: str) -> str:
