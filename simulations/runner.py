@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,10 @@ def quiet_flower() -> None:
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Lines a site's worker prints reach us through Ray, wrapped in colour codes that a log
+    # file or CI output shows raw: none unless the output is a terminal.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
