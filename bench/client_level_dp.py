@@ -48,11 +48,11 @@ def main(argv: list[str]) -> None:
     flwr.simulation.run_simulation = in_process  # type: ignore[assignment]
     client_app.clip_update_ = recording_clip  # type: ignore[assignment]
     out = Path(tempfile.mkdtemp(prefix="bench-client-dp-"))
-    args = [*(argv or README_EXAMPLE), "--out", str(out), "--run-name", "run"]
+    args = ["simulate", *(argv or README_EXAMPLE), "--out", str(out), "--run-name", "run"]
     res = CliRunner().invoke(app, args)
     if res.exit_code:
         raise SystemExit(res.output[-3000:])
-    print("fedfuse simulate " + " ".join(args))
+    print("fedfuse " + " ".join(args))
     for line in (out / "run" / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         print(
