@@ -74,7 +74,7 @@ def learning_curve_figure(rounds: Sequence[Mapping], *, title: str = "") -> Figu
     ax1.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax1.set_xlabel("round")
     ax1.set_ylabel("test score")
-    ax1.legend(fontsize=7, loc="best")
+    _legend(ax1, loc="best")
     losses: list[float] = []
     for key, label, style in (("train-loss", "train loss", "o-"), ("eval-loss", "test loss", "s-")):
         ys = [_finite(r.get(key)) for r in rounds]
@@ -85,7 +85,7 @@ def learning_curve_figure(rounds: Sequence[Mapping], *, title: str = "") -> Figu
     ax2.set_ylim(*_fit(losses, low=0.0, high=math.inf))
     ax2.set_xlabel("round")
     ax2.set_ylabel("loss")
-    ax2.legend(fontsize=7)
+    _legend(ax2, loc="best")
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -222,6 +222,12 @@ def epsilon_curves(
     """Draw :func:`epsilon_figure` into ``path``."""
     fig = epsilon_figure(per_site, budget=budget, site_budget=site_budget, title=title)
     return _save(fig, path)
+
+
+def _legend(ax: plt.Axes, **kwargs: object) -> None:
+    """A legend when something is drawn (a run with no evaluated round has nothing to label)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, **kwargs)  # type: ignore[arg-type]
 
 
 def _save(fig: Figure, path: Path) -> Path:
