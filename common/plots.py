@@ -47,16 +47,32 @@ def _fit(values: Sequence[float], *, low: float, high: float, margin: float = 0.
 
 
 def run_title(run_id: str, rounds: Sequence[Mapping], *, target_epsilon: float | None) -> str:
-    """``run <id>: epsilon <spent> of <target>`` (the largest epsilon any site reported)."""
+    """``run <id>: epsilon <spent> of <target>`` (the largest epsilon any site reported), and the
+    client-level epsilon where the server added client-level noise."""
     spent = [_finite(r.get("max-epsilon")) for r in rounds]
     spent = [e for e in spent if not math.isnan(e)]
+    client = client_level_history(rounds)
     if target_epsilon is None or math.isinf(target_epsilon):
         eps = "no DP"
     elif spent:
         eps = f"epsilon {max(spent):.3g} of {target_epsilon:g}"
+    elif client:
+        eps = "no record-level DP"  # dp-level client: the sites train without DP-SGD
     else:
         eps = f"epsilon target {target_epsilon:g}"
+    if client:
+        eps += f", client-level epsilon {client[-1][1]:.3g}"
     return f"run {run_id}: {eps}"
+
+
+def client_level_history(rounds: Sequence[Mapping]) -> list[tuple[int, float]]:
+    """The run's client-level epsilon after each round (every site's, the same for all)."""
+    out = []
+    for r in rounds:
+        eps = _finite((r.get("client-dp") or {}).get("epsilon"))
+        if not math.isnan(eps):
+            out.append((int(r["round"]), eps))
+    return out
 
 
 def learning_curve_figure(rounds: Sequence[Mapping], *, title: str = "") -> Figure:

@@ -123,3 +123,32 @@ def test_title_names_run_and_epsilon(target):
     rounds = [{"round": 1, "max-epsilon": 2.5}, {"round": 2, "max-epsilon": 4.25}]
     title = plots.run_title("demo", rounds, target_epsilon=target)
     assert title == ("run demo: epsilon 4.25 of 8" if target == 8.0 else "run demo: no DP")
+
+
+def test_client_level_only_run_shows_its_client_level_epsilon(tmp_path):
+    """dp-level client: the sites report an infinite record-level epsilon (no DP-SGD), which
+    must not be drawn as nothing spent; the title and epsilon.png show the client-level one."""
+    rounds = [
+        {
+            "round": r,
+            "sites": {"site-0": {"epsilon": float("inf")}, "site-1": {"epsilon": float("inf")}},
+            "max-epsilon": float("inf"),
+            "client-dp": {"epsilon": eps},
+            "eval-auroc": 0.9,
+            "eval-loss": 0.6,
+        }
+        for r, eps in ((1, 4.73), (2, 7.08), (3, 9.01))
+    ]
+    title = plots.run_title("cdp", rounds, target_epsilon=8.0)
+    assert title == "run cdp: no record-level DP, client-level epsilon 9.01"
+    run = RunDirectory(tmp_path, RunConfig(dp_level="client"), run_id="cdp")
+    for rec in rounds:
+        run.add_round(rec)
+    run._plots()
+    assert (run.path / "epsilon.png").stat().st_size > 0
+    per = {"client-level, every site": plots.client_level_history(rounds)}
+    fig = plots.epsilon_figure(per, budget=None, title=title)
+    line = next(x for x in fig.axes[0].get_lines() if x.get_label().startswith("client-level"))
+    assert list(line.get_ydata()) == [0.0, 4.73, 7.08, 9.01]
+    assert fig.axes[0].get_ylim()[1] >= 9.01
+    plots.plt.close(fig)
