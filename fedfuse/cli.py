@@ -369,7 +369,12 @@ def _run_simulation(
             "site draws it from a secure one)"
         )
 
+    from fedfuse.progress import RoundProgress
+
+    bar = RoundProgress(console, rounds=cfg.num_rounds, secagg=cfg.secagg)
+
     def on_round(rec: dict[str, Any]) -> None:
+        bar.round_done()
         eps = rec.get("max-epsilon")
         eps_s = "-" if eps is None else f"{eps:.3f}"
         auc = rec.get("eval-auroc")
@@ -391,14 +396,15 @@ def _run_simulation(
             console.print(f"  [bold red]run stopped:[/] {rec['stopped']}")
 
     try:
-        run_dir = run(
-            cfg,
-            num_sites=sites,
-            on_round=on_round,
-            verbose=verbose,
-            cpus_per_site=cpus_per_site,
-            gpus_per_site=gpus_per_site,
-        )
+        with bar:  # a progress bar on a terminal only; logs get the lines above
+            run_dir = run(
+                cfg,
+                num_sites=sites,
+                on_round=on_round,
+                verbose=verbose,
+                cpus_per_site=cpus_per_site,
+                gpus_per_site=gpus_per_site,
+            )
     except FedfuseError as exc:
         _fail(str(exc))
     privacy = _print_privacy(run_dir)

@@ -153,15 +153,24 @@ class RunDirectory:
 
         if not self.rounds:
             return
-        plots.learning_curve(self.rounds, self.path / "learning_curve.png")
-        per_site: dict[str, list[tuple[int, float]]] = {}
-        for rec in self.rounds:
-            for name, s in rec.get("sites", {}).items():
-                if "epsilon" in s:
-                    per_site.setdefault(name, []).append((rec["round"], s["epsilon"]))
+        target = self.cfg.target_epsilon if self.cfg.private else None
+        title = plots.run_title(self.run_id, self.rounds, target_epsilon=target)
+        plots.learning_curve(self.rounds, self.path / "learning_curve.png", title=title)
+        per_site = plots.epsilon_history(self.rounds)
+        budget: float | None = self.cfg.target_epsilon
+        if not any(math.isfinite(e) for pts in per_site.values() for _, e in pts):
+            # dp-level client: no site accounts a record-level epsilon; the guarantee is the
+            # client-level one (no target: the run config's target is record-level).
+            client = plots.client_level_history(self.rounds)
+            per_site = {"client-level, every site": client} if client else {}
+            budget = None
         if per_site and self.cfg.private:
             plots.epsilon_curves(
-                per_site, self.path / "epsilon.png", budget=self.cfg.target_epsilon
+                per_site,
+                self.path / "epsilon.png",
+                budget=budget,
+                site_budget=plots.site_budgets(self.rounds),
+                title=title,
             )
 
     def _summary(self, privacy: dict[str, Any], status: str, reason: str) -> str:

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,34 @@ def _final(run_dir: Path, cfg: RunConfig, num_sites: int | None) -> dict[str, An
     }
 
 
+def time_left(run_seconds: Sequence[float], runs_left: int) -> str:
+    """What is left of a sweep, from the runs done so far (their mean wall time)."""
+    if runs_left <= 0:
+        return "done"
+    if not run_seconds:
+        return "estimate after the first run"
+    left = statistics.fmean(run_seconds) * runs_left
+    return f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left"
+
+
+class _Runs:
+    """Counts a sweep's runs and says ``run N of M`` with an estimate of what is left."""
+
+    def __init__(self, total: int, progress: Progress) -> None:
+        self.total, self.progress = total, progress
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+
+    def start(self, what: str) -> None:
+        n = len(self.seconds) + 1
+        left = time_left(self.seconds, self.total - n + 1)
+        self.progress(f"run {n} of {self.total}: {what} ({left})")
+        self._t0 = time.monotonic()
+
+    def done(self) -> None:
+        self.seconds.append(time.monotonic() - self._t0)
+
+
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
@@ -76,7 +105,9 @@ def utility_vs_epsilon(
     """Run every (epsilon, seed); write ``utility_vs_epsilon.csv`` and ``.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    runs = _Runs(len(seeds) * (len(epsilons) + 1), progress)
     for seed in seeds:
+        runs.start(f"centralised baseline, seed {seed}")
         base = centralised_baseline(cfg.replace(seed=seed), num_sites=num_sites)
         rows.append(
             {
@@ -89,14 +120,17 @@ def utility_vs_epsilon(
                 "run_dir": "",
             }
         )
+        runs.done()
         progress(f"centralised baseline, seed {seed}: AUROC {base['auroc']:.4f}")
         for eps in epsilons:
             name = f"eps{eps:g}-seed{seed}"
             run_cfg = cfg.replace(
                 target_epsilon=float(eps), seed=seed, out_dir=str(out / "runs"), run_name=name
             )
+            runs.start(f"epsilon {eps:g}, seed {seed}")
             run_dir = simulate(run_cfg, num_sites=num_sites)
             res = _final(run_dir, run_cfg, num_sites)
+            runs.done()
             rows.append(
                 {
                     "experiment": "utility-vs-epsilon",
@@ -177,7 +211,9 @@ def fusion_comparison(
     """Run each fusion variant; write ``fusion.csv`` and ``fusion.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for name, overrides in variants or fusion_variants():
+    chosen = list(variants or fusion_variants())
+    runs = _Runs(len(chosen) * len(seeds), progress)
+    for name, overrides in chosen:
         for seed in seeds:
             run_cfg = RunConfig.from_mapping(
                 {
@@ -188,7 +224,9 @@ def fusion_comparison(
                     "run-name": f"{name.replace(':', '-')}-seed{seed}",
                 }
             )
+            runs.start(f"{name}, seed {seed}")
             res = _final(simulate(run_cfg, num_sites=num_sites), run_cfg, num_sites)
+            runs.done()
             rows.append(
                 {
                     "experiment": "fusion",

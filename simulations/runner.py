@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,11 +21,22 @@ class FederationFailedError(FedfuseError):
     """The federation ran but did not complete (e.g. a secure-aggregation round failed)."""
 
 
-def quiet_flower() -> None:
+def quiet_flower(*, verbose: bool = False) -> None:
     """No telemetry (a privacy tool must not phone home) and no INFO flood."""
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:
+        # Read by Flower at import in each Ray worker (they inherit this environment): no
+        # "Manually terminating ClientAppActor" warning per site at shutdown.
+        os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+    if not sys.stderr.isatty():
+        # Lines a site's worker prints reach us through Ray, wrapped in colour codes that a log
+        # file or CI output shows raw: none unless the output is a terminal.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(colored=False)
 
 
 def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
@@ -125,7 +137,7 @@ def simulate(
     from fedfuse.client.site import simulation_site_dirs
     from fedfuse.common.data.dataset import load_site  # noqa: F401  (import errors surface early)
 
-    quiet_flower()
+    quiet_flower(verbose=verbose)
     dirs = simulation_site_dirs(cfg.data_dir)
     if num_sites > len(dirs):
         raise ConfigError(

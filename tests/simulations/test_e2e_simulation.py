@@ -50,6 +50,12 @@ def test_two_site_two_round_private_federation(tmp_path, synth_root):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "round 1/2" in res.stdout and "round 2/2" in res.stdout  # progress shown
+    # No noise (issue 18): output to a file or CI log holds no escape codes (no progress bar,
+    # no colours), no Python warnings for the user to decode, no Ray start-up lines.
+    for stream in (res.stdout, res.stderr):
+        assert "\x1b[" not in stream, stream[-2000:]
+    for noise in ("Warning:", "UserWarning", "Ray instance", "ClientAppActor", "raylet"):
+        assert noise not in res.stdout + res.stderr, (noise, res.stderr[-2000:])
     run_dir = out / "e2e"
     assert str(run_dir) in res.stdout
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

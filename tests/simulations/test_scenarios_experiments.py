@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,9 @@ def test_utility_vs_epsilon_tiny_grid_on_the_smoke_scenario(tmp_path):
         env=env,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # Run N of M, with an estimate of what is left from the second run on.
+    assert "run 1 of 3: centralised baseline, seed 0 (estimate after the first run)" in res.stdout
+    assert re.search(r"run 3 of 3: epsilon inf, seed 0 \(about \d+ (s|min) left\)", res.stdout)
     rows = list(csv.DictReader((out / "utility_vs_epsilon.csv").open()))
     variants = [(r["variant"], float(r["epsilon"])) for r in rows]
     assert variants == [("centralised", math.inf), ("federated", 2.0), ("federated", math.inf)]
@@ -107,3 +111,12 @@ def test_utility_vs_epsilon_tiny_grid_on_the_smoke_scenario(tmp_path):
         last = json.loads((out / "runs" / run / "metrics.jsonl").read_text().splitlines()[-1])
         assert float(row["sites_auroc"]) == pytest.approx(last["eval-auroc"])
     assert (out / "runs" / "eps2-seed0" / "epsilon.png").exists()
+
+
+def test_time_left_of_a_sweep():
+    from fedfuse.simulations.experiments import time_left
+
+    assert time_left([], 3) == "estimate after the first run"
+    assert time_left([20.0, 40.0], 2) == "about 60 s left"
+    assert time_left([100.0, 140.0], 3) == "about 6 min left"
+    assert time_left([5.0], 0) == "done"
