@@ -55,6 +55,8 @@ from fedfuse.common.privacy.refusal import Refusal
 from fedfuse.common.privacy.secure_rng import SecureRandom
 from fedfuse.common.privacy.site_secret import load_or_create_secret, round_seed
 from fedfuse.common.secagg.distributed_dp import ROUND_KEY, VECTOR_KEY
+from fedfuse.common.secagg.params import RoundParams
+from fedfuse.common.secagg.protocol import RECORD_KEY
 
 app = ClientApp()
 
@@ -121,15 +123,31 @@ def refusal_before_key_exchange(msg: Message, context: Context) -> Refusal | Non
     if "config" not in msg.content.config_records:
         return None  # a server that sends no run config at setup: train() still refuses
     cfg, server_round = _config(msg)
-    if cfg.distributed_dp:
-        return None  # its event needs the round's model, sent at collect: train() checks then
     site = resolve_site(dict(context.node_config), cfg)
     _, datasets = site_data(site, cfg)
     run_id, _ = _run_key(msg)
     budget = resolve_budget(dict(context.node_config), site.data_path)
+    ddp_event = None
+    if cfg.distributed_dp:
+        # The round's event needs the parameters' shapes, not their values: the site's own
+        # model has the shapes any global model it accepts must have (train() checks), and the
+        # threshold comes with this setup message. (It also refuses a sum that could wrap.)
+        params = RoundParams.from_record(msg.content.config_records[RECORD_KEY])
+        own = {k: v.numpy() for k, v in build_model(cfg).state_dict().items()}
+        ddp_event = distributed_dp.site_round(
+            cfg,
+            own,
+            distributed_dp.secagg_round(params),
+            run_uid=run_id,
+            server_round=server_round,
+        ).event
     try:
         SiteLedger(budget, site=site.name).prepare(
-            cfg=cfg, run_id=run_id, server_round=server_round, num_train=len(datasets["train"])
+            cfg=cfg,
+            run_id=run_id,
+            server_round=server_round,
+            num_train=len(datasets["train"]),
+            distributed=ddp_event,
         )
     except RoundRefused as refused:
         log(WARNING, "site %s refuses round %s: %s", site.name, server_round, refused.why)
@@ -163,7 +181,13 @@ def train(msg: Message, context: Context) -> Message:
     budget = resolve_budget(dict(context.node_config), site.data_path)
     # Distributed DP: the round's mechanism (raises if SecAgg+ is off or the sum could wrap).
     ddp_round = (
-        distributed_dp.site_round(msg, cfg, {k: v.numpy() for k, v in global_state.items()})
+        distributed_dp.site_round(
+            cfg,
+            {k: v.numpy() for k, v in global_state.items()},
+            context.state.config_records.get(ROUND_KEY),
+            run_uid=run_id,
+            server_round=server_round,
+        )
         if cfg.distributed_dp
         else None
     )
@@ -182,6 +206,8 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, site, server_round, refused)
     seed = _round_seed(msg, context, cfg, site, server_round, global_state, permit.plan)
     torch.manual_seed(seed)
+    # One secure generator for the round's DP noise, batches and modality dropout (deployed).
+    secure_rng = secure_randomness(context)
     result = train_round(
         model,
         datasets["train"],
@@ -190,7 +216,7 @@ def train(msg: Message, context: Context) -> Message:
         history=permit.run_events,
         seed=seed,
         device=pick_device(),
-        secure_rng=secure_randomness(context),
+        secure_rng=secure_rng,
     )
     try:
         # Nothing leaves the site without its ledger entry (written atomically, budget
@@ -251,13 +277,14 @@ def train(msg: Message, context: Context) -> Message:
             {k: v.numpy() for k, v in global_state.items()},
             ddp_round,
             seed=seed,
+            secure_rng=secure_rng,
         )
     return Message(content=content, reply_to=msg)
 
 
 def secure_randomness(context: Context) -> SecureRandom | None:
-    """A deployed site's DP noise and Poisson batches come from a cryptographically secure
-    generator with a fresh random key (common/privacy/secure_rng.py): nobody, the site's own
+    """A deployed site's DP noise (DP-SGD's and distributed DP's), Poisson batches and modality
+    dropout come from a cryptographically secure generator with a fresh random key (common/privacy/secure_rng.py): nobody, the site's own
     secret included, can regenerate them. Virtual sites of a simulation (``partition-id``) keep
     the keyed generators, so that runs are reproducible (``noise-seed``)."""
     return None if "partition-id" in context.node_config else SecureRandom()
@@ -295,7 +322,7 @@ def _round_seed(
             "round": server_round,
             "model": model_hash(global_state),
             "config": {k: v for k, v in dict(msg.content["config"]).items() if k not in skip},
-            "secagg-round": dict(msg.content.config_records.get(ROUND_KEY, {})),
+            "secagg-round": dict(context.state.config_records.get(ROUND_KEY, {})),
             "plan": dataclasses.asdict(plan) if plan else None,
         },
     )

@@ -48,6 +48,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
+from fedfuse.client import distributed_dp as site_ddp
 from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
 from fedfuse.common.privacy.refusal import Refusal
 from fedfuse.common.secagg import crypto, distributed_dp, masking
@@ -332,15 +333,16 @@ def _collect_masked_vector(
     if ARRAYS_KEY not in msg.content.array_records:
         raise KeyError(f"SecAgg+ collect: the server's message lacks the model '{ARRAYS_KEY}'")
     global_arrays = msg.content.array_records[ARRAYS_KEY]
-    # Distributed DP sizes each site's noise share by these (client/distributed_dp.py).
-    msg.content.config_records[distributed_dp.ROUND_KEY] = ConfigRecord(
-        {
-            "threshold": params.threshold,
-            "sample-num": params.sample_num,
-            "modulus": params.modulus_range,
-        }
+    # Distributed DP sizes each site's noise share by these (client/distributed_dp.py): handed
+    # to the app under a declared key in the context's state, for this call only; the server's
+    # message is left as it came.
+    ctxt.state.config_records[distributed_dp.ROUND_KEY] = ConfigRecord(
+        site_ddp.secagg_round(params)
     )
-    reply = call_next(msg, ctxt)
+    try:
+        reply = call_next(msg, ctxt)
+    finally:
+        del ctxt.state.config_records[distributed_dp.ROUND_KEY]
     if reply.has_error():
         raise SecAggProtocolError(f"training failed: {reply.error.reason}")
     content = reply.content
