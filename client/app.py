@@ -41,13 +41,7 @@ from fedfuse.client.wire import (
 )
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
-from fedfuse.common.evaluation import (
-    EVAL_SUMS_ARRAY,
-    EVAL_SUMS_KEY,
-    EvalLayout,
-    eval_sums,
-    evaluate_site,
-)
+from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, site_evaluation
 from fedfuse.common.models import build_model
 from fedfuse.common.privacy.accounting import epsilon_from_events
 from fedfuse.common.privacy.client_level_dp import clip_update_
@@ -284,9 +278,10 @@ def train(msg: Message, context: Context) -> Message:
 
 def secure_randomness(context: Context) -> SecureRandom | None:
     """A deployed site's DP noise (DP-SGD's and distributed DP's), Poisson batches and modality
-    dropout come from a cryptographically secure generator with a fresh random key (common/privacy/secure_rng.py): nobody, the site's own
-    secret included, can regenerate them. Virtual sites of a simulation (``partition-id``) keep
-    the keyed generators, so that runs are reproducible (``noise-seed``)."""
+    dropout come from a cryptographically secure generator with a fresh random key
+    (common/privacy/secure_rng.py): nobody, the site's own secret included, can regenerate them.
+    Virtual sites of a simulation (``partition-id``) keep the keyed generators, so that runs are
+    reproducible (``noise-seed``)."""
     return None if "partition-id" in context.node_config else SecureRandom()
 
 
@@ -358,12 +353,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, datasets = site_data(site, cfg)
     model = _model(msg, cfg)
     device = pick_device()
-    figures = evaluate_site(model, datasets["test"], cfg=cfg, device=device)
+    # One pass over the test split gives both the site's own figures and its sums vector.
+    figures, sums = site_evaluation(model, datasets["test"], cfg=cfg, device=device)
     run_uid, run_name = _run_key(msg)
     log_evaluation(
         site.data_path, run_id=run_name or run_uid, server_round=server_round, figures=figures
     )
-    sums = eval_sums(model, datasets["test"], layout=EvalLayout.for_config(cfg), device=device)
     content = RecordDict(
         {
             EVAL_SUMS_KEY: ArrayRecord({EVAL_SUMS_ARRAY: Array(sums)}),
