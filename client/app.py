@@ -45,7 +45,7 @@ from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, site_evalu
 from fedfuse.common.models import build_model
 from fedfuse.common.privacy.accounting import epsilon_from_events
 from fedfuse.common.privacy.client_level_dp import clip_update_
-from fedfuse.common.privacy.refusal import Refusal
+from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
 from fedfuse.common.privacy.secure_rng import SecureRandom
 from fedfuse.common.privacy.site_secret import load_or_create_secret, round_seed
 from fedfuse.common.secagg.distributed_dp import ROUND_KEY, VECTOR_KEY
@@ -332,10 +332,16 @@ def _run_key(msg: Message) -> tuple[str, str]:
 
 
 def _refuse(msg: Message, site: SiteInfo, server_round: int, refused: RoundRefused) -> Message:
-    """An error reply (no update) that the server logs and leaves out of the round."""
-    reason = f"site {site.name} refused round {server_round}: {refused.why}"
-    log(WARNING, "%s", reason)
-    return Message(Error(code=refused.code, reason=public_reason(reason)), reply_to=msg)
+    """A reply without an update: the refusal's fields (common/privacy/refusal.py), which the
+    server records and leaves out of the round."""
+    log(WARNING, "site %s refused round %s: %s", site.name, server_round, refused.why)
+    refusal = refused.as_refusal(site=site.name, server_round=server_round)
+    # Why stays short and path-free, as any reason that leaves the site (client/wire.py).
+    refusal = dataclasses.replace(refusal, why=public_reason(refusal.why))
+    content = RecordDict(
+        {REFUSAL_KEY: ConfigRecord(refusal.to_record()), "site": _site_record(site)}
+    )
+    return Message(content=content, reply_to=msg)
 
 
 # Under SecAgg+ the evaluation is a secure round of its own: the mod masks the sums vector.

@@ -356,6 +356,13 @@ def _collect_masked_vector(
     for name, crec in content.config_records.items():
         if name != RECORD_KEY:
             out.config_records[name] = crec
+    if REFUSAL_KEY in content.config_records:
+        # The site refused only once the model came (its ledger changed since setup): its
+        # refusal's fields go back (copied above) beside its refusal to upload.
+        why = content.config_records[REFUSAL_KEY].get("why", "")
+        log(WARNING, "SecAgg+: not uploading this round's update: refused: %s", why)
+        out.config_records[RECORD_KEY] = ConfigRecord({Key.REFUSED: f"refused: {why}"})
+        return out
     trained = content.array_records.get(ARRAYS_KEY)
     weight = next(
         (r[WEIGHT_METRIC] for r in content.metric_records.values() if WEIGHT_METRIC in r), None
