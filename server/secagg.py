@@ -46,6 +46,7 @@ from fedfuse.common.secagg.protocol import (
     Stage,
     check_record,
 )
+from fedfuse.server.distributed_dp import ROUND_RECORD_KEY as DDP_ROUND_KEY
 from fedfuse.server.distributed_dp import DistributedDp, make_distributed_dp
 from fedfuse.server.privacy_report import FederationStopped, named_site, note_error, note_ledger
 from fedfuse.server.strategy import EvalRound, site_name
@@ -563,7 +564,7 @@ class SecAggAggregation(FedAvg):
                 sampled=outcome.params.sample_num,
                 available=len(list(grid.get_node_ids())),
             )
-            current["client-dp"] = self.ddp.summary()
+            current[DDP_ROUND_KEY] = self.ddp.summary()
         return []
 
     def _secagg_record(self, outcome: SecAggOutcome) -> dict[str, Any]:
