@@ -145,7 +145,7 @@ def refusal_before_key_exchange(msg: Message, context: Context) -> Refusal | Non
         )
     except RoundRefused as refused:
         log(WARNING, "site %s refuses round %s: %s", site.name, server_round, refused.why)
-        return refused.as_refusal(site=site.name, server_round=server_round)
+        return _public_refusal(refused, site, server_round)
     return None
 
 
@@ -335,13 +335,18 @@ def _refuse(msg: Message, site: SiteInfo, server_round: int, refused: RoundRefus
     """A reply without an update: the refusal's fields (common/privacy/refusal.py), which the
     server records and leaves out of the round."""
     log(WARNING, "site %s refused round %s: %s", site.name, server_round, refused.why)
-    refusal = refused.as_refusal(site=site.name, server_round=server_round)
-    # Why stays short and path-free, as any reason that leaves the site (client/wire.py).
-    refusal = dataclasses.replace(refusal, why=public_reason(refusal.why))
+    refusal = _public_refusal(refused, site, server_round)
     content = RecordDict(
         {REFUSAL_KEY: ConfigRecord(refusal.to_record()), "site": _site_record(site)}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _public_refusal(refused: RoundRefused, site: SiteInfo, server_round: int) -> Refusal:
+    """The refusal's fields, its why short and path-free as any reason that leaves the site
+    (client/wire.py; the full text is in the site's log)."""
+    refusal = refused.as_refusal(site=site.name, server_round=server_round)
+    return dataclasses.replace(refusal, why=public_reason(refusal.why))
 
 
 # Under SecAgg+ the evaluation is a secure round of its own: the mod masks the sums vector.
