@@ -91,10 +91,10 @@ def predict_variants(
     """``[every modality, modality 0 hidden, ..., modality hidden-1 hidden]`` in one pass over
     ``dataset``: each batch goes through ``model`` once, its variants stacked along the batch
     (the same figures as :func:`predict` with ``hide=i``; a model in eval mode treats records
-    independently)."""
+    independently). A forward call holds at most ``batch_size`` rows, as :func:`predict`'s."""
     model.eval()
     k = 1 + hidden
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // k), shuffle=False)
     labels: list[torch.Tensor] = []
     logits: list[list[torch.Tensor]] = [[] for _ in range(k)]
     masks: list[list[torch.Tensor]] = [[] for _ in range(k)]
