@@ -41,20 +41,16 @@ from fedfuse.client.wire import (
 )
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
-from fedfuse.common.evaluation import (
-    EVAL_SUMS_ARRAY,
-    EVAL_SUMS_KEY,
-    EvalLayout,
-    eval_sums,
-    evaluate_site,
-)
+from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, site_evaluation
 from fedfuse.common.models import build_model
 from fedfuse.common.privacy.accounting import epsilon_from_events
 from fedfuse.common.privacy.client_level_dp import clip_update_
-from fedfuse.common.privacy.refusal import Refusal
+from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
 from fedfuse.common.privacy.secure_rng import SecureRandom
 from fedfuse.common.privacy.site_secret import load_or_create_secret, round_seed
 from fedfuse.common.secagg.distributed_dp import ROUND_KEY, VECTOR_KEY
+from fedfuse.common.secagg.params import RoundParams
+from fedfuse.common.secagg.protocol import RECORD_KEY
 
 app = ClientApp()
 
@@ -121,19 +117,35 @@ def refusal_before_key_exchange(msg: Message, context: Context) -> Refusal | Non
     if "config" not in msg.content.config_records:
         return None  # a server that sends no run config at setup: train() still refuses
     cfg, server_round = _config(msg)
-    if cfg.distributed_dp:
-        return None  # its event needs the round's model, sent at collect: train() checks then
     site = resolve_site(dict(context.node_config), cfg)
     _, datasets = site_data(site, cfg)
     run_id, _ = _run_key(msg)
     budget = resolve_budget(dict(context.node_config), site.data_path)
+    ddp_event = None
+    if cfg.distributed_dp:
+        # The round's event needs the parameters' shapes, not their values: the site's own
+        # model has the shapes any global model it accepts must have (train() checks), and the
+        # threshold comes with this setup message. (It also refuses a sum that could wrap.)
+        params = RoundParams.from_record(msg.content.config_records[RECORD_KEY])
+        own = {k: v.numpy() for k, v in build_model(cfg).state_dict().items()}
+        ddp_event = distributed_dp.site_round(
+            cfg,
+            own,
+            distributed_dp.secagg_round(params),
+            run_uid=run_id,
+            server_round=server_round,
+        ).event
     try:
         SiteLedger(budget, site=site.name).prepare(
-            cfg=cfg, run_id=run_id, server_round=server_round, num_train=len(datasets["train"])
+            cfg=cfg,
+            run_id=run_id,
+            server_round=server_round,
+            num_train=len(datasets["train"]),
+            distributed=ddp_event,
         )
     except RoundRefused as refused:
         log(WARNING, "site %s refuses round %s: %s", site.name, server_round, refused.why)
-        return refused.as_refusal(site=site.name, server_round=server_round)
+        return _public_refusal(refused, site, server_round)
     return None
 
 
@@ -163,7 +175,13 @@ def train(msg: Message, context: Context) -> Message:
     budget = resolve_budget(dict(context.node_config), site.data_path)
     # Distributed DP: the round's mechanism (raises if SecAgg+ is off or the sum could wrap).
     ddp_round = (
-        distributed_dp.site_round(msg, cfg, {k: v.numpy() for k, v in global_state.items()})
+        distributed_dp.site_round(
+            cfg,
+            {k: v.numpy() for k, v in global_state.items()},
+            context.state.config_records.get(ROUND_KEY),
+            run_uid=run_id,
+            server_round=server_round,
+        )
         if cfg.distributed_dp
         else None
     )
@@ -182,6 +200,8 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, site, server_round, refused)
     seed = _round_seed(msg, context, cfg, site, server_round, global_state, permit.plan)
     torch.manual_seed(seed)
+    # One secure generator for the round's DP noise, batches and modality dropout (deployed).
+    secure_rng = secure_randomness(context)
     result = train_round(
         model,
         datasets["train"],
@@ -190,7 +210,7 @@ def train(msg: Message, context: Context) -> Message:
         history=permit.run_events,
         seed=seed,
         device=pick_device(),
-        secure_rng=secure_randomness(context),
+        secure_rng=secure_rng,
     )
     try:
         # Nothing leaves the site without its ledger entry (written atomically, budget
@@ -251,15 +271,17 @@ def train(msg: Message, context: Context) -> Message:
             {k: v.numpy() for k, v in global_state.items()},
             ddp_round,
             seed=seed,
+            secure_rng=secure_rng,
         )
     return Message(content=content, reply_to=msg)
 
 
 def secure_randomness(context: Context) -> SecureRandom | None:
-    """A deployed site's DP noise and Poisson batches come from a cryptographically secure
-    generator with a fresh random key (common/privacy/secure_rng.py): nobody, the site's own
-    secret included, can regenerate them. Virtual sites of a simulation (``partition-id``) keep
-    the keyed generators, so that runs are reproducible (``noise-seed``)."""
+    """A deployed site's DP noise (DP-SGD's and distributed DP's), Poisson batches and modality
+    dropout come from a cryptographically secure generator with a fresh random key
+    (common/privacy/secure_rng.py): nobody, the site's own secret included, can regenerate them.
+    Virtual sites of a simulation (``partition-id``) keep the keyed generators, so that runs are
+    reproducible (``noise-seed``)."""
     return None if "partition-id" in context.node_config else SecureRandom()
 
 
@@ -295,7 +317,7 @@ def _round_seed(
             "round": server_round,
             "model": model_hash(global_state),
             "config": {k: v for k, v in dict(msg.content["config"]).items() if k not in skip},
-            "secagg-round": dict(msg.content.config_records.get(ROUND_KEY, {})),
+            "secagg-round": dict(context.state.config_records.get(ROUND_KEY, {})),
             "plan": dataclasses.asdict(plan) if plan else None,
         },
     )
@@ -310,10 +332,21 @@ def _run_key(msg: Message) -> tuple[str, str]:
 
 
 def _refuse(msg: Message, site: SiteInfo, server_round: int, refused: RoundRefused) -> Message:
-    """An error reply (no update) that the server logs and leaves out of the round."""
-    reason = f"site {site.name} refused round {server_round}: {refused.why}"
-    log(WARNING, "%s", reason)
-    return Message(Error(code=refused.code, reason=public_reason(reason)), reply_to=msg)
+    """A reply without an update: the refusal's fields (common/privacy/refusal.py), which the
+    server records and leaves out of the round."""
+    log(WARNING, "site %s refused round %s: %s", site.name, server_round, refused.why)
+    refusal = _public_refusal(refused, site, server_round)
+    content = RecordDict(
+        {REFUSAL_KEY: ConfigRecord(refusal.to_record()), "site": _site_record(site)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _public_refusal(refused: RoundRefused, site: SiteInfo, server_round: int) -> Refusal:
+    """The refusal's fields, its why short and path-free as any reason that leaves the site
+    (client/wire.py; the full text is in the site's log)."""
+    refusal = refused.as_refusal(site=site.name, server_round=server_round)
+    return dataclasses.replace(refusal, why=public_reason(refusal.why))
 
 
 # Under SecAgg+ the evaluation is a secure round of its own: the mod masks the sums vector.
@@ -331,12 +364,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, datasets = site_data(site, cfg)
     model = _model(msg, cfg)
     device = pick_device()
-    figures = evaluate_site(model, datasets["test"], cfg=cfg, device=device)
+    # One pass over the test split gives both the site's own figures and its sums vector.
+    figures, sums = site_evaluation(model, datasets["test"], cfg=cfg, device=device)
     run_uid, run_name = _run_key(msg)
     log_evaluation(
         site.data_path, run_id=run_name or run_uid, server_round=server_round, figures=figures
     )
-    sums = eval_sums(model, datasets["test"], layout=EvalLayout.for_config(cfg), device=device)
     content = RecordDict(
         {
             EVAL_SUMS_KEY: ArrayRecord({EVAL_SUMS_ARRAY: Array(sums)}),

@@ -48,7 +48,7 @@ from fedfuse.common.privacy.ledger import (
     LedgerError,
     cumulative_epsilon,
 )
-from fedfuse.common.privacy.refusal import PRIVACY_REFUSAL_CODE, Refusal
+from fedfuse.common.privacy.refusal import Refusal
 from fedfuse.common.privacy.site_secret import (
     SECRET_NAME,
     SiteSecretError,
@@ -209,9 +209,8 @@ def plan_within_budget(
 
 
 class RoundRefused(FedfuseError):
-    """The site will not train (or not release) this round; ``why`` goes back to the server."""
-
-    code = PRIVACY_REFUSAL_CODE
+    """The site will not train (or not release) this round; ``why`` goes back to the server,
+    as a field of the refusal (:meth:`as_refusal`)."""
 
     def __init__(
         self,
@@ -222,7 +221,7 @@ class RoundRefused(FedfuseError):
         would_reach: float | None = None,
     ) -> None:
         self.why = why
-        # A budget refusal's figures, sent as fields before a SecAgg+ key exchange.
+        # A budget refusal's figures, sent as fields (common/privacy/refusal.py).
         self.spent, self.budget, self.would_reach = spent, budget, would_reach
         super().__init__(why)
 

@@ -48,6 +48,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
+from fedfuse.client import distributed_dp as site_ddp
 from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
 from fedfuse.common.privacy.refusal import Refusal
 from fedfuse.common.secagg import crypto, distributed_dp, masking
@@ -332,15 +333,16 @@ def _collect_masked_vector(
     if ARRAYS_KEY not in msg.content.array_records:
         raise KeyError(f"SecAgg+ collect: the server's message lacks the model '{ARRAYS_KEY}'")
     global_arrays = msg.content.array_records[ARRAYS_KEY]
-    # Distributed DP sizes each site's noise share by these (client/distributed_dp.py).
-    msg.content.config_records[distributed_dp.ROUND_KEY] = ConfigRecord(
-        {
-            "threshold": params.threshold,
-            "sample-num": params.sample_num,
-            "modulus": params.modulus_range,
-        }
+    # Distributed DP sizes each site's noise share by these (client/distributed_dp.py): handed
+    # to the app under a declared key in the context's state, for this call only; the server's
+    # message is left as it came.
+    ctxt.state.config_records[distributed_dp.ROUND_KEY] = ConfigRecord(
+        site_ddp.secagg_round(params)
     )
-    reply = call_next(msg, ctxt)
+    try:
+        reply = call_next(msg, ctxt)
+    finally:
+        del ctxt.state.config_records[distributed_dp.ROUND_KEY]
     if reply.has_error():
         raise SecAggProtocolError(f"training failed: {reply.error.reason}")
     content = reply.content
@@ -354,6 +356,13 @@ def _collect_masked_vector(
     for name, crec in content.config_records.items():
         if name != RECORD_KEY:
             out.config_records[name] = crec
+    if REFUSAL_KEY in content.config_records:
+        # The site refused only once the model came (its ledger changed since setup): its
+        # refusal's fields go back (copied above) beside its refusal to upload.
+        why = content.config_records[REFUSAL_KEY].get("why", "")
+        log(WARNING, "SecAgg+: not uploading this round's update: refused: %s", why)
+        out.config_records[RECORD_KEY] = ConfigRecord({Key.REFUSED: f"refused: {why}"})
+        return out
     trained = content.array_records.get(ARRAYS_KEY)
     weight = next(
         (r[WEIGHT_METRIC] for r in content.metric_records.values() if WEIGHT_METRIC in r), None

@@ -121,9 +121,10 @@ def train_round(
     ``history`` (all earlier rounds). With ``plan=None`` trains without privacy (baseline only):
     epsilon is infinite.
 
-    ``secure_rng`` (what a deployed site passes): the DP noise and the Poisson batches come from
-    this cryptographically secure generator (common/privacy/secure_rng.py). ``None`` (simulation):
-    from torch generators keyed with ``seed``, reproducible -- and predictable by whoever knows
+    ``secure_rng`` (what a deployed site passes): the DP noise, the Poisson batches and the
+    modality dropout come from this cryptographically secure generator
+    (common/privacy/secure_rng.py). ``None`` (simulation): from torch generators keyed with
+    ``seed``, reproducible -- and predictable by whoever knows
     the seed, hence Opacus' "Secure RNG turned off" warning.
     """
     model.to(device).train()
@@ -141,8 +142,11 @@ def train_round(
     )
     optimizer = make_optimizer(model, cfg)
     criterion: nn.Module = make_criterion(cfg)
-    # Modality dropout draws from its own seeded stream: reproducible, independent of the data.
-    drop_gen = torch.Generator().manual_seed(seed + 2)
+    # Modality dropout: from the secure generator at a deployed site; in a simulation from its
+    # own keyed stream (reproducible). Independent of the data either way.
+    drop_gen: torch.Generator | SecureRandom = (
+        secure_rng if secure_rng is not None else torch.Generator().manual_seed(seed + 2)
+    )
     if plan is None:
         return _train_plain(
             model,
@@ -282,7 +286,7 @@ def _train_plain(
     *,
     cfg: RunConfig,
     device: torch.device,
-    drop_gen: torch.Generator,
+    drop_gen: torch.Generator | SecureRandom,
     anchor: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     total, count = 0.0, 0

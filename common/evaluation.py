@@ -20,8 +20,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedfuse.common.config import RunConfig
-from fedfuse.common.explain import contribution_metrics, modality_contributions
-from fedfuse.common.metrics import SCORE_BINS, evaluate, histogram_auroc, predict, score_bins
+from fedfuse.common.explain import contribution_metrics, contribution_report
+from fedfuse.common.metrics import (
+    SCORE_BINS,
+    Predictions,
+    histogram_auroc,
+    predict_variants,
+    score_bins,
+    scores,
+)
 
 # Fixed-point scale of the loss and weight sums, and the per-record loss cap: public constants,
 # so every site's vector has the same meaning and a bound a site can check against the modulus.
@@ -93,23 +100,31 @@ def _record_losses(logits: torch.Tensor, labels: torch.Tensor, layout: EvalLayou
     return per.numpy().astype(np.float64)
 
 
-@torch.no_grad()
+def _variants(
+    model: nn.Module, dataset: Dataset, *, modalities: int, device: torch.device
+) -> list[Predictions]:
+    return predict_variants(model.to(device), dataset, hidden=modalities, device=device)
+
+
 def eval_sums(
     model: nn.Module, dataset: Dataset, *, layout: EvalLayout, device: torch.device
 ) -> np.ndarray:
     """This site's evaluation-sums vector (non-negative int64, ``layout.length`` entries)."""
-    model = model.to(device)
+    variants = _variants(model, dataset, modalities=len(layout.modalities), device=device)
+    return sums_from_predictions(variants, layout=layout)
+
+
+def sums_from_predictions(variants: list[Predictions], *, layout: EvalLayout) -> np.ndarray:
+    """The evaluation-sums vector from :func:`fedfuse.common.metrics.predict_variants`'
+    predictions (every modality, then each one hidden)."""
     vec = np.zeros(layout.length, dtype=np.int64)
-    full = predict(model, dataset, device=device)
+    full = variants[0]
     n = len(full.labels)
     if n == 0:
         return vec
     losses = np.minimum(_record_losses(full.logits, full.labels, layout), LOSS_CAP)
     tasks, correct, graded = _task_scores(full.logits, full.labels, layout)
     vec[:4] = [n, int(np.rint(losses * SUM_SCALE).sum()), correct, graded]
-    variants = [full] + [
-        predict(model, dataset, device=device, hide=i) for i in range(len(layout.modalities))
-    ]
     for v, pred in enumerate(variants):
         per_task = tasks if v == 0 else _task_scores(pred.logits, pred.labels, layout)[0]
         for t, (probs, positive) in enumerate(per_task):
@@ -185,16 +200,35 @@ def evaluate_site(
     ``eval-auroc-<class>`` for multi-class / multi-label tasks) and the per-modality
     contributions of :mod:`fedfuse.common.explain`. Every key is always present (NaN where
     undefined), so that every site reports the same keys."""
-    model = model.to(device)
-    res = evaluate(
-        model, dataset, device=device, multi_label=cfg.multi_label, class_names=cfg.class_names
-    )
+    variants = _variants(model, dataset, modalities=len(cfg.modality_names), device=device)
+    return figures_from_predictions(variants, cfg=cfg)
+
+
+def figures_from_predictions(variants: list[Predictions], *, cfg: RunConfig) -> dict[str, float]:
+    """:func:`evaluate_site`'s figures from predictions already made (every modality, then
+    each one hidden)."""
+    full, *hidden = variants
+    res = scores(full, multi_label=cfg.multi_label, class_names=cfg.class_names)
     out: dict[str, float] = {"num-examples": res.pop("num-examples")}
     out.update({f"eval-{k}": v for k, v in res.items()})
     if out["num-examples"]:
-        report = modality_contributions(model, dataset, device=device, multi_label=cfg.multi_label)
+        report = contribution_report(
+            full, hidden, tuple(cfg.modality_names), multi_label=cfg.multi_label
+        )
         out.update(contribution_metrics(report))
     for name in cfg.modality_names:
         for key in ("auroc-without", "auroc-drop", "weight"):
             out.setdefault(f"eval-{key}-{name}", math.nan)
     return out
+
+
+def site_evaluation(
+    model: nn.Module, dataset: Dataset, *, cfg: RunConfig, device: torch.device
+) -> tuple[dict[str, float], np.ndarray]:
+    """(the site's own figures, its evaluation-sums vector) from ONE pass over ``dataset``:
+    what :func:`evaluate_site` and :func:`eval_sums` return, without evaluating twice."""
+    layout = EvalLayout.for_config(cfg)
+    variants = _variants(model, dataset, modalities=len(layout.modalities), device=device)
+    return figures_from_predictions(variants, cfg=cfg), sums_from_predictions(
+        variants, layout=layout
+    )

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
-from fedfuse.common.metrics import predict, scores
+from fedfuse.common.metrics import Predictions, predict_variants, scores
 
 
 def modality_contributions(
@@ -36,12 +36,25 @@ def modality_contributions(
 ) -> dict[str, Any]:
     """``{"auroc": full, "modalities": {name: {auroc-without, auroc-drop, weight, present}}}``."""
     names: tuple[str, ...] = tuple(model.modalities)  # type: ignore[arg-type]
-    full = predict(model, dataset, device=device, batch_size=batch_size)
+    full, *hidden = predict_variants(
+        model, dataset, hidden=len(names), device=device, batch_size=batch_size
+    )
+    return contribution_report(full, hidden, names, multi_label=multi_label)
+
+
+def contribution_report(
+    full: Predictions,
+    hidden: list[Predictions],
+    names: tuple[str, ...],
+    *,
+    multi_label: bool = False,
+) -> dict[str, Any]:
+    """:func:`modality_contributions` from predictions already made: with every modality
+    (``full``) and with modality ``i`` hidden (``hidden[i]``)."""
     base = scores(full, multi_label=multi_label)["auroc"]
     out: dict[str, Any] = {"auroc": base, "num-examples": len(full.labels), "modalities": {}}
     for i, name in enumerate(names):
-        hidden = predict(model, dataset, device=device, batch_size=batch_size, hide=i)
-        without = scores(hidden, multi_label=multi_label)["auroc"]
+        without = scores(hidden[i], multi_label=multi_label)["auroc"]
         present = full.mask[:, i] > 0 if len(full.labels) else torch.zeros(0, dtype=torch.bool)
         weight = math.nan
         if full.weights is not None and bool(present.any()):

@@ -79,6 +79,58 @@ def predict(
     )
 
 
+@torch.no_grad()
+def predict_variants(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    hidden: int,
+    device: torch.device,
+    batch_size: int = 256,
+) -> list[Predictions]:
+    """``[every modality, modality 0 hidden, ..., modality hidden-1 hidden]`` in one pass over
+    ``dataset``: each batch goes through ``model`` once, its variants stacked along the batch
+    (the same figures as :func:`predict` with ``hide=i``; a model in eval mode treats records
+    independently). A forward call holds at most ``batch_size`` rows, as :func:`predict`'s."""
+    model.eval()
+    k = 1 + hidden
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // k), shuffle=False)
+    labels: list[torch.Tensor] = []
+    logits: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    masks: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    weights: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    head = getattr(model, "head", None)
+    for mask, *inputs, y in loader:
+        b = len(y)
+        variants = [mask]
+        for i in range(hidden):
+            m = mask.clone()
+            m[:, i] = 0.0
+            variants.append(m)
+        stacked = [x.repeat(k, *([1] * (x.dim() - 1))).to(device) for x in inputs]
+        out = model(torch.cat(variants).to(device), *stacked).float().cpu()
+        w = getattr(head, "last_weights", None)
+        labels.append(y)
+        for v in range(k):
+            logits[v].append(out[v * b : (v + 1) * b])
+            masks[v].append(variants[v])
+            if w is not None:
+                weights[v].append(w[v * b : (v + 1) * b].float().cpu())
+    if not labels:
+        empty = torch.zeros(0)
+        return [Predictions(empty, empty, empty, None) for _ in range(k)]
+    y_all = torch.cat(labels)
+    return [
+        Predictions(
+            y_all,
+            torch.cat(logits[v]),
+            torch.cat(masks[v]),
+            torch.cat(weights[v]) if len(weights[v]) == len(labels) else None,
+        )
+        for v in range(k)
+    ]
+
+
 def scores(
     pred: Predictions, *, multi_label: bool, class_names: tuple[str, ...] | None = None
 ) -> dict[str, float]:

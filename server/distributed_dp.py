@@ -27,6 +27,9 @@ from fedfuse.common.privacy.ddgauss import DdgEvent, ddg_epsilon
 from fedfuse.common.secagg.distributed_dp import DdpSpec, spec_from_config
 
 ACCOUNTANT = "rdp (KLS21 Prop. 14; Zhu-Wang 2019 Poisson subsampling)"
+# Where a round record (metrics.jsonl) keeps the distributed-DP accounting; client-level DP with
+# noise at the server keeps its own under "client-dp" (server/client_level_dp.py).
+ROUND_RECORD_KEY = "distributed-dp"
 SAMPLING_ASSUMPTION = (
     "epsilon is amplified by sampling: it assumes each site took part in each round only with "
     "probability (sites sampled / sites available), independently, as the coordinator reports; "
@@ -88,7 +91,8 @@ class DistributedDp:
         return ddg_epsilon(events, delta=self.delta) if events else 0.0
 
     def summary(self) -> dict[str, Any]:
-        """What privacy.json reports (under ``client_level``) for the run so far."""
+        """What each round record keeps under :data:`ROUND_RECORD_KEY`, and privacy.json
+        reports (under ``client_level``: the guarantee is client-level) for the run so far."""
         last = self.events[-1] if self.events else None
         return {
             "epsilon": self.epsilon(),
@@ -124,7 +128,7 @@ def make_distributed_dp(
     if not getattr(cfg, "distributed_dp", False):
         return None
     dp = DistributedDp(cfg)
-    done = [r["client-dp"] for r in rounds or [] if "client-dp" in r]
+    done = [r[ROUND_RECORD_KEY] for r in rounds or [] if ROUND_RECORD_KEY in r]
     if done and "events" in done[-1]:
         parsed = [DdgEvent.parse(m) for m in done[-1]["events"]]
         dp.events = [e for e in parsed if e is not None]

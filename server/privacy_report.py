@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import Message
 
 from fedfuse.common.errors import FedfuseError
-from fedfuse.common.privacy.refusal import find_refusal, parse_refusal
+from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
 
 
 class FederationStopped(FedfuseError):
@@ -22,17 +22,38 @@ class FederationStopped(FedfuseError):
 
 
 def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tuple[str, str, bool]:
-    """Record an error reply in the round record; returns (site, reason, is_refusal)."""
-    # A refusal, sent as one or quoted in a SecAgg+ failure (client/secagg_mod.py).
-    refusal = parse_refusal(msg.error.code, msg.error.reason) or find_refusal(msg.error.reason)
-    if refusal is not None:
-        name = refusal.site if refusal.site != "?" else fallback_name
-        current.setdefault("refused", {})[name] = refusal.why
-        return name, refusal.why, True
-    reason = str(msg.error.reason)
+    """Record a reply that brought no update in the round record: a refusal (its fields,
+    common/privacy/refusal.py) or an error. Returns (site, why, is_refusal)."""
+    if not msg.has_error():
+        refusal = refusal_of(msg)
+        if refusal is not None:
+            note_refusal(current, refusal)
+            return refusal.site, refusal.why, True
+    reason = str(msg.error.reason) if msg.has_error() else "a reply with a malformed refusal"
     name = named_site(reason, fallback_name)
     current.setdefault("failed", {})[name] = reason
     return name, reason, False
+
+
+def is_refusal(msg: Message) -> bool:
+    """Is ``msg`` a site's refusal (its fields, no update)?"""
+    return msg.has_content() and REFUSAL_KEY in msg.content.config_records
+
+
+def refusal_of(msg: Message) -> Refusal | None:
+    """The refusal ``msg`` carries, or None (none, or one whose fields are malformed)."""
+    if not is_refusal(msg):
+        return None
+    try:
+        return Refusal.from_record(msg.content.config_records[REFUSAL_KEY])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def note_refusal(current: dict[str, Any], refusal: Refusal) -> None:
+    """Keep a refusal in the round record: why (for people), and its fields."""
+    current.setdefault("refused", {})[refusal.site] = refusal.why
+    current.setdefault("refusals", {})[refusal.site] = refusal.to_record()
 
 
 _NAMED = re.compile(r"(?:^|: )site ([\w.\-]+): ")

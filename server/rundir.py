@@ -21,6 +21,7 @@ from fedfuse.common.explain import contribution_markdown
 from fedfuse.common.jsonsafe import jsonable
 from fedfuse.common.privacy.ledger import LEDGER_ACCOUNTANT
 from fedfuse.common.provenance import code_digest
+from fedfuse.server.distributed_dp import ROUND_RECORD_KEY as DDP_ROUND_KEY
 from fedfuse.server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -110,9 +111,9 @@ class RunDirectory:
     def privacy_summary(self) -> dict[str, Any]:
         """Per site: this run's epsilon, its lifetime epsilon (every run on its data, from its
         ledger) before and after this run, its budget, refusals, and its ledger entries."""
-        client_level = next(
-            (r["client-dp"] for r in reversed(self.rounds) if "client-dp" in r), None
-        )
+        # Client-level DP, with the noise at the server or at the sites (distributed DP).
+        key = DDP_ROUND_KEY if self.cfg.distributed_dp else "client-dp"
+        client_level = next((r[key] for r in reversed(self.rounds) if key in r), None)
         return {
             "accountant": self.cfg.accountant,
             "level": self.cfg.dp_level,

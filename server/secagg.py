@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedfuse.common.errors import ConfigError
-from fedfuse.common.privacy.refusal import Refusal, find_refusal
+from fedfuse.common.privacy.refusal import Refusal
 from fedfuse.common.secagg import crypto, masking
 from fedfuse.common.secagg import distributed_dp as ddp_mech
 from fedfuse.common.secagg.params import RoundParams, SecAggSettings
@@ -46,6 +46,7 @@ from fedfuse.common.secagg.protocol import (
     Stage,
     check_record,
 )
+from fedfuse.server.distributed_dp import ROUND_RECORD_KEY as DDP_ROUND_KEY
 from fedfuse.server.distributed_dp import DistributedDp, make_distributed_dp
 from fedfuse.server.privacy_report import FederationStopped, named_site, note_error, note_ledger
 from fedfuse.server.strategy import EvalRound, site_name
@@ -65,7 +66,8 @@ class SecAggOutcome:
     errors: dict[int, Message] = field(default_factory=dict)
     # Node id -> why its contribution was left out (refused by the site, malformed vector).
     rejected: dict[int, str] = field(default_factory=dict)
-    # Node id -> the refusal it sent at setup, before any key exchange (its budget).
+    # Node id -> the refusal it sent at setup, before any key exchange (its budget), or at
+    # collect (then also in ``rejected``: its masks are removed like a dropout's).
     refused: dict[int, Refusal] = field(default_factory=dict)
     # The stage at which the round failed (None while it has not).
     failed_stage: str | None = None
@@ -374,6 +376,12 @@ class _Round:
             rec = msg.content.config_records[RECORD_KEY]
             if Key.REFUSED in rec:
                 self.out.rejected[nid] = f"the site refused to upload: {rec[Key.REFUSED]}"
+                if REFUSAL_KEY in msg.content.config_records:  # its budget: the fields
+                    try:
+                        refusal = Refusal.from_record(msg.content.config_records[REFUSAL_KEY])
+                        self.out.refused[nid] = refusal
+                    except (KeyError, TypeError, ValueError):
+                        pass  # stays a plain refusal to upload
                 continue
             reason, vec = self.check_vector(msg.content.array_records.get(MASKED_KEY), m)
             if reason:
@@ -556,7 +564,7 @@ class SecAggAggregation(FedAvg):
                 sampled=outcome.params.sample_num,
                 available=len(list(grid.get_node_ids())),
             )
-            current["client-dp"] = self.ddp.summary()
+            current[DDP_ROUND_KEY] = self.ddp.summary()
         return []
 
     def _secagg_record(self, outcome: SecAggOutcome) -> dict[str, Any]:
@@ -569,18 +577,16 @@ class SecAggAggregation(FedAvg):
             return self._secagg_names.get(nid, f"node-{nid}")
 
         for nid, reason in outcome.dropped.items():
-            refusal = find_refusal(reason)  # a refusal quoted in a dropout (its budget)
-            if nid in outcome.errors:  # an error reply: a refusal (budget) or a failure
+            if nid in outcome.errors:  # an error reply
                 note_error(current, outcome.errors[nid], name(nid))
-            elif refusal is not None:
-                current.setdefault("refused", {})[name(nid)] = refusal.why
             else:
                 current.setdefault("failed", {})[named_site(reason, name(nid))] = reason
         for refusal in outcome.refused.values():
             current.setdefault("refused", {})[refusal.site] = refusal.why
             current.setdefault("refusals", {})[refusal.site] = refusal.to_record()
         for nid, reason in outcome.rejected.items():
-            current.setdefault("rejected", {})[name(nid)] = reason
+            if nid not in outcome.refused:  # a refusal at collect is recorded as one above
+                current.setdefault("rejected", {})[name(nid)] = reason
         for msg in outcome.accepted:
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             site = current["sites"].setdefault(name(msg.metadata.src_node_id), {})

@@ -25,6 +25,7 @@ from fedfuse.server.checkpoint import save_checkpoint
 from fedfuse.server.client_level_dp import make_client_dp
 from fedfuse.server.privacy_report import (
     FederationStopped,
+    is_refusal,
     named_site,
     note_error,
     note_ledger,
@@ -213,7 +214,7 @@ class SiteRecordingMixin:
         good: list[Message] = []
         for msg in replies:
             name = self._site_of(msg)
-            if msg.has_error():
+            if msg.has_error() or is_refusal(msg):
                 name, why, refused = note_error(self.current, msg, name)
                 what = "refused the round" if refused else "failed"
                 log(WARNING, "Round %s: site %s %s: %s", server_round, name, what, why)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fedfuse.common.config import RunConfig
+from fedfuse.common.privacy.secure_rng import SecureRandom
 
 
 class MultiLabelLoss(nn.Module):
@@ -34,16 +35,22 @@ def make_criterion(cfg: RunConfig) -> nn.Module:
 
 
 def modality_dropout(
-    mask: torch.Tensor, p: float, *, generator: torch.Generator | None = None
+    mask: torch.Tensor, p: float, *, generator: torch.Generator | SecureRandom | None = None
 ) -> torch.Tensor:
     """Hide each present modality of each record with probability ``p``, never all of them.
 
     A record that would lose every modality keeps its original mask. Hiding is independent of
     the data, so it does not change the DP guarantee (each record's gradient is still clipped).
+    ``generator``: a :class:`SecureRandom` at a deployed site (nobody can regenerate which
+    modalities a round hid), a keyed ``torch.Generator`` in a simulation (reproducible).
     """
     if p <= 0.0 or mask.numel() == 0:
         return mask
-    keep = torch.rand(mask.shape, generator=generator, device=mask.device) >= p
+    if isinstance(generator, SecureRandom):
+        draws = torch.from_numpy(generator.uniform(mask.numel())).view(mask.shape)
+        keep = draws.to(mask.device) >= p
+    else:
+        keep = torch.rand(mask.shape, generator=generator, device=mask.device) >= p
     dropped = mask * keep.to(mask.dtype)
     lost_all = dropped.sum(dim=1) == 0
     return torch.where(lost_all.unsqueeze(1), mask, dropped)

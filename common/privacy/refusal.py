@@ -1,30 +1,26 @@
-"""The refusal a site sends instead of an update: one format that the ClientApp writes and the
-ServerApp (any strategy or workflow) reads.
+"""The refusal a site sends instead of an update: one record that the ClientApp writes and the
+ServerApp (any strategy or workflow) reads, field by field.
 
-A refusal travels as a Flower ``Error`` reply, which every Flower strategy and workflow already
-handles as "this node gave no result", so a refusing site can never be aggregated by mistake.
-The reason is plain text a human reads in the server log and that :func:`parse_refusal` reads
-back: ``site <name> refused round <r>: <why>``, for example ``site site-1 refused round 2:
-privacy budget exhausted: spent 2.1 of 2.5 (this round would reach 2.9)``.
+A refusal travels as fields -- site, round, why, and for a budget refusal the lifetime epsilon
+spent, the site's budget and what the round would reach (:meth:`Refusal.to_record`) -- in a
+ConfigRecord under :data:`REFUSAL_KEY`, never as text to be parsed back:
 
-Under SecAgg+ a site that will refuse says so at the protocol's setup stage, before any key
-exchange (client/secagg_mod.py), and there the refusal travels as fields
-(:meth:`Refusal.to_record`: site, round, why, spent, budget, would-reach), not as text.
+- without SecAgg+, as the whole content of the site's train reply (no model in it, so nothing
+  that could be aggregated by mistake; ``server/privacy_report.py`` reads it);
+- under SecAgg+, in the site's reply to the setup stage, before any key exchange
+  (``client/secagg_mod.py``), so that the round goes on without it; or, should the site refuse
+  only once the model came (its ledger changed meanwhile), beside its refusal to upload.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Flower's own error codes are 0-8 (flwr.common.constant.ErrorCode); ours sits far above them.
-PRIVACY_REFUSAL_CODE = 4031
-_REASON = re.compile(r"^site (?P<site>.+?) refused round (?P<round>\d+): (?P<why>.*)$", re.DOTALL)
-# The same text inside another error (a ClientApp mod that wraps the reply's error in its own).
-_EMBEDDED = re.compile(r"site (?P<site>\S+) refused round (?P<round>\d+): (?P<why>[^'\n]*)")
+# The ConfigRecord holding a refusal's fields, in a train reply or a SecAgg+ reply.
+REFUSAL_KEY = "privacy-refusal"
 
 
 @dataclass(frozen=True)
@@ -81,23 +77,6 @@ class Refusal:
 
     @property
     def budget_exhausted(self) -> bool:
-        return self.why.startswith("privacy budget exhausted")
-
-
-def parse_refusal(code: int, reason: str | None) -> Refusal | None:
-    """The refusal carried by a Flower error reply, or None for any other error."""
-    if code != PRIVACY_REFUSAL_CODE or not reason:
-        return None
-    m = _REASON.match(reason)
-    if m is None:
-        return Refusal(site="?", round=0, why=reason)
-    return Refusal(m["site"], int(m["round"]), m["why"])
-
-
-def find_refusal(text: str | None) -> Refusal | None:
-    """A refusal quoted inside another error's text (e.g. SecAgg+'s "training failed: ..."),
-    or None."""
-    m = _EMBEDDED.search(text or "")
-    if m is None:
-        return None
-    return Refusal(m["site"], int(m["round"]), m["why"].rstrip(" .>"))
+        """A budget refusal: it carries its figures (another refusal, e.g. a broken ledger,
+        carries only why)."""
+        return self.budget is not None and self.would_reach is not None

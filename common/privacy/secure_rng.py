@@ -1,4 +1,5 @@
-"""Cryptographically secure randomness for DP-SGD at a deployed site: noise and Poisson batches.
+"""Cryptographically secure randomness at a deployed site: DP-SGD's noise and Poisson batches,
+distributed DP's rounding and discrete Gaussian noise, and modality dropout.
 
 DP-SGD protects a record only while nobody can predict or reconstruct the noise and the batches.
 torch's generators (Mersenne Twister on CPU, Philox on CUDA) are not cryptographic: whoever sees
@@ -71,6 +72,22 @@ class SecureRandom:
         """``n`` floats uniform on [0, 1), each from 53 random bits (every float64 grid value)."""
         words = np.frombuffer(self.random_bytes(8 * n), dtype="<u8")
         return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    def random(self, size: int) -> np.ndarray:
+        """``size`` uniforms on [0, 1): :meth:`uniform` under numpy's ``Generator`` name, so a
+        :class:`SecureRandom` can stand in for one (``common/secagg/distributed_dp.py``)."""
+        return self.uniform(size)
+
+    def geometric(self, p: float, size: int) -> np.ndarray:
+        """``size`` draws of the geometric distribution on {1, 2, ...} with success probability
+        ``p`` (numpy's ``Generator.geometric``), by inversion: ``floor(log V / log(1 - p)) + 1``
+        with V uniform on (0, 1], so that P(X > m) = P(V <= (1 - p)^m) = (1 - p)^m."""
+        if not 0 < p <= 1:
+            raise ValueError(f"p must be in range (0, 1]; found {p}")
+        if p == 1:
+            return np.ones(size, dtype=np.int64)
+        v = 1.0 - self.uniform(size)  # in (0, 1]
+        return (np.floor(np.log(v) / math.log1p(-p)) + 1).astype(np.int64)
 
     def standard_normal(self, n: int) -> np.ndarray:
         """``n`` independent N(0, 1) draws in float64 (Box-Muller; both outputs used)."""

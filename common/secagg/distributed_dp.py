@@ -11,8 +11,10 @@ in place of SecAgg+'s float quantisation for ``dp-level = distributed`` (and
    so the server can invert it; the rotation spreads the update evenly over the coordinates;
 3. rounds each coordinate up or down at random (unbiased), again until the L2 norm is within
    the bound of :func:`fedfuse.common.privacy.ddgauss.rounded_l2_bound` ("conditional" rounding);
-4. adds discrete Gaussian noise N_Z(0, sigma_local^2), sampled with a generator keyed by the
-   SITE'S secret (the server cannot predict or remove it), with
+4. adds discrete Gaussian noise N_Z(0, sigma_local^2), drawn from a source the server cannot
+   predict or remove: at a deployed site a ChaCha20 keystream under a fresh random key
+   (``common/privacy/secure_rng.py``), in a simulation a generator keyed by the SITE'S secret
+   (reproducible), with
    ``sigma_local = z * Delta_2 / sqrt(T)``: once ``T`` sites (the SecAgg+ reconstruction
    threshold) are in the sum, the noise on it has std at least ``z * Delta_2``, ``z`` being
    ``client-noise-multiplier``;
@@ -34,7 +36,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,6 +48,15 @@ TAIL_PROBABILITY = 2.0**-40
 # Conditional rounding re-draws while the norm exceeds its bound; each draw fails with
 # probability at most beta, so this many failures in a row means something else is wrong.
 MAX_ROUNDING_TRIES = 1000
+
+
+class RandomSource(Protocol):
+    """Where the rounding and the noise come from: a numpy ``Generator`` keyed with the site's
+    secret (simulation), or a ``fedfuse.common.privacy.secure_rng.SecureRandom`` (deployed)."""
+
+    def random(self, size: int) -> np.ndarray: ...
+
+    def geometric(self, p: float, size: int) -> np.ndarray: ...
 
 
 def next_pow2(n: int) -> int:
@@ -180,7 +191,7 @@ def _sq_norm(x: np.ndarray) -> float:
     return float(np.square(x).sum())
 
 
-def conditional_round(x: np.ndarray, bound: float, rng: np.random.Generator) -> np.ndarray:
+def conditional_round(x: np.ndarray, bound: float, rng: RandomSource) -> np.ndarray:
     """Unbiased randomised rounding of each coordinate, re-drawn until ||.||_2 <= ``bound``."""
     low = np.floor(x)
     frac = x - low
@@ -194,13 +205,18 @@ def conditional_round(x: np.ndarray, bound: float, rng: np.random.Generator) -> 
     )
 
 
-def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator) -> np.ndarray:
+def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> np.ndarray:
     """``size`` samples of N_Z(0, sigma^2), the discrete Gaussian on the integers.
 
     Canonne, Kamath and Steinke 2020 (arXiv:2004.00010), Algorithm 3, vectorised: draw
     Y ~ discrete Laplace of scale t = floor(sigma) + 1 (a difference of two geometric
     variables) and accept it with probability exp(-(|Y| - sigma^2/t)^2 / (2 sigma^2)). In
     floating point, like TensorFlow Federated's sampler, not the exact rational arithmetic.
+
+    The values are integers, so the floating-point attack on continuous noise (whose low-order
+    bits give away the draw; Mironov 2012) has nothing to read here, and each value is one
+    draw: summing several, as Opacus' secure mode does for continuous noise, would change the
+    distribution that the accounting (``common/privacy/ddgauss.py``) is about.
     """
     if not (sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be in (0, inf); found {sigma}")
@@ -223,12 +239,13 @@ def privatize(
     *,
     threshold: int,
     seed: bytes,
-    rng: np.random.Generator,
+    rng: RandomSource,
 ) -> np.ndarray:
     """A site's contribution: ``[1, noisy rotated rounded scaled clipped update]`` (int64,
     length ``1 + spec.padded``), before it is reduced modulo M and masked.
 
-    ``rng`` must be keyed with the site's secret: it draws the rounding and the noise.
+    ``rng`` draws the rounding and the noise: a secure generator at a deployed site, one keyed
+    with the site's secret in a simulation; never one the server can reproduce.
     """
     if delta.size != spec.dim:
         raise ValueError(f"the update has {delta.size} entries; the spec expects {spec.dim}")
@@ -283,8 +300,9 @@ def decode_sum(
     return unrotate(body.astype(np.float64) / spec.scale, seed)[: spec.dim]
 
 
-# The record the SecAgg+ mod adds to the training message (the round's SecAgg+ parameters the
-# site's noise depends on), and the one the training reply carries the site's vector in.
+# The ConfigRecord in ``Context.state`` under which the SecAgg+ mod hands the ClientApp the round's
+# SecAgg+ parameters that the site's noise depends on (threshold, sample-num, modulus) while it
+# trains, and the ArrayRecord the training reply carries the site's vector in.
 ROUND_KEY = "secagg-round"
 VECTOR_KEY = "ddp"
 VECTOR_ARRAY = "vector"

@@ -12,6 +12,10 @@ from typing import Any
 
 from fedfuse.common.errors import FedfuseError
 
+# REFUSAL_KEY: the ConfigRecord of a site's refusal at setup (Refusal.to_record: site, round,
+# why, spent, budget, would-reach); defined with the refusal, which also travels without SecAgg+.
+from fedfuse.common.privacy.refusal import REFUSAL_KEY as REFUSAL_KEY
+
 # The ConfigRecord that every SecAgg+ message carries, in both directions.
 RECORD_KEY = "secaggplus"
 # The site's protocol state between messages, a ConfigRecord in ``Context.state``.
@@ -24,9 +28,6 @@ MASKED_ARRAY = "vector"
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 WEIGHT_METRIC = "num-examples"
-# The ConfigRecord of a site's refusal at setup (fedfuse.common.privacy.refusal.Refusal.to_record):
-# site, round, why, spent, budget, would-reach.
-REFUSAL_KEY = "privacy-refusal"
 # Node-config key: a site that sets it refuses any training request without SecAgg+.
 REQUIRE_NODE_CONFIG = "require-secagg"
 

@@ -269,16 +269,42 @@ def test_a_site_killed_between_rounds_continues_from_its_ledger(tmp_path: Path, 
     )
 
 
-def test_refusal_text_round_trips_directly_and_inside_a_secagg_dropout():
-    from fedfuse.common.privacy.refusal import PRIVACY_REFUSAL_CODE, find_refusal, parse_refusal
+def test_a_refusal_without_secagg_travels_as_fields(
+    tmp_path: Path, synth_sites: list[Path]
+) -> None:
+    """The real ClientApp at a deployed site past its budget, without SecAgg+: the train reply
+    is the refusal's fields (site, round, spent, budget, would-reach) and the site record -- no
+    model, no error text to parse -- and the server records it as a refusal, field by field."""
+    from fedfuse.client.app import app as client_app
+    from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
+    from fedfuse.server.privacy_report import note_error
+    from tests.support.requests import _train_request
 
-    reason = "site site-1 refused round 2: privacy budget exhausted: spent 4.025 of 4.035"
-    direct = parse_refusal(PRIVACY_REFUSAL_CODE, reason)
-    assert (direct.site, direct.round, direct.budget_exhausted) == ("site-1", 2, True)
-    assert parse_refusal(2, reason) is None  # any other error code is a failure, not a refusal
-    # SecAgg+'s client mod wraps the train reply's error in its own exception text.
-    wrapped = f"stage collect: <class 'SecAggProtocolError'>:<'training failed: {reason}'>"
-    found = find_refusal(wrapped)
-    assert (found.site, found.round) == ("site-1", 2)
-    assert found.why == "privacy budget exhausted: spent 4.025 of 4.035"
-    assert find_refusal("stage collect: no reply") is None
+    site = tmp_path / "site-1"
+    shutil.copytree(synth_sites[1], site)
+    earlier = Ledger(resolve_budget({}, site).ledger_path).append(
+        site=site.name,
+        run_id="an-earlier-federation",
+        run_name="earlier",
+        round=1,
+        event=DpSgdEvent(0.6, 1.0, 50),
+        max_grad_norm=1.0,
+        delta=1e-5,
+        epsilon_budget=math.inf,
+        model_hash="0" * 64,
+    )
+    write_site_file(site, epsilon_budget=2.0, delta=1e-5)
+    cfg = RunConfig(num_rounds=1, batch_size=64, target_epsilon=4.0, secagg=False)
+    msg, ctxt = _train_request(cfg, site, **{"run-id": "plain", "run-uid": "u-plain"})
+    reply = client_app(msg, ctxt)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {REFUSAL_KEY, "site"}
+    refusal = Refusal.from_record(reply.content.config_records[REFUSAL_KEY])
+    assert (refusal.site, refusal.round, refusal.budget) == ("site-1", 1, 2.0)
+    assert refusal.spent == pytest.approx(earlier.epsilon)
+    assert refusal.would_reach is not None and refusal.would_reach >= refusal.spent > 2.0
+    assert refusal.budget_exhausted and refusal.why.startswith("privacy budget exhausted")
+    current: dict = {}
+    assert note_error(current, reply, "node-7") == ("site-1", refusal.why, True)
+    assert current["refusals"]["site-1"] == refusal.to_record() and "failed" not in current
+    assert len(Ledger(resolve_budget({}, site).ledger_path).entries()) == 1  # nothing charged

@@ -103,7 +103,60 @@ def _exhaust(site: Path) -> float:
     return entry.epsilon
 
 
-def _run(tmp_path: Path, synth_sites: list[Path], sites: int, exhausted: str):  # noqa: ANN202
+def test_the_real_client_app_refuses_at_setup_under_distributed_dp(
+    tmp_path: Path, synth_sites: list[Path]
+) -> None:
+    """The ClientApp itself (mods and precheck, a deployed site with a real ledger) answers a
+    SecAgg+ setup message under distributed DP with the refusal's fields and no keys -- the
+    round's event sized from the site's own model and the setup's threshold -- and a site with
+    budget left answers with its public keys. (Record-level DP: the e2e test above.)"""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedfuse.common.privacy.refusal import Refusal
+    from fedfuse.common.secagg import RoundParams
+    from fedfuse.common.secagg.protocol import RECORD_KEY, Key
+
+    data = fresh_sites(synth_sites[:2], tmp_path / "data")
+    spent = _exhaust(data / "site-1")
+    cfg = RunConfig(dp_level="distributed", num_rounds=2, target_epsilon=4.0, accountant="rdp")
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    setup = {Key.STAGE: Stage.SETUP, **RoundParams(3, 3, 2, 8.0, 2**22, 2**32, 1000.0).to_record()}
+    replies = {}
+    for name in ("site-0", "site-1"):
+        config = {**cfg.to_mapping(), "server-round": 1, "run-uid": "u-setup"}
+        msg = Message(
+            RecordDict({RECORD_KEY: ConfigRecord(setup), "config": ConfigRecord(config)}),
+            dst_node_id=5,
+            message_type=MessageType.TRAIN,
+        )
+        node = {"data-path": str(data / name)}
+        ctxt = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+        replies[name] = client_app(msg, ctxt)
+    ok, refused = replies["site-0"], replies["site-1"]
+    assert not ok.has_error() and not refused.has_error()
+    assert Key.PK1 in ok.content.config_records[RECORD_KEY]
+    assert REFUSAL_KEY not in ok.content.config_records
+    rec = refused.content.config_records[RECORD_KEY]
+    assert Key.REFUSED in rec and Key.PK1 not in rec
+    refusal = Refusal.from_record(refused.content.config_records[REFUSAL_KEY])
+    assert (refusal.site, refusal.round, refusal.budget) == ("site-1", 1, 2.0)
+    assert refusal.spent == pytest.approx(spent, rel=1e-6)
+    # Its would-reach counts the round's distributed-DP event.
+    assert refusal.would_reach is not None and refusal.would_reach > refusal.spent
+    assert refusal.budget_exhausted
+    # Nothing was charged: a refusal at setup writes no ledger entry.
+    assert _ledger_runs(data / "site-1") == [("an-earlier-federation", 1)]
+    assert _ledger_runs(data / "site-0") == []
+
+
+def _run(  # noqa: ANN202
+    tmp_path: Path,
+    synth_sites: list[Path],
+    sites: int,
+    exhausted: str,
+    dp_level: str = "record",
+):
     data = fresh_sites(synth_sites[:sites], tmp_path / "data")
     spent = _exhaust(data / exhausted)
     cfg = RunConfig(
@@ -116,6 +169,7 @@ def _run(tmp_path: Path, synth_sites: list[Path], sites: int, exhausted: str):  
         accountant="rdp",
         min_sites=1,
         run_name="refusal",
+        dp_level=dp_level,
     )
     assert cfg.secagg
     delivered: list[tuple[int, str | None]] = []
@@ -176,13 +230,15 @@ def test_a_refusing_site_leaves_before_the_key_exchange_and_the_round_goes_on(
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("dp_level", ["record", "distributed"])
 def test_too_few_sites_left_after_refusals_stop_the_run_cleanly(
-    tmp_path: Path, synth_sites: list[Path]
+    tmp_path: Path, synth_sites: list[Path], dp_level: str
 ) -> None:
     """The README's third ledger-demo run: 2 sites, one refuses. One site cannot be securely
     aggregated (its 'sum' is its update), so the run stops, naming the refusal; the other site
-    never trains, so it is not charged."""
-    data, run_dir, _grid, delivered, _ = _run(tmp_path, synth_sites, 2, "site-1")
+    never trains, so it is not charged. Under distributed DP too: its refusal also comes before
+    any key is shared."""
+    data, run_dir, _grid, delivered, _ = _run(tmp_path, synth_sites, 2, "site-1", dp_level)
     assert {stage for _, stage in delivered} == {Stage.SETUP}  # nobody shared keys
     status = json.loads((run_dir.path / "status.json").read_text())
     assert status["status"] == "stopped", status

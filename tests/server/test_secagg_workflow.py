@@ -261,6 +261,27 @@ def test_a_site_refuses_a_bad_update_and_is_named(bad, needle: str) -> None:
     assert _gap(out.arrays, weighted_mean(*honest)) <= _bound(*honest)
 
 
+def test_a_refusal_at_collect_keeps_its_fields_and_the_round_goes_on() -> None:
+    """A site whose ledger changed between setup and training refuses once the model came: its
+    refusal's fields reach the server beside its refusal to upload, its masks are removed like
+    a dropout's, and the others' sum is exact."""
+    from fedfuse.common.privacy.refusal import Refusal
+
+    n = 4
+    updates, weights = _updates(n), [100.0] * n
+    refusal = Refusal(
+        "site-2", 1, "privacy budget exhausted", spent=5.2, budget=5.0, would_reach=5.6
+    )
+    grid = InProcessGrid(fixed_update_app(updates, weights, refusals={2: refusal}), n)
+    out = _secure_round(grid)
+    assert out.error is None and out.arrays is not None
+    culprit = grid.node_ids[2]
+    assert out.refused == {culprit: refusal}
+    assert "refused: privacy budget exhausted" in out.rejected[culprit]
+    honest = [updates[i] for i in (0, 1, 3)], [100.0] * 3
+    assert _gap(out.arrays, weighted_mean(*honest)) <= _bound(*honest)
+
+
 def test_a_malformed_masked_vector_is_rejected_naming_the_site() -> None:
     """A site that bypasses its own checks and sends a vector of the wrong length is named and
     left out; its masks are removed as for a dropout, so the others' sum is still exact."""

@@ -47,9 +47,9 @@ def _spy_on_noisy_vector(
     seen: list[tuple[dict, dict, client_ddp.SiteDdpRound]] = []
     real = client_ddp.noisy_vector
 
-    def spy(trained, global_arrays, rnd, *, seed):
+    def spy(trained, global_arrays, rnd, *, seed, secure_rng=None):
         seen.append((trained, global_arrays, rnd))
-        return real(trained, global_arrays, rnd, seed=seed)
+        return real(trained, global_arrays, rnd, seed=seed, secure_rng=secure_rng)
 
     monkeypatch.setattr(client_ddp, "noisy_vector", spy)
     return seen

@@ -68,6 +68,8 @@ def test_site_ledger_counts_every_asked_round_at_rate_one(
 
     rounds = run_dir.rounds
     assert len(rounds) == 2
+    # Distributed DP's accounting has its own key in the round records, not client-level DP's.
+    assert all("distributed-dp" in r and "client-dp" not in r for r in rounds)
     sites = sorted(p.name for p in data.iterdir() if p.is_dir())
     for site in sites:
         trained = sum(1 for r in rounds if site in r.get("sites", {}))

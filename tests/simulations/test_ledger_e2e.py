@@ -104,6 +104,11 @@ def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tm
     runs1 = _ledger(sites[1]).entries()
     assert [(e.run_name, e.round) for e in runs1] == [("first", 1), ("first", 2), ("second", 1)]
     assert f"spent {runs1[-1].epsilon:.4g} of {runs1[-1].epsilon + 0.01:.4g}" in why
+    fields = rounds[1]["refusals"]["site-1"]  # without SecAgg+ too, it travelled as fields
+    assert (fields["site"], fields["round"]) == ("site-1", 2)
+    assert fields["spent"] == pytest.approx(runs1[-1].epsilon)
+    assert fields["budget"] == pytest.approx(runs1[-1].epsilon + 0.01)
+    assert fields["would-reach"] > fields["budget"]
     # The run went on with site-0, then stopped when site-0 refused too (min-sites 1).
     assert rounds[1]["num-sites"] == 1 and rounds[2]["num-sites"] == 0
     assert p2["status"] == "stopped"

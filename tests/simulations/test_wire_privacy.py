@@ -27,7 +27,7 @@ from fedfuse.common.secagg.protocol import RECORD_KEY, Key
 from fedfuse.server.app import run_federation
 from fedfuse.server.rundir import RunDirectory
 from fedfuse.simulations.inprocess import InProcessGrid
-from tests.support.wire import EVAL_COLLECT, PATH_LIKE, SECAGG_STAGES, TRAIN_COLLECT
+from tests.support.wire import EVAL_COLLECT, PATH_LIKE, REFUSAL, SECAGG_STAGES, TRAIN_COLLECT
 
 # What a site may send, by reply kind: record name -> the keys it may hold (None: any array
 # names, for the model update without SecAgg+). The README's "What crosses the wire" lists
@@ -37,6 +37,7 @@ TRAIN_CLEAR = {
     "metrics": {"num-examples", "epsilon", "delta", "ledger-seq"},
     "site": {"name"},
     "ledger": {"hash", "seq", "run-id"},
+    **REFUSAL,  # a refusal is the whole reply (no model)
 }
 EVAL_CLEAR = {"eval-sums": {"sums"}, "site": {"name"}}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedfuse.client.secagg_mod import secaggplus_mod
+from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
 from fedfuse.common.privacy.site_secret import secret_path
 from fedfuse.common.secagg.protocol import RECORD_KEY, Key
 
@@ -21,13 +22,23 @@ def fixed_update_app(
     weights: Sequence[float],
     *,
     outer_mods: Sequence[Mod] = (),
+    refusals: Mapping[int, Refusal] | None = None,
 ) -> ClientApp:
-    """A ClientApp behind ``secaggplus_mod`` whose node ``i`` returns global + ``updates[i]``."""
+    """A ClientApp behind ``secaggplus_mod`` whose node ``i`` returns global + ``updates[i]``,
+    or for ``i`` in ``refusals`` that refusal's fields (a site refusing once the model came)."""
     app = ClientApp()
 
     @app.train(mods=[*outer_mods, secaggplus_mod])
     def train(msg: Message, ctxt: Context) -> Message:
         i = int(ctxt.node_config["partition-id"])
+        if refusals and i in refusals:
+            refused = RecordDict(
+                {
+                    REFUSAL_KEY: ConfigRecord(refusals[i].to_record()),
+                    "site": ConfigRecord({"name": f"site-{i}"}),
+                }
+            )
+            return Message(refused, reply_to=msg)
         glob = msg.content["arrays"]
         trained = {
             # A wrong-shaped 'update' is returned as the trained array itself.

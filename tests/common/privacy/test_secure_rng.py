@@ -15,8 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedfuse.client.app as client_app
+from fedfuse.client.training import train_round
 from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import load_site
 from fedfuse.common.models import build_model
+from fedfuse.common.models.objectives import modality_dropout
 from fedfuse.common.privacy.secure_rng import (
     SecureDPDataLoader,
     SecurePoissonSampler,
@@ -147,3 +150,62 @@ def test_a_deployed_site_trains_with_the_secure_generator(
         assert drawn and sum(drawn) % trainable == 0
     else:
         assert passed == [None] and drawn == []
+
+
+def test_geometric_draws_have_the_geometric_distribution() -> None:
+    rng = SecureRandom(KEY)
+    for p in (0.02, 0.4, 1.0):
+        x = rng.geometric(p, 20_000)
+        assert x.min() >= 1
+        if p == 1.0:
+            assert (x == 1).all()
+            continue
+        ks = np.arange(1, int(x.max()) + 1)
+        expected = stats.geom.cdf(ks, p)
+        observed = np.searchsorted(np.sort(x), ks, side="right") / x.size
+        assert np.abs(observed - expected).max() < 0.015  # KS distance, n = 20k
+
+
+def test_secure_modality_dropout_is_not_the_keyed_draw_and_hides_at_rate_p() -> None:
+    mask = torch.ones(20_000, 3)
+    p = 0.3
+    keyed = modality_dropout(mask, p, generator=torch.Generator().manual_seed(2))
+    again = modality_dropout(mask, p, generator=torch.Generator().manual_seed(2))
+    secure = modality_dropout(mask, p, generator=SecureRandom())
+    assert torch.equal(keyed, again) and not torch.equal(secure, keyed)
+    # Each entry hidden with probability p, except that a record losing all three keeps them.
+    hidden = 1 - float(secure.mean())
+    assert hidden == pytest.approx(p - p**3, abs=0.01)  # sd of the estimate: 0.0015
+    assert bool((secure.sum(dim=1) > 0).all())
+
+
+def test_a_deployed_site_drops_modalities_from_the_secure_generator(
+    synth_sites: list[Path],
+) -> None:
+    """train_round with a SecureRandom (what a deployed site passes): two trainings with the same
+    seed differ through modality dropout alone (no DP-SGD here); with the keyed generator
+    (simulation) they are identical."""
+    cfg = RunConfig(num_rounds=1, local_epochs=1, batch_size=64, modality_dropout=0.5)
+    _, ds = load_site(synth_sites[0], cfg)
+    records = torch.utils.data.Subset(ds["train"], range(64))  # one batch: fast
+
+    def trained(secure_rng: SecureRandom | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        train_round(
+            model,
+            records,
+            cfg=cfg,
+            plan=None,
+            history=[],
+            seed=7,
+            device=torch.device("cpu"),
+            secure_rng=secure_rng,
+        )
+        return [p.detach().clone() for p in model.parameters()]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert same(trained(None), trained(None))
+    assert not same(trained(SecureRandom()), trained(SecureRandom()))
