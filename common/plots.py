@@ -66,10 +66,12 @@ def run_title(run_id: str, rounds: Sequence[Mapping], *, target_epsilon: float |
 
 
 def client_level_history(rounds: Sequence[Mapping]) -> list[tuple[int, float]]:
-    """The run's client-level epsilon after each round (every site's, the same for all)."""
+    """The run's client-level epsilon after each round (every site's, the same for all): from
+    server-side client-level DP (``client-dp``) or distributed DP (``distributed-dp``)."""
     out = []
     for r in rounds:
-        eps = _finite((r.get("client-dp") or {}).get("epsilon"))
+        record = r.get("client-dp") or r.get("distributed-dp") or {}
+        eps = _finite(record.get("epsilon"))
         if not math.isnan(eps):
             out.append((int(r["round"]), eps))
     return out
