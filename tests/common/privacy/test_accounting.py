@@ -33,15 +33,29 @@ def test_composition_of_rounds_equals_one_long_event():
     assert one <= rdp * 1.01
 
 
-def test_planning_with_prior_spend_fits_the_rest():
-    prior = [DpSgdEvent(1.0, 0.1, 20)]
-    spent = epsilon_from_events(prior, delta=1e-5)
+@pytest.mark.parametrize(
+    ("prior", "extra", "q", "steps", "accountant"),
+    [
+        ([DpSgdEvent(1.0, 0.1, 20)], 2.0, 0.1, 20, "prv"),
+        ([DpSgdEvent(3.0, 1 / 3, 15), DpSgdEvent(0.8, 0.05, 40)], 6.0, 1 / 3, 15, "prv"),
+        ([DpSgdEvent(1.0, 0.1, 20)], 0.5, 0.1, 20, "rdp"),
+    ],
+)
+def test_planning_with_prior_spend_fits_the_rest(prior, extra, q, steps, accountant):
+    spent = epsilon_from_events(prior, delta=1e-5, accountant=accountant)
     sigma = plan_noise_multiplier(
-        target_epsilon=spent + 2.0, target_delta=1e-5, sample_rate=0.1, steps=20, prior_events=prior
+        target_epsilon=spent + extra,
+        target_delta=1e-5,
+        sample_rate=q,
+        steps=steps,
+        prior_events=prior,
+        accountant=accountant,
     )
-    total = epsilon_from_events([*prior, DpSgdEvent(sigma, 0.1, 20)], delta=1e-5)
-    assert spent < total <= spent + 2.0
-    assert total >= 0.95 * (spent + 2.0)
+    total = epsilon_from_events(
+        [*prior, DpSgdEvent(sigma, q, steps)], delta=1e-5, accountant=accountant
+    )
+    assert spent < total <= spent + extra
+    assert total >= 0.99 * (spent + extra)
 
 
 def test_site_plan_covers_all_rounds():
