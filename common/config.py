@@ -125,8 +125,27 @@ class RunConfig:
     audio_bins: int = 32
     # Which frame of a multi-frame DICOM to use.
     dicom_frame: int = 0
-    # Local state_dict file to initialise resnet18 from (fedfuse never downloads weights).
+    # Local state_dict file to initialise the image encoder from (fedfuse never downloads
+    # weights), and its SHA-256: every site checks its copy before training, so that every site
+    # fine-tunes the same starting point (common/models/pretrained.py).
     image_weights: str = ""
+    image_weights_sha256: str = ""
+    # What of the image encoder stays fixed under DP-SGD (fewer noisy parameters): none,
+    # last-block (all but the backbone's last block), head (the whole backbone: only the
+    # projection trains), all (the encoder is a fixed feature extractor).
+    image_freeze: str = "none"
+    # BatchNorm of the resnet/densenet/timm backbones: "group" (GroupNorm with the BatchNorm's
+    # scale and shift, trainable) or "frozen" (the pretrained statistics as a fixed per-channel
+    # affine map: the pretrained function exactly). Either is per-record, as DP-SGD requires.
+    image_norm: str = "group"
+    # text-encoder "bert": a local Hugging Face checkpoint folder (save_pretrained: config,
+    # weights and its own fixed tokenizer), the SHA-256 of the folder's files, what stays
+    # fixed (as image-freeze, the last block being the last transformer layer), and the rank
+    # of LoRA adapters on the attention's query/value (0 = none; peft).
+    text_weights: str = ""
+    text_weights_sha256: str = ""
+    text_freeze: str = "none"
+    text_lora_rank: int = 0
     # Training-image augmentation (torchvision.transforms.v2): "none" or "light".
     augment: str = "none"
     # "multi-label": labels like "a|b", a sigmoid per class, per-class AUROC.
@@ -304,6 +323,33 @@ def _check_modalities(cfg: RunConfig) -> None:
     _check_choice("task", cfg.task, ("single-label", "multi-label"))
     _check_range("modality-dropout", cfg.modality_dropout, low=0.0, high=1.0, high_open=True)
     _check_choice("noise-seed", cfg.noise_seed, ("secret", "public"))
+    _check_transfer(cfg)
+
+
+FREEZE_MODES = ("none", "last-block", "head", "all")
+
+
+def _check_transfer(cfg: RunConfig) -> None:
+    """Pretrained encoders: weights come with their SHA-256 (common/models/pretrained.py)."""
+    for key, weights, digest in (
+        ("image-weights", cfg.image_weights, cfg.image_weights_sha256),
+        ("text-weights", cfg.text_weights, cfg.text_weights_sha256),
+    ):
+        if digest and not weights:
+            raise ConfigError(f"'{key}-sha256' is set but '{key}' is empty")
+        if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+            raise ConfigError(
+                f"'{key}-sha256' must be 64 lower-case hex digits (sha256sum); found {digest!r}"
+            )
+    _check_choice("image-freeze", cfg.image_freeze, FREEZE_MODES)
+    _check_choice("text-freeze", cfg.text_freeze, FREEZE_MODES)
+    _check_choice("image-norm", cfg.image_norm, ("group", "frozen"))
+    _check_int("text-lora-rank", cfg.text_lora_rank, low=0)
+    if cfg.text_encoder == "bert" and not cfg.text_weights:
+        raise ConfigError(
+            "text-encoder 'bert' needs 'text-weights': a local checkpoint folder written by "
+            "save_pretrained (model and tokenizer), with 'text-weights-sha256'"
+        )
 
 
 def tabular_ranges_required(columns: list[str]) -> str:

@@ -13,13 +13,19 @@ from fedfuse.common.models.encoders import (
     TEXT_ENCODERS,
 )
 from fedfuse.common.models.fusion import FUSION_HEADS, FusionModel
+from fedfuse.common.models.pretrained import (
+    TIMM_PREFIX,
+    freeze_encoder,
+    timm_encoder,
+    verified_weights,
+)
 
 
 def build_encoder(modality: str, cfg: RunConfig) -> nn.Module:
     """The encoder of one modality, chosen by name in ``cfg`` (unknown names list known ones)."""
     d = cfg.embed_dim
     if modality == "image":
-        return IMAGE_ENCODERS.get(cfg.image_encoder)(dim=d, weights=cfg.image_weights)
+        return _image_encoder(cfg)
     if modality == "report":
         return TEXT_ENCODERS.get(cfg.text_encoder)(dim=d, num_buckets=cfg.text_buckets)
     if modality == "audio":
@@ -38,3 +44,23 @@ def build_model(cfg: RunConfig) -> FusionModel:
         dim=cfg.embed_dim, num_modalities=len(encoders), num_classes=len(cfg.class_names)
     )
     return FusionModel(encoders, head)
+
+
+def _image_encoder(cfg: RunConfig) -> nn.Module:
+    """The image encoder, from weights checked against ``image-weights-sha256`` (at every site,
+    whenever it builds the model: before training), with ``image-freeze`` applied."""
+    weights = (
+        verified_weights(cfg.image_weights, sha256=cfg.image_weights_sha256, key="image-weights")
+        if cfg.image_weights
+        else None
+    )
+    name = cfg.image_encoder
+    if name.startswith(TIMM_PREFIX):
+        enc = timm_encoder(
+            name[len(TIMM_PREFIX) :], dim=cfg.embed_dim, weights=weights, norm=cfg.image_norm
+        )
+    else:
+        enc = IMAGE_ENCODERS.get(name)(
+            dim=cfg.embed_dim, weights=str(weights) if weights else "", norm=cfg.image_norm
+        )
+    return freeze_encoder(enc, cfg.image_freeze)

@@ -1,0 +1,392 @@
+"""Pretrained encoders from local files: torchvision/timm image backbones, BERT-family text.
+
+Transfer learning under DP: public pretraining, private fine-tuning of few parameters (Tramer &
+Boneh 2021, arXiv:2011.11660; De et al. 2022, arXiv:2204.13650). fedfuse never downloads
+weights: a site places the file (or, for text, the checkpoint folder) and the run config names
+its SHA-256, which every site checks when it builds the model, before training
+(:func:`verified_weights`), so every site fine-tunes the same starting point.
+
+DP rules (Opacus' ``ModuleValidator``): BatchNorm mixes the records of a batch, so it becomes
+either GroupNorm (trainable, the BatchNorm's scale and shift copied) or a frozen affine map with
+the pretrained statistics (``image-norm = frozen``). ``freeze`` (:data:`FREEZE_MODES`) fixes
+parts of an encoder: frozen parameters get no gradient, hence no noise and no clipping share.
+
+The optional libraries (``timm``, ``transformers``, ``peft``: the ``transfer`` extra) are
+imported only when a run names them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from fedfuse.common.config import FREEZE_MODES
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+
+# DenseNet's transitions pool without padding: below 32 pixels (five halvings) its map would
+# shrink to 0x0, so smaller images are upsampled for it.
+DENSENET_MIN_SIZE = 32
+
+
+class WeightsMismatch(ConfigError):
+    """A site's weights file is not the one the run config names (by SHA-256)."""
+
+
+def optional_import(name: str, *, purpose: str) -> ModuleType:
+    """Import an optional library of the ``transfer`` extra, or say how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(
+            f"{purpose} needs the Python package '{name}', which is not installed: "
+            "pip install 'fedfuse[transfer]'"
+        ) from None
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime too: a replaced file is hashed again.
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a weights file (``sha256sum FILE``), or of a checkpoint folder: the hash of
+    the sorted lines ``<sha256 of file>  <relative path>`` (``sha256sum`` of every file, sorted
+    by path, hashed again), so a changed tokenizer file changes it too."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return _file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    lines = []
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue  # caches a library may write next to the files (.cache/, .locks)
+        st = f.stat()
+        lines.append(f"{_file_sha256(str(f.resolve()), st.st_size, st.st_mtime_ns)}  {rel}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def verified_weights(path: str, *, sha256: str, key: str, folder: bool = False) -> Path:
+    """The local weights at ``path`` after checking they are the ones the run config names.
+
+    Raises :class:`ConfigError` (one line) when the file is missing or has no configured
+    hash, and :class:`WeightsMismatch` when its SHA-256 differs from ``sha256``.
+    """
+    p = Path(path).expanduser()
+    kind = "checkpoint folder" if folder else "file"
+    if not (p.is_dir() if folder else p.is_file()):
+        raise ConfigError(
+            f"'{key}' {kind} '{p.name}' does not exist at this site (fedfuse never downloads "
+            f"weights: place the {kind} the run names here, see README 'Pretrained encoders')"
+        )
+    actual = weights_sha256(p)
+    if not sha256:
+        raise ConfigError(
+            f"'{key}' is set but '{key}-sha256' is empty: set it to the SHA-256 published with "
+            f"the weights, so that every site checks it starts from the same ones (this "
+            f"{kind}'s is {actual})"
+        )
+    if actual != sha256.lower():
+        raise WeightsMismatch(
+            f"'{key}' {kind} '{p.name}' has SHA-256 {actual[:16]}..., the run config names "
+            f"{sha256[:16]}...: this site refuses to train from other weights than the "
+            f"federation's; place the exact {kind} the run names"
+        )
+    return p
+
+
+def load_state_dict_file(path: Path, *, key: str) -> dict[str, torch.Tensor]:
+    """A torch state_dict from a local file (``weights_only``: no code runs on load)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"'{key}' file '{path.name}' is not a torch state_dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"'{key}' file '{path.name}' does not hold a state_dict")
+    return state
+
+
+def freeze_encoder(encoder: nn.Module, mode: str) -> nn.Module:
+    """Fix parts of ``encoder`` (``requires_grad = False``) by :data:`FREEZE_MODES` name.
+
+    The encoder names its parts with ``freeze_parts() -> (backbone, last block, head)``:
+    ``none`` trains everything; ``last-block`` the backbone's last block and the head;
+    ``head`` only the head (the projection to ``embed-dim``); ``all`` nothing (a fixed feature
+    extractor: the fusion head alone trains). LoRA adapters, where present, stay trainable
+    unless ``all``.
+    """
+    if mode not in FREEZE_MODES:
+        raise ConfigError(f"freeze must be one of {list(FREEZE_MODES)}; found {mode!r}")
+    if mode == "none":
+        return encoder
+    parts = getattr(encoder, "freeze_parts", None)
+    if parts is None:
+        raise ConfigError(
+            f"the {type(encoder).__name__} encoder cannot be frozen in parts; use freeze 'none'"
+        )
+    backbone, last_block, _head = parts()
+    if mode == "all":
+        encoder.requires_grad_(False)
+        return encoder
+    keep = {id(p) for n, p in backbone.named_parameters() if "lora_" in n}
+    if mode == "last-block":
+        keep |= {id(p) for p in last_block.parameters()}
+    for p in backbone.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    return encoder
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+class _BasicBlockNoInplace(BasicBlock):
+    """torchvision's ResNet BasicBlock with an out-of-place residual addition."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class _BottleneckNoInplace(Bottleneck):
+    """torchvision's ResNet Bottleneck with an out-of-place residual addition."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def _no_inplace(net: nn.Module) -> None:
+    # In-place ops (ReLU(inplace=True), "out += identity") would edit the outputs of Opacus'
+    # backward hooks, which autograd forbids.
+    for m in net.modules():
+        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
+            m.inplace = False
+        if type(m) is BasicBlock:
+            m.__class__ = _BasicBlockNoInplace
+        elif type(m) is Bottleneck:
+            m.__class__ = _BottleneckNoInplace
+
+
+def _frozen_bn(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    f = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    with torch.no_grad():
+        if bn.affine:
+            f.weight.copy_(bn.weight)
+            f.bias.copy_(bn.bias)
+        if bn.running_mean is not None and bn.running_var is not None:
+            f.running_mean.copy_(bn.running_mean)
+            f.running_var.copy_(bn.running_var)
+    return f
+
+
+def dp_norms(net: nn.Module, norm: str) -> nn.Module:
+    """Replace every BatchNorm of ``net``: GroupNorm (``group``) or frozen statistics."""
+    if norm == "frozen":
+        for m in list(net.modules()):
+            for child_name, child in list(m.named_children()):
+                if isinstance(child, nn.BatchNorm2d):
+                    setattr(m, child_name, _frozen_bn(child))
+        return net
+    if norm != "group":
+        raise ConfigError(f"'image-norm' must be 'group' or 'frozen'; found {norm!r}")
+    from opacus.validators import ModuleValidator
+
+    bns = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    fixed = ModuleValidator.fix(net)
+    with torch.no_grad():
+        for name, gn in fixed.named_modules():
+            if name in bns and isinstance(gn, nn.GroupNorm) and bns[name].affine:
+                gn.weight.copy_(bns[name].weight)
+                gn.bias.copy_(bns[name].bias)
+    return fixed
+
+
+def _gray_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """The RGB stem summed to ``in_channels``: a gray image gets the RGB image's response."""
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        w = conv.weight.sum(dim=1, keepdim=True)
+        new.weight.copy_(w.repeat(1, in_channels, 1, 1) / in_channels)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _load_into(net: nn.Module, weights: Path | None, *, arch: str, skip: tuple[str, ...]) -> None:
+    if weights is None:
+        return
+    state = load_state_dict_file(weights, key="image-weights")
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(skip)]
+    if missing or unexpected:
+        raise ConfigError(
+            f"'image-weights' file '{weights.name}' is not a {arch} state_dict "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+class PretrainedImageEncoder(nn.Module):
+    """A pretrained backbone (features, no classifier) and a projection to ``dim``.
+
+    ``net`` maps ``(batch, C, H, W)`` to ``(batch, features)``; ``last_block`` is its last
+    stage (what ``freeze = last-block`` leaves trainable); ``proj`` is the head. Images smaller
+    than ``min_size`` are upsampled to it.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        features: int,
+        last_block: nn.Module,
+        dim: int,
+        rgb: bool,
+        min_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.min_size = min_size
+        self.last_block = last_block
+        self.rgb = rgb  # the backbone kept its RGB stem: gray input is repeated to 3 channels
+        self.proj = nn.Linear(features, dim)
+        self.out_dim = dim
+
+    def freeze_parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.net, self.last_block, self.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_size:
+            x = nn.functional.interpolate(x, size=self.min_size, mode="bilinear")
+        if self.rgb and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return torch.relu(self.proj(self.net(x)))
+
+
+def _torchvision_resnet(arch: str, *, dim: int, in_channels: int, weights: Path | None, norm: str):
+    from torchvision import models
+
+    net = getattr(models, arch)(weights=None)
+    _load_into(net, weights, arch=f"torchvision {arch}", skip=("fc.",))
+    net.conv1 = _gray_stem(net.conv1, in_channels)
+    features = net.fc.in_features
+    net.fc = nn.Identity()
+    net = dp_norms(net, norm)
+    _no_inplace(net)
+    return PretrainedImageEncoder(net, features=features, last_block=net.layer4, dim=dim, rgb=False)
+
+
+class _DenseNetFeatures(nn.Module):
+    """torchvision DenseNet's forward without its in-place final ReLU and classifier."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.pool = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x))
+
+
+def _torchvision_densenet(
+    arch: str, *, dim: int, in_channels: int, weights: Path | None, norm: str
+):
+    from torchvision import models
+
+    net = getattr(models, arch)(weights=None)
+    _load_into(net, weights, arch=f"torchvision {arch}", skip=("classifier.",))
+    net.features.conv0 = _gray_stem(net.features.conv0, in_channels)
+    features = net.classifier.in_features
+    body = dp_norms(net.features, norm)
+    _no_inplace(body)
+    wrapped = _DenseNetFeatures(body)
+    # The last dense block and the final norm: the stage ``last-block`` fine-tunes.
+    last = nn.ModuleList([body.denseblock4, body.norm5])
+    return PretrainedImageEncoder(
+        wrapped,
+        features=features,
+        last_block=last,
+        dim=dim,
+        rgb=False,
+        min_size=DENSENET_MIN_SIZE,
+    )
+
+
+def _register_torchvision(name: str, builder) -> None:  # noqa: ANN001
+    def make(
+        *, dim: int, in_channels: int = 1, weights: str | Path | None = None, norm: str = "group"
+    ) -> PretrainedImageEncoder:
+        return builder(
+            name,
+            dim=dim,
+            in_channels=in_channels,
+            weights=Path(weights) if weights else None,
+            norm=norm,
+        )
+
+    make.__doc__ = f"torchvision {name}, BatchNorm made DP-safe (image-norm), one input channel."
+    IMAGE_ENCODERS.register(name)(make)
+
+
+# ResNet-18 was the only pretrained choice before; ResNet-50 and DenseNet-121 (the usual chest
+# X-ray backbone, CheXNet) join it.
+for _name, _builder in (
+    ("resnet18", _torchvision_resnet),
+    ("resnet50", _torchvision_resnet),
+    ("densenet121", _torchvision_densenet),
+):
+    _register_torchvision(_name, _builder)
+
+
+TIMM_PREFIX = "timm:"
+
+
+def timm_encoder(
+    arch: str, *, dim: int, weights: str | Path | None = None, norm: str = "group"
+) -> PretrainedImageEncoder:
+    """A ``timm`` architecture by name (``image-encoder = "timm:<arch>"``), its classifier
+    removed; weights from a local timm state_dict. The RGB stem is kept (gray input is repeated
+    to three channels, which equals summing the stem's weights)."""
+    timm = optional_import("timm", purpose=f"image-encoder 'timm:{arch}'")
+    try:
+        net = timm.create_model(arch, pretrained=False)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ConfigError(f"image-encoder 'timm:{arch}': {exc}") from None
+    head = net.default_cfg.get("classifier", "")
+    skip = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head) if h)
+    _load_into(net, Path(weights) if weights else None, arch=f"timm {arch}", skip=skip or ("~",))
+    net.reset_classifier(0)
+    features = net.num_features
+    net = dp_norms(net, norm)
+    _no_inplace(net)
+    last = net.get_submodule(net.feature_info[-1]["module"])
+    return PretrainedImageEncoder(net, features=features, last_block=last, dim=dim, rgb=True)
