@@ -133,6 +133,17 @@ def audio_features(cfg: RunConfig) -> AudioFeatures:
     )
 
 
+def _tokenizer(cfg: RunConfig) -> HashingTokenizer:
+    """The hashing tokenizer, or a pretrained text encoder's own (checked by SHA-256)."""
+    if cfg.text_encoder == "bert":
+        from fedfuse.common.models.pretrained import checkpoint_tokenizer
+
+        return checkpoint_tokenizer(  # type: ignore[return-value]
+            cfg.text_weights, sha256=cfg.text_weights_sha256, max_tokens=cfg.max_tokens
+        )
+    return HashingTokenizer(num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens)
+
+
 def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...]:
     """The inputs ``cfg.modalities`` names, in that order, for one site.
 
@@ -144,11 +155,7 @@ def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...
         if name == "image":
             out.append(ImageInput(cfg.image_size, frame=cfg.dicom_frame, augment=cfg.augment))
         elif name == "report":
-            out.append(
-                ReportInput(
-                    HashingTokenizer(num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens)
-                )
-            )
+            out.append(ReportInput(_tokenizer(cfg)))
         elif name == "audio":
             out.append(AudioInput(audio_features(cfg)))
         elif name == "tabular":

@@ -27,6 +27,8 @@ def build_encoder(modality: str, cfg: RunConfig) -> nn.Module:
     if modality == "image":
         return _image_encoder(cfg)
     if modality == "report":
+        if cfg.text_encoder == "bert":
+            return _pretrained_text_encoder(cfg)
         return TEXT_ENCODERS.get(cfg.text_encoder)(dim=d, num_buckets=cfg.text_buckets)
     if modality == "audio":
         return AUDIO_ENCODERS.get(cfg.audio_encoder)(dim=d, bins=cfg.audio_bins)
@@ -64,3 +66,13 @@ def _image_encoder(cfg: RunConfig) -> nn.Module:
             dim=cfg.embed_dim, weights=str(weights) if weights else "", norm=cfg.image_norm
         )
     return freeze_encoder(enc, cfg.image_freeze)
+
+
+def _pretrained_text_encoder(cfg: RunConfig) -> nn.Module:
+    """The ``text-weights`` checkpoint, checked against ``text-weights-sha256``, with LoRA
+    adapters of ``text-lora-rank`` and ``text-freeze`` applied."""
+    folder = verified_weights(
+        cfg.text_weights, sha256=cfg.text_weights_sha256, key="text-weights", folder=True
+    )
+    enc = TEXT_ENCODERS.get("bert")(dim=cfg.embed_dim, weights=folder, lora_rank=cfg.text_lora_rank)
+    return freeze_encoder(enc, cfg.text_freeze)

@@ -390,3 +390,101 @@ def timm_encoder(
     _no_inplace(net)
     last = net.get_submodule(net.feature_info[-1]["module"])
     return PretrainedImageEncoder(net, features=features, last_block=last, dim=dim, rgb=True)
+
+
+# --- text -----------------------------------------------------------------------------------
+
+# Attention projections that LoRA adapts, by Hugging Face model type (query and value, as in Hu
+# et al. 2021, arXiv:2106.09685).
+LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+DEFAULT_LORA_TARGETS = ["query", "value"]
+
+
+def _text_folder(cfg_weights: str | Path) -> Path:
+    return Path(cfg_weights).expanduser()
+
+
+class CheckpointTokenizer:
+    """The checkpoint's own tokenizer (a fixed public vocabulary: it learns nothing from a
+    site's reports), as text -> ``max_tokens`` ids padded with the tokenizer's pad id."""
+
+    def __init__(self, folder: Path, *, max_tokens: int) -> None:
+        transformers = optional_import("transformers", purpose="text-encoder 'bert'")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True
+        )
+        self.max_tokens = max_tokens
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+
+    def __call__(self, text: str) -> torch.Tensor:
+        enc = self.tokenizer(
+            text, truncation=True, max_length=self.max_tokens, padding="max_length"
+        )
+        return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+
+def checkpoint_tokenizer(weights: str, *, sha256: str, max_tokens: int) -> CheckpointTokenizer:
+    """The tokenizer of ``text-weights``, after the folder's SHA-256 check."""
+    folder = verified_weights(weights, sha256=sha256, key="text-weights", folder=True)
+    return CheckpointTokenizer(folder, max_tokens=max_tokens)
+
+
+@TEXT_ENCODERS.register("bert")
+class PretrainedTextEncoder(nn.Module):
+    """A Hugging Face BERT-family encoder from a local checkpoint folder, masked mean pooling
+    over the non-padding tokens, and a projection to ``dim``.
+
+    ``lora_rank > 0`` wraps the encoder with ``peft`` LoRA adapters on the attention's query
+    and value projections: the pretrained weights stay fixed and only the adapters (and the
+    projection) train, which keeps the number of noisy parameters small.
+    """
+
+    def __init__(
+        self, *, dim: int, weights: str | Path, lora_rank: int = 0, **_ignored: object
+    ) -> None:
+        super().__init__()
+        transformers = optional_import("transformers", purpose="text-encoder 'bert'")
+        folder = _text_folder(weights)
+        try:
+            bert = transformers.AutoModel.from_pretrained(
+                str(folder), local_files_only=True, attn_implementation="eager"
+            )
+        except (OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"'text-weights' folder '{folder.name}' is not a Hugging Face checkpoint: {first}"
+            ) from None
+        self.pad_id = int(bert.config.pad_token_id or 0)
+        layers = _transformer_layers(bert)
+        self.last_block = layers[-1]
+        if lora_rank > 0:
+            peft = optional_import("peft", purpose="'text-lora-rank' > 0")
+            targets = LORA_TARGETS.get(bert.config.model_type, DEFAULT_LORA_TARGETS)
+            config = peft.LoraConfig(
+                r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules=targets
+            )
+            bert = peft.get_peft_model(bert, config)
+        self.bert = bert
+        self.proj = nn.Linear(bert.config.hidden_size, dim)
+        self.out_dim = dim
+
+    def freeze_parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.bert, self.last_block, self.proj
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = ids != self.pad_id
+        hidden = self.bert(input_ids=ids, attention_mask=keep.long()).last_hidden_state
+        w = keep.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+        return torch.relu(self.proj(pooled))
+
+
+def _transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer layers (the last one is ``last-block``)."""
+    best: nn.ModuleList | None = None
+    for _name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and (best is None or len(m) >= len(best)):
+            best = m
+    if best is None:
+        raise ConfigError("'text-weights': the checkpoint has no stack of transformer layers")
+    return best
