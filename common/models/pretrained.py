@@ -71,10 +71,11 @@ def weights_sha256(path: str | Path) -> str:
         st = p.stat()
         return _file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
     lines = []
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
-        rel = f.relative_to(p).as_posix()
+    files = {f.relative_to(p).as_posix(): f for f in p.rglob("*") if f.is_file()}
+    for rel in sorted(files):  # byte order, as `LC_ALL=C sort`
         if rel.startswith(".") or "/." in rel:
             continue  # caches a library may write next to the files (.cache/, .locks)
+        f = files[rel]
         st = f.stat()
         lines.append(f"{_file_sha256(str(f.resolve()), st.st_size, st.st_mtime_ns)}  {rel}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest()

@@ -28,11 +28,8 @@ HIDDEN, LAYERS, WORDS = 16, 2, ["no", "fever", "cough", "normal", "chest", "clea
 
 def folder_sha256(folder) -> str:
     """The documented folder hash, computed independently: sha256sum of every file, sorted."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    lines = "".join(
-        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}\n"
-        for p in files
-    )
+    files = sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file())
+    lines = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {rel}\n" for rel, p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
