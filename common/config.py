@@ -150,6 +150,12 @@ class RunConfig:
     augment: str = "none"
     # "multi-label": labels like "a|b", a sigmoid per class, per-class AUROC.
     task: str = "single-label"
+    # Extra tasks on the shared encoders, one head each (common/models/multitask.py):
+    # "name=class|class,...", labels from the manifest's label.<name> column (an empty cell, or
+    # no column at a site, masks that task out of the record's loss), and their loss weights
+    # "name=weight,..." (1 for an unnamed task; the main task, column label, weighs 1).
+    tasks: str = ""
+    task_weights: str = ""
     # Probability of hiding each present modality of a training record (never all of them),
     # so the global model still works at a site that lacks a modality entirely.
     modality_dropout: float = 0.1
@@ -242,6 +248,17 @@ class RunConfig:
         return _parse_ranges(self.tabular_ranges)
 
     @property
+    def task_classes(self) -> dict[str, tuple[str, ...]]:
+        """``tasks`` parsed: extra task name -> its class names (in order)."""
+        return _parse_tasks(self.tasks)
+
+    @property
+    def task_weight_map(self) -> dict[str, float]:
+        """Loss weight of each extra task (``task-weights``; 1 where unnamed)."""
+        given = _parse_weights(self.task_weights)
+        return {t: given.get(t, 1.0) for t in self.task_classes}
+
+    @property
     def multi_label(self) -> bool:
         return self.task == "multi-label"
 
@@ -324,6 +341,7 @@ def _check_modalities(cfg: RunConfig) -> None:
     _check_range("modality-dropout", cfg.modality_dropout, low=0.0, high=1.0, high_open=True)
     _check_choice("noise-seed", cfg.noise_seed, ("secret", "public"))
     _check_transfer(cfg)
+    _check_tasks(cfg)
 
 
 FREEZE_MODES = ("none", "last-block", "head", "all")
@@ -349,6 +367,59 @@ def _check_transfer(cfg: RunConfig) -> None:
         raise ConfigError(
             "text-encoder 'bert' needs 'text-weights': a local checkpoint folder written by "
             "save_pretrained (model and tokenizer), with 'text-weights-sha256'"
+        )
+
+
+def _parse_tasks(text: str) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, _, classes = item.partition("=")
+        name = name.strip()
+        names = tuple(c.strip() for c in classes.split("|") if c.strip())
+        if (
+            not name
+            or not all(ch.isalnum() or ch in "_-" for ch in name)
+            or len(names) < 2
+            or len(set(names)) != len(names)
+            or name in out
+        ):
+            raise ConfigError(
+                f"'tasks' item {item!r} must look like name=class|class (a distinct name of "
+                "letters, digits, _ or -, and at least two distinct classes), e.g. "
+                '"severity=mild|severe"'
+            )
+        out[name] = names
+    return out
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = math.nan
+        if not (math.isfinite(w) and w >= 0):
+            raise ConfigError(
+                f"'task-weights' item {item!r} must look like name=weight, weight >= 0"
+            )
+        out[name.strip()] = w
+    return out
+
+
+def _check_tasks(cfg: RunConfig) -> None:
+    tasks = cfg.task_classes
+    unknown = sorted(set(_parse_weights(cfg.task_weights)) - set(tasks))
+    if unknown:
+        raise ConfigError(f"'task-weights' names {unknown}, which are not in 'tasks'")
+    if tasks and cfg.multi_label:
+        raise ConfigError(
+            "'tasks' (extra task heads) needs a single-label main task; found task = 'multi-label'"
         )
 
 

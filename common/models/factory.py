@@ -45,7 +45,14 @@ def build_model(cfg: RunConfig) -> FusionModel:
     head = FUSION_HEADS.get(cfg.fusion)(
         dim=cfg.embed_dim, num_modalities=len(encoders), num_classes=len(cfg.class_names)
     )
-    return FusionModel(encoders, head)
+    # One head of the same kind per extra task, on the shared encoders.
+    task_heads = {
+        t: FUSION_HEADS.get(cfg.fusion)(
+            dim=cfg.embed_dim, num_modalities=len(encoders), num_classes=len(classes)
+        )
+        for t, classes in cfg.task_classes.items()
+    }
+    return FusionModel(encoders, head, task_heads)
 
 
 def _image_encoder(cfg: RunConfig) -> nn.Module:
