@@ -148,6 +148,11 @@ class RunConfig:
     text_lora_rank: int = 0
     # Training-image augmentation (torchvision.transforms.v2): "none" or "light".
     augment: str = "none"
+    # Training-only augmentation of report tokens (dropout, span deletion, window swap) and of
+    # recordings (noise at a random SNR, time shift, time/frequency masking): "none" or
+    # "light" (common/data/augment_text_audio.py). Off until a benchmark shows they help.
+    text_augment: str = "none"
+    audio_augment: str = "none"
     # "multi-label": labels like "a|b", a sigmoid per class, per-class AUROC.
     task: str = "single-label"
     # Extra tasks on the shared encoders, one head each (common/models/multitask.py):
@@ -337,6 +342,8 @@ def _check_modalities(cfg: RunConfig) -> None:
     _check_int("audio-bins", cfg.audio_bins, low=4)
     _check_int("dicom-frame", cfg.dicom_frame, low=0)
     _check_choice("augment", cfg.augment, ("none", "light"))
+    _check_choice("text-augment", cfg.text_augment, ("none", "light"))
+    _check_choice("audio-augment", cfg.audio_augment, ("none", "light"))
     _check_choice("task", cfg.task, ("single-label", "multi-label"))
     _check_range("modality-dropout", cfg.modality_dropout, low=0.0, high=1.0, high_open=True)
     _check_choice("noise-seed", cfg.noise_seed, ("secret", "public"))

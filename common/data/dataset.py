@@ -147,6 +147,8 @@ DATA_KEYS = (
     "image_size",
     "dicom_frame",
     "augment",
+    "text_augment",
+    "audio_augment",
     "text_buckets",
     "text_encoder",
     "text_weights",

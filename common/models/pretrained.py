@@ -416,6 +416,8 @@ class CheckpointTokenizer:
         )
         self.max_tokens = max_tokens
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        # [CLS], [SEP], ...: text augmentation never drops or moves them.
+        self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
 
     def __call__(self, text: str) -> torch.Tensor:
         enc = self.tokenizer(
