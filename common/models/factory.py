@@ -14,6 +14,7 @@ from fedfuse.common.models.encoders import (
 )
 from fedfuse.common.models.fusion import FUSION_HEADS, FusionModel
 from fedfuse.common.models.pretrained import (
+    FEATURE_CACHE,
     TIMM_PREFIX,
     freeze_encoder,
     timm_encoder,
@@ -72,7 +73,11 @@ def _image_encoder(cfg: RunConfig) -> nn.Module:
         enc = IMAGE_ENCODERS.get(name)(
             dim=cfg.embed_dim, weights=str(weights) if weights else "", norm=cfg.image_norm
         )
-    return freeze_encoder(enc, cfg.image_freeze)
+    enc = freeze_encoder(enc, cfg.image_freeze)
+    if cfg.image_freeze == "all" and cfg.augment == "none" and hasattr(enc, "feature_cache"):
+        # A fixed encoder on fixed inputs: compute each record's features once per site.
+        enc.feature_cache = FEATURE_CACHE
+    return enc
 
 
 def _pretrained_text_encoder(cfg: RunConfig) -> nn.Module:

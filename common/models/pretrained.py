@@ -256,6 +256,62 @@ def _load_into(net: nn.Module, weights: Path | None, *, arch: str, skip: tuple[s
         )
 
 
+class FeatureCache:
+    """Features of fully frozen encoders (``freeze = all``), kept across rounds in this process.
+
+    A fixed encoder maps a record to the same features in every round, so they are computed
+    once and later rounds cost only the fusion head. Entries are keyed by the SHA-256 of the
+    encoder's whole state (the weights: what the run's weights hash names, as loaded) and of
+    the record's input tensor (the preprocessed record: a changed file or setting is a new
+    key), so a stale entry cannot be served. Nothing leaves the site: it is the site's memory.
+    """
+
+    def __init__(self, max_entries: int = 1 << 20) -> None:
+        self.max_entries = max_entries
+        self._store: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def state_digest(module: nn.Module) -> bytes:
+        h = hashlib.sha256()
+        for name, t in module.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    def features(self, module: nn.Module, x: torch.Tensor, compute) -> torch.Tensor:  # noqa: ANN001
+        """``compute(x)``'s rows, from the cache where present (``module``: whose state keys)."""
+        state = getattr(module, "_state_key", None)
+        if state is None:
+            state = module._state_key = self.state_digest(module)  # type: ignore[assignment]
+        rows = x.detach().cpu().contiguous()
+        keys = [state + hashlib.sha256(r.numpy().tobytes()).digest() for r in rows]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            if len(self._store) + len(missing) > self.max_entries:
+                self._store.clear()
+            with torch.no_grad():
+                out = compute(x[missing]).detach().cpu()
+            for i, f in zip(missing, out, strict=True):
+                self._store[keys[i]] = f
+        return torch.stack([self._store[k] for k in keys]).to(x.device)
+
+
+# One per process: a site's worker keeps it from round to round (the model is rebuilt).
+FEATURE_CACHE = FeatureCache()
+
+
+def _forget_state_key(module: nn.Module, _incompatible: object) -> None:
+    module._state_key = None
+
+
 class PretrainedImageEncoder(nn.Module):
     """A pretrained backbone (features, no classifier) and a projection to ``dim``.
 
@@ -281,11 +337,21 @@ class PretrainedImageEncoder(nn.Module):
         self.rgb = rgb  # the backbone kept its RGB stem: gray input is repeated to 3 channels
         self.proj = nn.Linear(features, dim)
         self.out_dim = dim
+        # Set by the factory for freeze = all: features computed once (FeatureCache).
+        self.feature_cache: FeatureCache | None = None
+        self._state_key: bytes | None = None
+        # New weights (the global model, loaded each round) mean a new cache key.
+        self.register_load_state_dict_post_hook(_forget_state_key)
 
     def freeze_parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.net, self.last_block, self.proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_cache is not None and not any(p.requires_grad for p in self.parameters()):
+            return self.feature_cache.features(self, x, self._forward)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < self.min_size:
             x = nn.functional.interpolate(x, size=self.min_size, mode="bilinear")
         if self.rgb and x.shape[1] == 1:

@@ -165,3 +165,35 @@ def test_timm_architecture_from_a_local_file(tmp_path):
     train_round(model, data, cfg=cfg, plan=plan, history=[], seed=0, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="image-encoder 'timm:nope'"):
         build_model(_cfg(image_encoder="timm:nope"))
+
+
+def test_frozen_encoder_features_are_computed_once(r18):
+    from fedfuse.common.models.pretrained import FEATURE_CACHE
+
+    _, path, digest = r18
+    cfg = _cfg(
+        image_encoder="resnet18", image_weights=path, image_weights_sha256=digest,
+        image_freeze="all", image_norm="frozen", local_epochs=1, modality_dropout=0.0,
+    )  # fmt: skip
+    FEATURE_CACHE.clear()
+    x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    enc = build_model(cfg).encoders["image"]
+    assert enc.feature_cache is FEATURE_CACHE
+    first = enc(x)
+    assert (FEATURE_CACHE.hits, FEATURE_CACHE.misses) == (0, 6)
+    again = build_model(cfg).encoders["image"]  # next round: a new model ...
+    again.load_state_dict(enc.state_dict())  # ... holding the global model's weights
+    assert torch.equal(again(x), first) and FEATURE_CACHE.hits == 6
+    assert torch.allclose(again._forward(x), first, atol=1e-6)  # what the encoder computes
+    state = again.state_dict()
+    state["proj.bias"] = state["proj.bias"] + 1.0  # other weights: other features, not stale
+    again.load_state_dict(state)
+    assert not torch.allclose(again(x), first) and FEATURE_CACHE.misses == 12
+    # A DP round with the encoder fixed trains only the fusion head, from cached features.
+    model = build_model(cfg)
+    data = TensorDataset(torch.ones(8, 1), torch.rand(8, 1, 32, 32), torch.arange(8) % 2)
+    plan = PrivacyPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_round=2, num_rounds=1)
+    head = [p.detach().clone() for p in model.head.parameters()]
+    train_round(model, data, cfg=cfg, plan=plan, history=[], seed=0, device=torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(head, model.head.parameters(), strict=True))
+    assert not build_model(cfg.replace(augment="light")).encoders["image"].feature_cache
