@@ -308,6 +308,13 @@ class FeatureCache:
 FEATURE_CACHE = FeatureCache()
 
 
+def _refer(module: nn.Module, name: str, part: nn.Module) -> None:
+    """Keep a reference to a part of ``module``'s own tree WITHOUT registering it again: a
+    module registered twice would appear twice in ``state_dict`` (sent twice) and get Opacus'
+    per-sample hooks twice (its per-sample gradients counted twice)."""
+    module.__dict__[name] = part
+
+
 def _forget_state_key(module: nn.Module, _incompatible: object) -> None:
     module._state_key = None
 
@@ -333,7 +340,7 @@ class PretrainedImageEncoder(nn.Module):
         super().__init__()
         self.net = net
         self.min_size = min_size
-        self.last_block = last_block
+        _refer(self, "last_block", last_block)
         self.rgb = rgb  # the backbone kept its RGB stem: gray input is repeated to 3 channels
         self.proj = nn.Linear(features, dim)
         self.out_dim = dim
@@ -525,7 +532,7 @@ class PretrainedTextEncoder(nn.Module):
             ) from None
         self.pad_id = int(bert.config.pad_token_id or 0)
         layers = _transformer_layers(bert)
-        self.last_block = layers[-1]
+        _refer(self, "last_block", layers[-1])
         if lora_rank > 0:
             peft = optional_import("peft", purpose="'text-lora-rank' > 0")
             targets = LORA_TARGETS.get(bert.config.model_type, DEFAULT_LORA_TARGETS)

@@ -197,3 +197,39 @@ def test_frozen_encoder_features_are_computed_once(r18):
     train_round(model, data, cfg=cfg, plan=plan, history=[], seed=0, device=torch.device("cpu"))
     assert any(not torch.equal(a, b) for a, b in zip(head, model.head.parameters(), strict=True))
     assert not build_model(cfg.replace(augment="light")).encoders["image"].feature_cache
+
+
+def test_no_part_is_registered_twice_and_norms_are_exact():
+    """``last_block`` is a reference, not a second registration: registered twice it would be
+    sent twice in the update and get Opacus' per-sample hooks twice (norms counted twice)."""
+    from opacus import GradSampleModule
+
+    from fedfuse.common.privacy.bookkeeping import BookKeepingClipper
+
+    for arch in ("resnet18", "densenet121"):
+        model = build_model(_cfg(image_encoder=arch, image_freeze="last-block"))
+        assert not any("last_block" in k for k in model.state_dict())
+        all_params = list(model.named_parameters(remove_duplicate=False))
+        assert len(all_params) == len({id(p) for _, p in all_params})
+    torch.manual_seed(0)
+    model = build_model(_cfg(image_encoder="resnet18", image_freeze="last-block")).double()
+    x = [torch.ones(3, 1).double(), torch.randn(3, 1, 32, 32).double()]
+    y = torch.arange(3) % 2
+
+    def loss(out, t):  # noqa: ANN001, ANN202
+        return nn.functional.cross_entropy(out, t, reduction="none")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    truth = []
+    for i in range(3):  # one backward per record: the ground truth
+        g = torch.autograd.grad(loss(model(*[t[i : i + 1] for t in x]), y[i : i + 1]).sum(), params)
+        truth.append(torch.cat([gi.flatten() for gi in g]).norm())
+    clipper = BookKeepingClipper(model, max_grad_norm=1.0)
+    clipper.backward(loss(model(*x), y))
+    torch.testing.assert_close(clipper.per_sample_gradient_norms, torch.stack(truth))
+    clipper.remove()
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    loss(gsm(*x), y).sum().backward()
+    hooks = torch.cat([p.grad_sample.flatten(1) for p in params], 1).norm(dim=1)
+    torch.testing.assert_close(hooks, torch.stack(truth))
+    gsm.remove_hooks()
