@@ -104,6 +104,11 @@ FROZEN_FOR_SPEED = {"resnet50", "densenet121"}
 
 @pytest.mark.parametrize(("key", "name"), ENCODERS)
 def test_every_encoder_meets_the_contract(key, name):
+    if name == "bert":
+        pytest.skip(
+            "needs a checkpoint folder (text-weights); tests/common/models/"
+            "test_pretrained_text.py runs the validator and a DP step on a tiny saved BERT"
+        )
     extra = {"image_freeze": "head"} if name in FROZEN_FOR_SPEED else {}
     check_contract(small_cfg(**{key.replace("-", "_"): name}, fusion="concat", **extra))
 
