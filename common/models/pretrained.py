@@ -22,6 +22,7 @@ import importlib
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import torch
 from torch import nn
@@ -237,7 +238,7 @@ def _gray_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     with torch.no_grad():
         w = conv.weight.sum(dim=1, keepdim=True)
         new.weight.copy_(w.repeat(1, in_channels, 1, 1) / in_channels)
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new
 
@@ -316,7 +317,7 @@ def _refer(module: nn.Module, name: str, part: nn.Module) -> None:
 
 
 def _forget_state_key(module: nn.Module, _incompatible: object) -> None:
-    module._state_key = None
+    module.__dict__["_state_key"] = None
 
 
 class PretrainedImageEncoder(nn.Module):
@@ -326,6 +327,8 @@ class PretrainedImageEncoder(nn.Module):
     stage (what ``freeze = last-block`` leaves trainable); ``proj`` is the head. Images smaller
     than ``min_size`` are upsampled to it.
     """
+
+    last_block: nn.Module  # a reference into ``net`` (see _refer)
 
     def __init__(
         self,
@@ -376,7 +379,8 @@ def _torchvision_resnet(arch: str, *, dim: int, in_channels: int, weights: Path 
     net.fc = nn.Identity()
     net = dp_norms(net, norm)
     _no_inplace(net)
-    return PretrainedImageEncoder(net, features=features, last_block=net.layer4, dim=dim, rgb=False)
+    last = cast(nn.Module, net.layer4)
+    return PretrainedImageEncoder(net, features=features, last_block=last, dim=dim, rgb=False)
 
 
 class _DenseNetFeatures(nn.Module):
@@ -404,7 +408,7 @@ def _torchvision_densenet(
     _no_inplace(body)
     wrapped = _DenseNetFeatures(body)
     # The last dense block and the final norm: the stage ``last-block`` fine-tunes.
-    last = nn.ModuleList([body.denseblock4, body.norm5])
+    last = nn.ModuleList([cast(nn.Module, body.denseblock4), cast(nn.Module, body.norm5)])
     return PretrainedImageEncoder(
         wrapped,
         features=features,
@@ -458,11 +462,12 @@ def timm_encoder(
     head = net.default_cfg.get("classifier", "")
     skip = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head) if h)
     _load_into(net, Path(weights) if weights else None, arch=f"timm {arch}", skip=skip or ("~",))
+    last_name = str(net.feature_info[-1]["module"])
     net.reset_classifier(0)
     features = net.num_features
     net = dp_norms(net, norm)
     _no_inplace(net)
-    last = net.get_submodule(net.feature_info[-1]["module"])
+    last = net.get_submodule(last_name)
     return PretrainedImageEncoder(net, features=features, last_block=last, dim=dim, rgb=True)
 
 
@@ -514,6 +519,8 @@ class PretrainedTextEncoder(nn.Module):
     and value projections: the pretrained weights stay fixed and only the adapters (and the
     projection) train, which keeps the number of noisy parameters small.
     """
+
+    last_block: nn.Module  # the last transformer layer, a reference (see _refer)
 
     def __init__(
         self, *, dim: int, weights: str | Path, lora_rank: int = 0, **_ignored: object
