@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedfuse.common.config import RunConfig
+from fedfuse.common.models.multitask import AllTasks
 from fedfuse.common.models.objectives import make_criterion, modality_dropout
 from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
 from fedfuse.common.privacy.bookkeeping import make_private_bookkeeping
@@ -127,6 +128,9 @@ def train_round(
     ``seed``, reproducible -- and predictable by whoever knows
     the seed, hence Opacus' "Secure RNG turned off" warning.
     """
+    if cfg.task_classes and hasattr(train_set, "with_task_labels"):
+        # Extra tasks: train on every task's logits and labels (the same parameters).
+        model, train_set = AllTasks(model), train_set.with_task_labels()
     model.to(device).train()
     # FedProx: the proximal pull towards the global weights is applied as a separate,
     # data-independent step after each optimizer step, so it never passes through per-sample

@@ -125,12 +125,42 @@ class RunConfig:
     audio_bins: int = 32
     # Which frame of a multi-frame DICOM to use.
     dicom_frame: int = 0
-    # Local state_dict file to initialise resnet18 from (fedfuse never downloads weights).
+    # Local state_dict file to initialise the image encoder from (fedfuse never downloads
+    # weights), and its SHA-256: every site checks its copy before training, so that every site
+    # fine-tunes the same starting point (common/models/pretrained.py).
     image_weights: str = ""
+    image_weights_sha256: str = ""
+    # What of the image encoder stays fixed under DP-SGD (fewer noisy parameters): none,
+    # last-block (all but the backbone's last block), head (the whole backbone: only the
+    # projection trains), all (the encoder is a fixed feature extractor).
+    image_freeze: str = "none"
+    # BatchNorm of the resnet/densenet/timm backbones: "group" (GroupNorm with the BatchNorm's
+    # scale and shift, trainable) or "frozen" (the pretrained statistics as a fixed per-channel
+    # affine map: the pretrained function exactly). Either is per-record, as DP-SGD requires.
+    image_norm: str = "group"
+    # text-encoder "bert": a local Hugging Face checkpoint folder (save_pretrained: config,
+    # weights and its own fixed tokenizer), the SHA-256 of the folder's files, what stays
+    # fixed (as image-freeze, the last block being the last transformer layer), and the rank
+    # of LoRA adapters on the attention's query/value (0 = none; peft).
+    text_weights: str = ""
+    text_weights_sha256: str = ""
+    text_freeze: str = "none"
+    text_lora_rank: int = 0
     # Training-image augmentation (torchvision.transforms.v2): "none" or "light".
     augment: str = "none"
+    # Training-only augmentation of report tokens (dropout, span deletion, window swap) and of
+    # recordings (noise at a random SNR, time shift, time/frequency masking): "none" or
+    # "light" (common/data/augment_text_audio.py). Off until a benchmark shows they help.
+    text_augment: str = "none"
+    audio_augment: str = "none"
     # "multi-label": labels like "a|b", a sigmoid per class, per-class AUROC.
     task: str = "single-label"
+    # Extra tasks on the shared encoders, one head each (common/models/multitask.py):
+    # "name=class|class,...", labels from the manifest's label.<name> column (an empty cell, or
+    # no column at a site, masks that task out of the record's loss), and their loss weights
+    # "name=weight,..." (1 for an unnamed task; the main task, column label, weighs 1).
+    tasks: str = ""
+    task_weights: str = ""
     # Probability of hiding each present modality of a training record (never all of them),
     # so the global model still works at a site that lacks a modality entirely.
     modality_dropout: float = 0.1
@@ -223,6 +253,17 @@ class RunConfig:
         return _parse_ranges(self.tabular_ranges)
 
     @property
+    def task_classes(self) -> dict[str, tuple[str, ...]]:
+        """``tasks`` parsed: extra task name -> its class names (in order)."""
+        return _parse_tasks(self.tasks)
+
+    @property
+    def task_weight_map(self) -> dict[str, float]:
+        """Loss weight of each extra task (``task-weights``; 1 where unnamed)."""
+        given = _parse_weights(self.task_weights)
+        return {t: given.get(t, 1.0) for t in self.task_classes}
+
+    @property
     def multi_label(self) -> bool:
         return self.task == "multi-label"
 
@@ -301,9 +342,92 @@ def _check_modalities(cfg: RunConfig) -> None:
     _check_int("audio-bins", cfg.audio_bins, low=4)
     _check_int("dicom-frame", cfg.dicom_frame, low=0)
     _check_choice("augment", cfg.augment, ("none", "light"))
+    _check_choice("text-augment", cfg.text_augment, ("none", "light"))
+    _check_choice("audio-augment", cfg.audio_augment, ("none", "light"))
     _check_choice("task", cfg.task, ("single-label", "multi-label"))
     _check_range("modality-dropout", cfg.modality_dropout, low=0.0, high=1.0, high_open=True)
     _check_choice("noise-seed", cfg.noise_seed, ("secret", "public"))
+    _check_transfer(cfg)
+    _check_tasks(cfg)
+
+
+FREEZE_MODES = ("none", "last-block", "head", "all")
+
+
+def _check_transfer(cfg: RunConfig) -> None:
+    """Pretrained encoders: weights come with their SHA-256 (common/models/pretrained.py)."""
+    for key, weights, digest in (
+        ("image-weights", cfg.image_weights, cfg.image_weights_sha256),
+        ("text-weights", cfg.text_weights, cfg.text_weights_sha256),
+    ):
+        if digest and not weights:
+            raise ConfigError(f"'{key}-sha256' is set but '{key}' is empty")
+        if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+            raise ConfigError(
+                f"'{key}-sha256' must be 64 lower-case hex digits (sha256sum); found {digest!r}"
+            )
+    _check_choice("image-freeze", cfg.image_freeze, FREEZE_MODES)
+    _check_choice("text-freeze", cfg.text_freeze, FREEZE_MODES)
+    _check_choice("image-norm", cfg.image_norm, ("group", "frozen"))
+    _check_int("text-lora-rank", cfg.text_lora_rank, low=0)
+    if cfg.text_encoder == "bert" and not cfg.text_weights:
+        raise ConfigError(
+            "text-encoder 'bert' needs 'text-weights': a local checkpoint folder written by "
+            "save_pretrained (model and tokenizer), with 'text-weights-sha256'"
+        )
+
+
+def _parse_tasks(text: str) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, _, classes = item.partition("=")
+        name = name.strip()
+        names = tuple(c.strip() for c in classes.split("|") if c.strip())
+        if (
+            not name
+            or not all(ch.isalnum() or ch in "_-" for ch in name)
+            or len(names) < 2
+            or len(set(names)) != len(names)
+            or name in out
+        ):
+            raise ConfigError(
+                f"'tasks' item {item!r} must look like name=class|class (a distinct name of "
+                "letters, digits, _ or -, and at least two distinct classes), e.g. "
+                '"severity=mild|severe"'
+            )
+        out[name] = names
+    return out
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = math.nan
+        if not (math.isfinite(w) and w >= 0):
+            raise ConfigError(
+                f"'task-weights' item {item!r} must look like name=weight, weight >= 0"
+            )
+        out[name.strip()] = w
+    return out
+
+
+def _check_tasks(cfg: RunConfig) -> None:
+    tasks = cfg.task_classes
+    unknown = sorted(set(_parse_weights(cfg.task_weights)) - set(tasks))
+    if unknown:
+        raise ConfigError(f"'task-weights' names {unknown}, which are not in 'tasks'")
+    if tasks and cfg.multi_label:
+        raise ConfigError(
+            "'tasks' (extra task heads) needs a single-label main task; found task = 'multi-label'"
+        )
 
 
 def tabular_ranges_required(columns: list[str]) -> str:

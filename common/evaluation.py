@@ -52,12 +52,19 @@ class EvalLayout:
     modalities: tuple[str, ...]
     multi_label: bool
     bins: int = SCORE_BINS
+    # Extra tasks (run config ``tasks``): (name, number of classes). Each appends
+    # ``[labelled records, correct, loss sum]`` and, per AUROC subtask (one for two classes,
+    # else one per class), a positive and a negative score histogram.
+    extra: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> EvalLayout:
         names = tuple(cfg.class_names)
         tasks = ("",) if (len(names) == 2 and not cfg.multi_label) else names
-        return cls(tasks=tasks, modalities=cfg.modality_names, multi_label=cfg.multi_label)
+        extra = tuple((t, len(c)) for t, c in cfg.task_classes.items())
+        return cls(
+            tasks=tasks, modalities=cfg.modality_names, multi_label=cfg.multi_label, extra=extra
+        )
 
     @property
     def head(self) -> int:
@@ -71,8 +78,25 @@ class EvalLayout:
         return self.hist_offset(1 + len(self.modalities), 0)
 
     @property
-    def length(self) -> int:
+    def extra_offset(self) -> int:
         return self.weights_offset + 3 * len(self.modalities)
+
+    def extra_subtasks(self, k: int) -> int:
+        return 1 if self.extra[k][1] == 2 else self.extra[k][1]
+
+    def extra_section(self, k: int) -> tuple[int, int]:
+        """(start, length) of extra task ``k``'s entries."""
+        at = self.extra_offset
+        for j in range(k):
+            at += 3 + self.extra_subtasks(j) * 2 * self.bins
+        return at, 3 + self.extra_subtasks(k) * 2 * self.bins
+
+    @property
+    def length(self) -> int:
+        if not self.extra:
+            return self.extra_offset
+        at, n = self.extra_section(len(self.extra) - 1)
+        return at + n
 
 
 def _task_scores(logits: torch.Tensor, labels: torch.Tensor, layout: EvalLayout):
@@ -141,7 +165,73 @@ def sums_from_predictions(variants: list[Predictions], *, layout: EvalLayout) ->
             w = full.weights[:, i].double().numpy()[present]
             vec[at] = int(np.rint(w * SUM_SCALE).sum())
             vec[at + 1] = int(present.sum())
+    if layout.extra:
+        vec[layout.extra_offset :] = extra_task_sums(model, dataset, layout=layout, device=device)
     return vec
+
+
+@torch.no_grad()
+def extra_task_sums(
+    model: nn.Module, dataset: Dataset, *, layout: EvalLayout, device: torch.device
+) -> np.ndarray:
+    """The extra tasks' part of the evaluation vector (records lacking a task's label are
+    left out of that task's entries)."""
+    from fedfuse.common.models.multitask import AllTasks
+
+    out = np.zeros(layout.length - layout.extra_offset, dtype=np.int64)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return out
+    pred = predict(AllTasks(model), dataset.with_task_labels(), device=device)  # type: ignore[attr-defined]
+    col = pred.logits.shape[1] - sum(c for _, c in layout.extra)
+    for k, (_name, n_classes) in enumerate(layout.extra):
+        start, _ = layout.extra_section(k)
+        at = start - layout.extra_offset
+        y = pred.labels[:, 1 + k].long()
+        has = y >= 0
+        logits = pred.logits[:, col : col + n_classes][has]
+        col += n_classes
+        y = y[has]
+        if len(y) == 0:
+            continue
+        probs = torch.softmax(logits, dim=1).numpy()
+        losses = nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+        losses = np.minimum(losses.astype(np.float64), LOSS_CAP)
+        out[at : at + 3] = [
+            len(y),
+            int((probs.argmax(1) == y.numpy()).sum()),
+            int(np.rint(losses * SUM_SCALE).sum()),
+        ]
+        subtasks = [1] if n_classes == 2 else list(range(n_classes))
+        for j, c in enumerate(subtasks):
+            bins = score_bins(probs[:, c], bins=layout.bins)
+            positive = (y == c).numpy()
+            h = at + 3 + j * 2 * layout.bins
+            out[h : h + layout.bins] += np.bincount(bins[positive], minlength=layout.bins)
+            neg = h + layout.bins
+            out[neg : neg + layout.bins] += np.bincount(bins[~positive], minlength=layout.bins)
+    return out
+
+
+def decode_extra_tasks(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
+    """Per extra task: ``eval-records-task-<t>``, ``eval-accuracy-task-<t>``,
+    ``eval-loss-task-<t>`` and ``eval-auroc-task-<t>`` (mean over one-vs-rest classes)."""
+    out: dict[str, float] = {}
+    for k, (name, _n) in enumerate(layout.extra):
+        at, _ = layout.extra_section(k)
+        n, correct, loss = (int(x) for x in total[at : at + 3])
+        aurocs = []
+        for j in range(layout.extra_subtasks(k)):
+            h = at + 3 + j * 2 * layout.bins
+            a, _res = histogram_auroc(
+                total[h : h + layout.bins], total[h + layout.bins : h + 2 * layout.bins]
+            )
+            aurocs.append(a)
+        finite = [a for a in aurocs if not math.isnan(a)]
+        out[f"eval-records-task-{name}"] = float(n)
+        out[f"eval-accuracy-task-{name}"] = correct / n if n else math.nan
+        out[f"eval-loss-task-{name}"] = loss / SUM_SCALE / n if n else math.nan
+        out[f"eval-auroc-task-{name}"] = float(np.mean(finite)) if finite else math.nan
+    return out
 
 
 def decode_sums(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
@@ -189,6 +279,7 @@ def decode_sums(total: np.ndarray, layout: EvalLayout) -> dict[str, float]:
         out[f"eval-auroc-drop-{name}"] = out["eval-auroc"] - without
         wsum, wcount, _present = (int(x) for x in total[layout.weights_offset + 3 * i :][:3])
         out[f"eval-weight-{name}"] = wsum / SUM_SCALE / wcount if wcount else math.nan
+    out.update(decode_extra_tasks(total, layout))
     return out
 
 
@@ -219,6 +310,11 @@ def figures_from_predictions(variants: list[Predictions], *, cfg: RunConfig) -> 
     for name in cfg.modality_names:
         for key in ("auroc-without", "auroc-drop", "weight"):
             out.setdefault(f"eval-{key}-{name}", math.nan)
+    layout = EvalLayout.for_config(cfg)
+    if layout.extra:  # the same per-task figures the federation gets, on this site alone
+        total = np.zeros(layout.length, dtype=np.int64)
+        total[layout.extra_offset :] = extra_task_sums(model, dataset, layout=layout, device=device)
+        out.update(decode_extra_tasks(total, layout))
     return out
 
 

@@ -250,6 +250,24 @@ class RunDirectory:
         if self.rounds:
             lines += clinical_markdown(self.rounds[-1])
             lines += contribution_markdown(self.rounds[-1], cfg.modality_names)
+        if self.rounds and cfg.task_classes:
+            last = self.rounds[-1]
+            lines += [
+                "",
+                "## Tasks",
+                "",
+                "Extra tasks (run config `tasks`), last round, pooled over the test records "
+                "that have the task's label:",
+                "",
+                "| task | labelled test records | test accuracy | test AUROC |",
+                "|---|---|---|---|",
+            ]
+            for t in cfg.task_classes:
+                lines.append(
+                    f"| {t} | {_g(last.get(f'eval-records-task-{t}'))} | "
+                    f"{_f(last.get(f'eval-accuracy-task-{t}'))} | "
+                    f"{_f(last.get(f'eval-auroc-task-{t}'))} |"
+                )
         return "\n".join(lines) + "\n"
 
 

@@ -124,7 +124,10 @@ class AudioFeatures:
         return torch.nn.functional.pad(mono, (0, n - mono.numel()))
 
     def __call__(self, samples: np.ndarray, rate: int) -> torch.Tensor:
-        wav = self.waveform(samples, rate)
+        return self.spectrogram(self.waveform(samples, rate))
+
+    def spectrogram(self, wav: torch.Tensor) -> torch.Tensor:
+        """A :meth:`waveform` -> the ``(1, bins, frames)`` features the encoder takes."""
         with torch.no_grad():
             spec = self._transform(wav)
         if self.kind == "logmel":

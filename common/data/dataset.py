@@ -30,6 +30,19 @@ class LabelEncoder:
         return torch.tensor(self.index[labels[0]], dtype=torch.long)
 
 
+class TaskLabelEncoder:
+    """Extra tasks' labels as one class index per task, ``-1`` where the record lacks one."""
+
+    def __init__(self, tasks: dict[str, tuple[str, ...]]) -> None:
+        self.tasks = tasks
+        self.index = {t: {c: i for i, c in enumerate(cs)} for t, cs in tasks.items()}
+
+    def __call__(self, task_labels: dict[str, str]) -> torch.Tensor:
+        return torch.tensor(
+            [self.index[t].get(task_labels.get(t, ""), -1) for t in self.tasks], dtype=torch.long
+        )
+
+
 class SiteDataset(Dataset):
     """Records of one split of a site, as ``(mask, *inputs, label)`` tuples of tensors.
 
@@ -45,11 +58,13 @@ class SiteDataset(Dataset):
         inputs: tuple[ModalityInput, ...],
         labels: LabelEncoder,
         train: bool = False,
+        task_labels: TaskLabelEncoder | None = None,
     ) -> None:
         self.records = records
         self.inputs = inputs
         self.labels = labels
         self.train = train
+        self.task_labels = task_labels
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -68,6 +83,29 @@ class SiteDataset(Dataset):
         ]
         return (mask, *xs, self.labels(r.labels))
 
+    def with_task_labels(self) -> WithTaskLabels:
+        """A view whose label is ``[main class, extra task classes (-1: absent)...]``."""
+        if self.task_labels is None:
+            raise ValueError("this dataset has no extra tasks (run config 'tasks')")
+        return WithTaskLabels(self)
+
+
+class WithTaskLabels(Dataset):
+    """A :class:`SiteDataset` whose items carry every task's label: the main task's class
+    index first, then one per extra task (``-1`` where the record lacks it)."""
+
+    def __init__(self, base: SiteDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        *xs, y = self.base[i]
+        assert self.base.task_labels is not None
+        extra = self.base.task_labels(self.base.records[i].task_labels)
+        return (*xs, torch.cat([y.view(1), extra]))
+
 
 def manifest_for(site_dir: str | Path, cfg: RunConfig, **kwargs: Any) -> Manifest:
     """Load and validate a site's manifest with the checks ``cfg`` implies."""
@@ -77,6 +115,7 @@ def manifest_for(site_dir: str | Path, cfg: RunConfig, **kwargs: Any) -> Manifes
         split_seed=cfg.seed,
         multi_label=cfg.multi_label,
         dicom_frame=cfg.dicom_frame,
+        tasks=cfg.task_classes or None,
         **kwargs,
     )
 
@@ -84,8 +123,11 @@ def manifest_for(site_dir: str | Path, cfg: RunConfig, **kwargs: Any) -> Manifes
 def datasets_for(manifest: Manifest, cfg: RunConfig) -> dict[str, SiteDataset]:
     inputs = build_inputs(cfg, manifest)
     labels = LabelEncoder(cfg.class_names, multi_label=cfg.multi_label)
+    tasks = TaskLabelEncoder(cfg.task_classes) if cfg.task_classes else None
     return {
-        s: SiteDataset(manifest.split(s), inputs=inputs, labels=labels, train=s == "train")
+        s: SiteDataset(
+            manifest.split(s), inputs=inputs, labels=labels, train=s == "train", task_labels=tasks
+        )
         for s in ("train", "val", "test")
     }
 
@@ -105,7 +147,12 @@ DATA_KEYS = (
     "image_size",
     "dicom_frame",
     "augment",
+    "text_augment",
+    "audio_augment",
     "text_buckets",
+    "text_encoder",
+    "text_weights",
+    "text_weights_sha256",
     "max_tokens",
     "audio_rate",
     "audio_seconds",
@@ -113,6 +160,7 @@ DATA_KEYS = (
     "audio_bins",
     "tabular_columns",
     "tabular_ranges",
+    "tasks",
 )
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,8 @@ class Record:
     audio: Path | None = None
     tabular: dict[str, float] = field(default_factory=dict)
     row: int = 0
+    # Labels of extra tasks (label.<task> columns); a task without a label here is absent.
+    task_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ def load_manifest(
     check_files: bool = True,
     multi_label: bool | None = None,
     dicom_frame: int = 0,
+    tasks: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Manifest:
     """Read and validate a site's manifest; report every problem at once.
 
@@ -221,6 +224,8 @@ def load_manifest(
             files before training starts.
         multi_label: False rejects records with several labels (``a|b``); None accepts both.
         dicom_frame: the frame a multi-frame DICOM must have (checked with ``check_files``).
+        tasks: extra tasks' class names, by task; their labels come from ``label.<task>``
+            columns, where an empty cell (or no column) means the record lacks that label.
 
     Raises:
         DataValidationError: with one line per problem (file:line: field: reason).
@@ -241,12 +246,13 @@ def load_manifest(
             f"{name}:1: no modality column; expected at least one of image, report, audio, "
             "tab.<name>"
         )
-    known_cols = {"id", "label", "split", "image", "report", "audio", *tab_cols}
+    task_cols = tuple(c for c in columns if c.startswith("label."))
+    known_cols = {"id", "label", "split", "image", "report", "audio", *tab_cols, *task_cols}
     for c in columns:
         if c not in known_cols:
             problems.append(
                 f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
-                "tab.<name>, label, split)"
+                "tab.<name>, label, label.<task>, split)"
             )
     if problems and (not rows or not modality_cols or not {"id", "label"} <= set(columns)):
         # Without rows, or without a required column, per-row checks would only repeat it.
@@ -286,6 +292,16 @@ def load_manifest(
                     row_problems.append(
                         f"{where}: label: unknown label '{lab}' (known: {', '.join(classes)})"
                     )
+        task_labels: dict[str, str] = {}
+        for task, task_classes in (tasks or {}).items():
+            cell = raw.get(f"label.{task}", "").strip()
+            if cell and cell not in task_classes:
+                row_problems.append(
+                    f"{where}: label.{task}: unknown label '{cell}' (known: "
+                    f"{', '.join(task_classes)}; leave the cell empty where it is not known)"
+                )
+            elif cell:
+                task_labels[task] = cell
         split = raw.get("split", "").lower()
         if split and split not in SPLITS:
             row_problems.append(f"{where}: split: '{split}' is not one of {', '.join(SPLITS)}")
@@ -336,6 +352,7 @@ def load_manifest(
                     audio=audio,
                     tabular=tabular,
                     row=lineno,
+                    task_labels=task_labels,
                 )
             )
     if problems:

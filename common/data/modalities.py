@@ -15,7 +15,13 @@ from typing import Protocol
 import torch
 
 from fedfuse.common.config import RunConfig
-from fedfuse.common.data.audio import AudioFeatures
+from fedfuse.common.data.audio import AudioFeatures, read_wav
+from fedfuse.common.data.augment_text_audio import (
+    AudioAugment,
+    TextAugment,
+    audio_augmentation,
+    text_augmentation,
+)
 from fedfuse.common.data.images import (
     load_grayscale,
     normalise,
@@ -70,8 +76,11 @@ class ImageInput:
 
 @dataclass
 class ReportInput:
+    """Token ids are cached; augmentation (train only) runs on every access."""
+
     tokenizer: HashingTokenizer
     name: str = "report"
+    augment: TextAugment | None = None
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def present(self, record: Record) -> bool:
@@ -85,14 +94,21 @@ class ReportInput:
         t = self._cache.get(record.id)
         if t is None:
             t = self._cache[record.id] = self.tokenizer(record.report)
+        if train and self.augment is not None:
+            t = self.augment(t)
         return t
 
 
 @dataclass
 class AudioInput:
+    """Features are cached; with ``augment`` (train only) the waveform is cached instead and
+    noise, shift and masking are drawn on every access."""
+
     features: AudioFeatures
     name: str = "audio"
+    augment: AudioAugment | None = None
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _waves: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def present(self, record: Record) -> bool:
         return record.audio is not None
@@ -103,6 +119,12 @@ class AudioInput:
     def load(self, record: Record, *, train: bool) -> torch.Tensor:
         assert record.audio is not None
         key = str(record.audio)
+        if train and self.augment is not None:
+            wav = self._waves.get(key)
+            if wav is None:
+                wav = self._waves[key] = self.features.waveform(*read_wav(record.audio))
+            spec = self.features.spectrogram(self.augment.waveform(wav))
+            return self.augment.spectrogram(spec)
         t = self._cache.get(key)
         if t is None:
             t = self._cache[key] = self.features.load(record.audio)
@@ -133,6 +155,17 @@ def audio_features(cfg: RunConfig) -> AudioFeatures:
     )
 
 
+def _tokenizer(cfg: RunConfig) -> HashingTokenizer:
+    """The hashing tokenizer, or a pretrained text encoder's own (checked by SHA-256)."""
+    if cfg.text_encoder == "bert":
+        from fedfuse.common.models.pretrained import checkpoint_tokenizer
+
+        return checkpoint_tokenizer(  # type: ignore[return-value]
+            cfg.text_weights, sha256=cfg.text_weights_sha256, max_tokens=cfg.max_tokens
+        )
+    return HashingTokenizer(num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens)
+
+
 def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...]:
     """The inputs ``cfg.modalities`` names, in that order, for one site.
 
@@ -144,13 +177,17 @@ def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...
         if name == "image":
             out.append(ImageInput(cfg.image_size, frame=cfg.dicom_frame, augment=cfg.augment))
         elif name == "report":
-            out.append(
-                ReportInput(
-                    HashingTokenizer(num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens)
-                )
+            tok = _tokenizer(cfg)
+            aug = text_augmentation(
+                cfg.text_augment,
+                pad_id=getattr(tok, "pad_id", 0),
+                protected=getattr(tok, "special_ids", ()),
             )
+            out.append(ReportInput(tok, augment=aug))
         elif name == "audio":
-            out.append(AudioInput(audio_features(cfg)))
+            out.append(
+                AudioInput(audio_features(cfg), augment=audio_augmentation(cfg.audio_augment))
+            )
         elif name == "tabular":
             train_rows = [r.tabular for r in manifest.split("train")]
             scaler = TabularScaler.fit(

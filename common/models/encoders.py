@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from fedfuse.common.data.tokenizer import PAD_ID
 from fedfuse.common.errors import ConfigError
@@ -85,8 +84,15 @@ class SmallCNN(nn.Module):
     """A small GroupNorm CNN and a projection; the default image encoder (fast under DP)."""
 
     def __init__(
-        self, *, dim: int, in_channels: int = 1, width: int = 16, weights: str = ""
+        self,
+        *,
+        dim: int,
+        in_channels: int = 1,
+        width: int = 16,
+        weights: str = "",
+        norm: str = "group",
     ) -> None:
+        # ``norm`` is accepted for a uniform signature: this CNN has no BatchNorm to replace.
         super().__init__()
         self.tower = ConvTower(in_channels=in_channels, width=width)
         self.proj = nn.Linear(self.tower.out_channels, dim)
@@ -101,73 +107,12 @@ class SmallCNN(nn.Module):
                     f"(embed-dim {dim}): {exc}"
                 ) from exc
 
+    def freeze_parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(backbone, its last block, head) for ``image-freeze``."""
+        return self.tower, self.tower.net[6:9], self.proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.proj(self.tower(x)))
-
-
-class _BasicBlockNoInplace(BasicBlock):
-    """torchvision's ResNet BasicBlock with an out-of-place residual addition."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-@IMAGE_ENCODERS.register("resnet18")
-class ResNet18Encoder(nn.Module):
-    """torchvision ResNet-18 with GroupNorm instead of BatchNorm, one input channel.
-
-    BatchNorm is replaced by Opacus' ``ModuleValidator.fix`` (GroupNorm, gcd(32, C) groups).
-    With ``weights`` (a local file holding a torchvision ``resnet18`` state_dict, e.g. ImageNet
-    weights saved with ``torch.save(resnet18(weights=...).state_dict(), path)`` on a machine
-    with internet), the network starts from them: the RGB stem is summed to one channel and
-    each GroupNorm takes the affine scale and shift of the BatchNorm it replaces.
-    """
-
-    def __init__(self, *, dim: int, in_channels: int = 1, weights: str = "") -> None:
-        super().__init__()
-        from opacus.validators import ModuleValidator
-        from torchvision.models import resnet18
-
-        net = resnet18(weights=None)
-        if weights:
-            state = _load_local_weights(self, weights, "resnet18")
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("fc.")]
-            if missing or unexpected:
-                raise ConfigError(
-                    f"'image-weights' file '{weights}' is not a torchvision resnet18 state_dict "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
-        stem = net.conv1
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        with torch.no_grad():
-            w = stem.weight.sum(dim=1, keepdim=True)  # RGB -> gray keeps the response to gray
-            net.conv1.weight.copy_(w.repeat(1, in_channels, 1, 1) / in_channels)
-        net.fc = nn.Identity()
-        bns = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
-        fixed = ModuleValidator.fix(net)
-        with torch.no_grad():
-            for name, gn in fixed.named_modules():
-                if name in bns and isinstance(gn, nn.GroupNorm):
-                    gn.weight.copy_(bns[name].weight)
-                    gn.bias.copy_(bns[name].bias)
-        for m in fixed.modules():
-            # In-place ops (ReLU(inplace=True), the residual "out += identity") would edit the
-            # outputs of Opacus' backward hooks, which autograd forbids.
-            if isinstance(m, nn.ReLU):
-                m.inplace = False
-            if type(m) is BasicBlock:
-                m.__class__ = _BasicBlockNoInplace
-        self.net = fixed
-        self.proj = nn.Linear(512, dim)
-        self.out_dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.proj(self.net(x)))
 
 
 class _HashedText(nn.Module):

@@ -196,15 +196,23 @@ class FusionModel(nn.Module):
 
     ``forward(mask, *inputs)`` takes the modality mask first and then one input tensor per
     modality in ``self.modalities`` order, which is also the order a site dataset yields them.
+    ``task_heads`` (run config ``tasks``): one more head per extra task on the same encoders;
+    ``forward`` still returns the main task's logits, :meth:`forward_all` every task's.
     """
 
-    def __init__(self, encoders: dict[str, nn.Module], head: nn.Module) -> None:
+    def __init__(
+        self,
+        encoders: dict[str, nn.Module],
+        head: nn.Module,
+        task_heads: dict[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.modalities = tuple(encoders)
         self.encoders = nn.ModuleDict(encoders)
         self.head = head
+        self.task_heads = nn.ModuleDict(task_heads or {})
 
-    def forward(self, mask: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    def _features(self, mask: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         if len(inputs) != len(self.modalities):
             raise ValueError(
                 f"expected {len(self.modalities)} inputs ({', '.join(self.modalities)}); "
@@ -215,5 +223,13 @@ class FusionModel(nn.Module):
                 f"mask has {mask.shape[-1]} columns; the model has {len(self.modalities)} "
                 f"modalities ({', '.join(self.modalities)})"
             )
-        feats = [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
-        return self.head(feats, mask)
+        return [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
+
+    def forward(self, mask: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self._features(mask, inputs), mask)
+
+    def forward_all(self, mask: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """The main task's logits, then each extra task's, concatenated along dim 1."""
+        feats = self._features(mask, inputs)
+        main = self.head(feats, mask)
+        return torch.cat([main, *(h(feats, mask) for h in self.task_heads.values())], dim=1)

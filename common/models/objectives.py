@@ -30,7 +30,12 @@ class MultiLabelLoss(nn.Module):
 
 
 def make_criterion(cfg: RunConfig) -> nn.Module:
-    """Softmax cross-entropy (single-label) or per-class sigmoid (multi-label)."""
+    """Softmax cross-entropy (single-label) or per-class sigmoid (multi-label); with extra
+    ``tasks``, the weighted multi-task loss over :class:`~.multitask.AllTasks`' logits."""
+    if cfg.task_classes:
+        from fedfuse.common.models.multitask import MultiTaskLoss
+
+        return MultiTaskLoss(cfg)
     return MultiLabelLoss() if cfg.multi_label else nn.CrossEntropyLoss()
 
 
