@@ -25,6 +25,7 @@ from fedfuse.common.metrics import (
     SCORE_BINS,
     Predictions,
     histogram_auroc,
+    predict,
     predict_variants,
     score_bins,
     scores,
@@ -135,12 +136,26 @@ def eval_sums(
 ) -> np.ndarray:
     """This site's evaluation-sums vector (non-negative int64, ``layout.length`` entries)."""
     variants = _variants(model, dataset, modalities=len(layout.modalities), device=device)
-    return sums_from_predictions(variants, layout=layout)
+    return sums_from_predictions(
+        variants, layout=layout, extra=_extra(model, dataset, layout, device)
+    )
 
 
-def sums_from_predictions(variants: list[Predictions], *, layout: EvalLayout) -> np.ndarray:
+def _extra(
+    model: nn.Module, dataset: Dataset, layout: EvalLayout, device: torch.device
+) -> np.ndarray | None:
+    """The extra tasks' sums (a pass of the all-task heads), or None without extra tasks."""
+    if not layout.extra:
+        return None
+    return extra_task_sums(model, dataset, layout=layout, device=device)
+
+
+def sums_from_predictions(
+    variants: list[Predictions], *, layout: EvalLayout, extra: np.ndarray | None = None
+) -> np.ndarray:
     """The evaluation-sums vector from :func:`fedfuse.common.metrics.predict_variants`'
-    predictions (every modality, then each one hidden)."""
+    predictions (every modality, then each one hidden), with the extra tasks' part ``extra``
+    (:func:`extra_task_sums`) where the run has extra tasks."""
     vec = np.zeros(layout.length, dtype=np.int64)
     full = variants[0]
     n = len(full.labels)
@@ -166,7 +181,9 @@ def sums_from_predictions(variants: list[Predictions], *, layout: EvalLayout) ->
             vec[at] = int(np.rint(w * SUM_SCALE).sum())
             vec[at + 1] = int(present.sum())
     if layout.extra:
-        vec[layout.extra_offset :] = extra_task_sums(model, dataset, layout=layout, device=device)
+        if extra is None:
+            raise ValueError("the run has extra tasks: pass their sums (extra_task_sums)")
+        vec[layout.extra_offset :] = extra
     return vec
 
 
@@ -292,10 +309,13 @@ def evaluate_site(
     contributions of :mod:`fedfuse.common.explain`. Every key is always present (NaN where
     undefined), so that every site reports the same keys."""
     variants = _variants(model, dataset, modalities=len(cfg.modality_names), device=device)
-    return figures_from_predictions(variants, cfg=cfg)
+    layout = EvalLayout.for_config(cfg)
+    return figures_from_predictions(variants, cfg=cfg, extra=_extra(model, dataset, layout, device))
 
 
-def figures_from_predictions(variants: list[Predictions], *, cfg: RunConfig) -> dict[str, float]:
+def figures_from_predictions(
+    variants: list[Predictions], *, cfg: RunConfig, extra: np.ndarray | None = None
+) -> dict[str, float]:
     """:func:`evaluate_site`'s figures from predictions already made (every modality, then
     each one hidden)."""
     full, *hidden = variants
@@ -311,9 +331,9 @@ def figures_from_predictions(variants: list[Predictions], *, cfg: RunConfig) -> 
         for key in ("auroc-without", "auroc-drop", "weight"):
             out.setdefault(f"eval-{key}-{name}", math.nan)
     layout = EvalLayout.for_config(cfg)
-    if layout.extra:  # the same per-task figures the federation gets, on this site alone
+    if layout.extra and extra is not None:  # the federation's per-task figures, this site alone
         total = np.zeros(layout.length, dtype=np.int64)
-        total[layout.extra_offset :] = extra_task_sums(model, dataset, layout=layout, device=device)
+        total[layout.extra_offset :] = extra
         out.update(decode_extra_tasks(total, layout))
     return out
 
@@ -325,6 +345,7 @@ def site_evaluation(
     what :func:`evaluate_site` and :func:`eval_sums` return, without evaluating twice."""
     layout = EvalLayout.for_config(cfg)
     variants = _variants(model, dataset, modalities=len(layout.modalities), device=device)
-    return figures_from_predictions(variants, cfg=cfg), sums_from_predictions(
-        variants, layout=layout
+    extra = _extra(model, dataset, layout, device)  # one more pass only with extra tasks
+    return figures_from_predictions(variants, cfg=cfg, extra=extra), sums_from_predictions(
+        variants, layout=layout, extra=extra
     )
