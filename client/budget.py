@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fedfuse.client.node_config import NodeConfig
 from fedfuse.client.training import PrivacyPlan, RoundResult, batches_per_epoch
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError, FedfuseError, PrivacyBudgetExhaustedError
@@ -127,12 +128,15 @@ def check_budget(epsilon: float, delta: float, *, where: str) -> None:
         raise ConfigError(f"{where}: 'delta' must be in range (0, 1); found {delta}")
 
 
-def resolve_budget(node_config: Mapping[str, Any], data_path: Path) -> SiteBudget:
-    """The site's budget and ledger file, from its node config, else its site file."""
+def resolve_budget(node: NodeConfig | Mapping[str, Any], data_path: Path) -> SiteBudget:
+    """The site's budget and ledger file, from its node config (parsed, or raw as Flower
+    gives it), else its site file."""
+    if not isinstance(node, NodeConfig):
+        node = NodeConfig.parse(node)
     site_file = read_site_file(data_path)
     source = []
-    if "epsilon-budget" in node_config:
-        eps = _number(node_config["epsilon-budget"], key="epsilon-budget", where="node config")
+    if node.epsilon_budget is not None:
+        eps = node.epsilon_budget
         source.append("node config")
     elif "epsilon-budget" in site_file:
         eps = site_file["epsilon-budget"]
@@ -140,13 +144,13 @@ def resolve_budget(node_config: Mapping[str, Any], data_path: Path) -> SiteBudge
     else:
         eps = math.inf
         source.append("no budget set")
-    if "delta" in node_config:
-        delta = _number(node_config["delta"], key="delta", where="node config")
+    if node.delta is not None:
+        delta = node.delta
     else:
         delta = site_file.get("delta", DEFAULT_DELTA)
     check_budget(eps, delta, where=source[0])
-    if "ledger-path" in node_config:
-        ledger = Path(str(node_config["ledger-path"])).expanduser()
+    if node.ledger_path is not None:
+        ledger = node.ledger_path
     else:
         ledger = data_path / SITE_DIR / LEDGER_NAME
     return SiteBudget(eps, delta, ledger, source[0], data_path / SITE_DIR)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: sites and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _finite(x: object) -> float:
@@ -52,8 +53,6 @@ def epsilon_curves(
     title: str = "privacy spent per site",
 ) -> Path:
     """Cumulative epsilon against rounds, one curve per site, with the budget line."""
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(6, 3.6))
     top = 0.0
     for name, points in sorted(per_site.items()):

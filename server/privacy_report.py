@@ -15,23 +15,24 @@ from flwr.app import Message
 
 from fedfuse.common.errors import FedfuseError
 from fedfuse.common.privacy.refusal import find_refusal, parse_refusal
+from fedfuse.server.round_record import RoundRecord
 
 
 class FederationStopped(FedfuseError):
     """Too few sites took part in a round (refused, failed or rejected): the run stops."""
 
 
-def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tuple[str, str, bool]:
+def note_error(record: RoundRecord, msg: Message, fallback_name: str) -> tuple[str, str, bool]:
     """Record an error reply in the round record; returns (site, reason, is_refusal)."""
     # A refusal, sent as one or quoted in a SecAgg+ failure (client/secagg_mod.py).
     refusal = parse_refusal(msg.error.code, msg.error.reason) or find_refusal(msg.error.reason)
     if refusal is not None:
         name = refusal.site if refusal.site != "?" else fallback_name
-        current.setdefault("refused", {})[name] = refusal.why
+        record.refused[name] = refusal.why
         return name, refusal.why, True
     reason = str(msg.error.reason)
     name = named_site(reason, fallback_name)
-    current.setdefault("failed", {})[name] = reason
+    record.failed[name] = reason
     return name, reason, False
 
 
@@ -59,16 +60,16 @@ def note_ledger(site: dict[str, Any], msg: Message) -> None:
     }
 
 
-def stop_reason(current: dict[str, Any], *, trained: int, min_sites: int) -> str | None:
+def stop_reason(record: RoundRecord, *, trained: int, min_sites: int) -> str | None:
     """Why the run must stop after this round's training, or None to go on."""
     if trained >= min_sites:
         return None
-    left_out = [f"{n} refused: {why}" for n, why in current.get("refused", {}).items()]
-    left_out += [f"{n} failed: {why}" for n, why in current.get("failed", {}).items()]
-    left_out += [f"{n} rejected: {why}" for n, why in current.get("rejected", {}).items()]
+    left_out = [f"{n} refused: {why}" for n, why in record.refused.items()]
+    left_out += [f"{n} failed: {why}" for n, why in record.failed.items()]
+    left_out += [f"{n} rejected: {why}" for n, why in record.rejected.items()]
     detail = "; ".join(left_out) if left_out else "no site replied"
     return (
-        f"round {current.get('round')}: only {trained} site(s) trained, fewer than "
+        f"round {record.round}: only {trained} site(s) trained, fewer than "
         f"min-sites {min_sites} ({detail})"
     )
 

@@ -132,6 +132,8 @@ class RunDirectory:
         (self.path / "summary.md").write_text(self._summary(privacy, status, reason))
 
     def _plots(self) -> None:
+        # lazy: matplotlib takes a second and writes its cache under $HOME when imported; only
+        # the end of a run draws figures
         from fedfuse.common import plots
 
         if not self.rounds:

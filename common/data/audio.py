@@ -28,6 +28,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     Raises:
         AudioReadError: not a WAV, truncated, an unsupported encoding, or no samples.
     """
+    # lazy: scipy takes about a second to load; only sites with audio need it
     from scipy.io import wavfile
 
     try:

@@ -87,6 +87,7 @@ def _check_pixels(pixels: int, size: str) -> None:
 
 def _first(value: object) -> float:
     """A DICOM value that may be multi-valued (e.g. several windows): its first entry."""
+    # lazy: pydicom takes about a second to load; only DICOM images need it
     import pydicom
 
     if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
@@ -95,6 +96,7 @@ def _first(value: object) -> float:
 
 
 def _load_dicom(path: Path, *, frame: int) -> np.ndarray:
+    # lazy: pydicom takes about a second to load; only DICOM images need it
     import pydicom
 
     try:

@@ -128,6 +128,7 @@ class ResNet18Encoder(nn.Module):
 
     def __init__(self, *, dim: int, in_channels: int = 1, weights: str = "") -> None:
         super().__init__()
+        # lazy: torchvision takes seconds to load; only the resnet18 encoder needs it
         from opacus.validators import ModuleValidator
         from torchvision.models import resnet18
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedfuse.common.data.dataset import manifest_for
 from fedfuse.common.errors import DataValidationError
 from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
 
@@ -186,8 +187,6 @@ def count_train_records(site_dirs: list[Path], cfg: Any) -> dict[str, int]:
 
     Raises one :class:`DataValidationError` listing every site's problems.
     """
-    from fedfuse.common.data.dataset import manifest_for
-
     counts: dict[str, int] = {}
     problems: list[str] = []
     for d in site_dirs:
