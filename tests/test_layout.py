@@ -255,3 +255,62 @@ def test_the_lazy_import_scan_finds_an_unexplained_one(tmp_path):
         "    import torch\n    import torchvision\n"
     )
     assert _unexplained_function_imports(tmp_path) == ["client/a.py:2"]
+
+
+def _exceptions_outside_the_hierarchy(root: Path) -> list[str]:
+    """Exception classes defined in the package that do not derive from FedfuseError (an AST
+    scan: a class is an exception when its bases lead to a built-in exception or a name ending
+    in Error/Exception; warning categories are not errors)."""
+    import builtins
+
+    builtin_exceptions = {
+        n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)
+    }
+    classes: dict[str, tuple[str, list[str]]] = {}
+    for top in PACKAGE_FOLDERS:
+        for path in sorted((root / top).rglob("*.py")) if (root / top).is_dir() else []:
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ClassDef):
+                    bases = [
+                        b.id if isinstance(b, ast.Name) else b.attr
+                        for b in node.bases
+                        if isinstance(b, (ast.Name, ast.Attribute))
+                    ]
+                    where = f"{path.relative_to(root)}:{node.lineno} {node.name}"
+                    classes[node.name] = (where, bases)
+
+    def ancestors(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+        if name in seen or name not in classes:
+            return {name}
+        out = {name}
+        for base in classes[name][1]:
+            out |= ancestors(base, seen | {name})
+        return out
+
+    bad = []
+    for name, (where, _) in sorted(classes.items()):
+        up = ancestors(name)
+        is_exception = any(
+            n in builtin_exceptions or n.endswith(("Error", "Exception")) for n in up
+        )
+        is_warning = any(n.endswith("Warning") for n in up)
+        if is_exception and not is_warning and "FedfuseError" not in up:
+            bad.append(where)
+    return bad
+
+
+def test_every_exception_class_derives_from_fedfuse_error():
+    assert _exceptions_outside_the_hierarchy(ROOT) == []
+
+
+def test_the_exception_scan_finds_a_stray_exception(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "errors.py").write_text(
+        "class FedfuseError(Exception): ...\nclass ConfigError(FedfuseError, ValueError): ...\n"
+    )
+    (tmp_path / "common" / "a.py").write_text(
+        "class Fine(ConfigError): ...\nclass Stray(ValueError): ...\n"
+        "class AlsoStray(Stray): ...\nclass Note(UserWarning): ...\nclass Plain: ...\n"
+    )
+    found = _exceptions_outside_the_hierarchy(tmp_path)
+    assert [f.split()[-1] for f in found] == ["AlsoStray", "Stray"]

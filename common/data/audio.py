@@ -17,9 +17,7 @@ import numpy as np
 import torch
 import torchaudio
 
-
-class AudioReadError(ValueError):
-    """A WAV file exists but cannot be decoded; the message says why."""
+from fedfuse.common.errors import AudioReadError
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

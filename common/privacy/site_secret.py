@@ -34,13 +34,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedfuse.common.errors import SiteSecretError
+
 SECRET_DIR = ".fedfuse"
 SECRET_NAME = "dp-secret"
 SECRET_BYTES = 32
-
-
-class SiteSecretError(RuntimeError):
-    """The site's secret file is unreadable or malformed."""
 
 
 def secret_path(data_path: Path) -> Path:
