@@ -23,11 +23,10 @@ from flwr.common.constant import ErrorCode
 from fedfuse.client.node_config import NodeConfig
 from fedfuse.client.site import simulation_site_dirs
 from fedfuse.common.errors import ConfigError
+from fedfuse.common.site_state import eval_log, train_log
 
 _LOG = logging.getLogger(__name__)
 
-EVAL_LOG = Path(".fedfuse") / "eval.jsonl"
-TRAIN_LOG = Path(".fedfuse") / "train.jsonl"
 # A path: a slash that does not follow a word character ("and/or", "1/2" are not paths).
 _PATH = re.compile(r"(?<![\w])(?:[A-Za-z]:)?(?:~|\.{1,2})?[\\/][^\s'\"(),;:<>]*")
 _MAX_REASON = 300
@@ -94,7 +93,7 @@ def log_evaluation(
 ) -> Path:
     """Append this site's own evaluation figures to ``<site>/.fedfuse/eval.jsonl``."""
     return _log_site_figures(
-        site_path / EVAL_LOG, run_id=run_id, server_round=server_round, figures=figures
+        eval_log(site_path), run_id=run_id, server_round=server_round, figures=figures
     )
 
 
@@ -104,7 +103,7 @@ def log_training(
     """Append this site's own training figures (loss, records, noise, steps) to
     ``<site>/.fedfuse/train.jsonl``: they stay at the site unless it opts in to share them."""
     return _log_site_figures(
-        site_path / TRAIN_LOG, run_id=run_id, server_round=server_round, figures=figures
+        train_log(site_path), run_id=run_id, server_round=server_round, figures=figures
     )
 
 

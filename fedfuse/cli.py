@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import DataValidationError, FedfuseError
+from fedfuse.common.site_state import state_dir
 from fedfuse.deploy_cli import register as register_deploy_commands
 from fedfuse.simulations.scenarios import ensure_data, load_scenario
 
@@ -786,7 +787,7 @@ def ledger_reset(
     if not site.is_dir():
         _fail(f"ledger reset: '{site}' is not a site folder")
     try:
-        r = reset_ledger(site / ".fedfuse", reason=reason, ledger_path=ledger_path)
+        r = reset_ledger(state_dir(site), reason=reason, ledger_path=ledger_path)
     except FedfuseError as exc:
         _fail(str(exc))
     kept = f"the old ledger is kept as {r.kept_as}" if r.kept_as else "there was no ledger file"

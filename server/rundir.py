@@ -17,6 +17,7 @@ from fedfuse.common.errors import ConfigError
 from fedfuse.common.explain import contribution_markdown
 from fedfuse.common.jsonsafe import jsonable
 from fedfuse.common.privacy.ledger import LEDGER_ACCOUNTANT
+from fedfuse.common.site_state import EVAL_LOG, STATE_DIR
 from fedfuse.server.privacy_report import site_privacy
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -181,7 +182,7 @@ class RunDirectory:
             "",
             "Test figures are pooled over the sites' test splits, from the sum of their "
             "evaluation vectors" + (" (SecAgg+)" if cfg.secagg else "") + "; each site keeps its "
-            "own figures in `.fedfuse/eval.jsonl` unless it shares them "
+            f"own figures in `{STATE_DIR}/{EVAL_LOG}` unless it shares them "
             "(node config `share-site-metrics`).",
             "",
             "## Privacy spent per site",

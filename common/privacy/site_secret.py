@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from fedfuse.common.errors import SiteSecretError
+from fedfuse.common.site_state import secret_file
 
-SECRET_DIR = ".fedfuse"
-SECRET_NAME = "dp-secret"
 SECRET_BYTES = 32
 
 
 def secret_path(data_path: Path) -> Path:
-    return Path(data_path) / SECRET_DIR / SECRET_NAME
+    return secret_file(data_path)
 
 
 def load_or_create_secret(data_path: Path) -> bytes:
