@@ -523,6 +523,7 @@ class SecAggPlusStrategy(Strategy):
         rng: random.Random | None = None,
         ddp: DistributedDp | None = None,
     ) -> None:
+        super().__init__()
         self.strategy = strategy
         self.settings = settings
         # Shuffles the neighbour ring; tests pin it. The ring is public: no secret randomness.
