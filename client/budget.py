@@ -138,13 +138,13 @@ def resolve_budget(node: NodeConfig | Mapping[str, Any], data_path: Path) -> Sit
     gives it), else its site file."""
     if not isinstance(node, NodeConfig):
         node = NodeConfig.parse(node)
-    site_file = read_site_file(data_path)
+    own = read_site_file(data_path)
     source = []
     if node.epsilon_budget is not None:
         eps = node.epsilon_budget
         source.append("node config")
-    elif "epsilon-budget" in site_file:
-        eps = site_file["epsilon-budget"]
+    elif "epsilon-budget" in own:
+        eps = own["epsilon-budget"]
         source.append(str(site_file(data_path)))
     else:
         eps = math.inf
@@ -152,7 +152,7 @@ def resolve_budget(node: NodeConfig | Mapping[str, Any], data_path: Path) -> Sit
     if node.delta is not None:
         delta = node.delta
     else:
-        delta = site_file.get("delta", DEFAULT_DELTA)
+        delta = own.get("delta", DEFAULT_DELTA)
     check_budget(eps, delta, where=source[0])
     if node.ledger_path is not None:
         ledger = node.ledger_path
