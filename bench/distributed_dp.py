@@ -39,7 +39,6 @@ from fedfuse.common.config import RunConfig  # noqa: E402
 from fedfuse.common.data.synthetic import generate  # noqa: E402
 from fedfuse.common.models import build_model  # noqa: E402
 from fedfuse.common.secagg import distributed_dp, masking  # noqa: E402
-from fedfuse.common.secagg.params import SecAggSettings  # noqa: E402
 from fedfuse.server.app import run_federation  # noqa: E402
 from fedfuse.server.rundir import RunDirectory  # noqa: E402
 from fedfuse.simulations.inprocess import InProcessGrid  # noqa: E402
@@ -65,7 +64,7 @@ def micro(cfg: RunConfig, sites: int, repeats: int = 5) -> dict:
     """The mechanism alone on the model's vector (seconds, median of ``repeats``)."""
     arrays = {k: v.numpy() for k, v in build_model(cfg).state_dict().items()}
     spec = distributed_dp.spec_from_config(cfg, arrays)
-    params = SecAggSettings.from_run_config(cfg).for_round(sites)
+    params = cfg.secagg_settings().for_round(sites)
     rng = np.random.default_rng(0)
     delta = rng.normal(size=spec.dim) * 1e-3
     seed = distributed_dp.rotation_seed("bench", 1)

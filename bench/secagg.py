@@ -7,7 +7,7 @@ For each number of sites (5, 10, 20), model size (~100k and ~1M parameters: the 
 with 5,120 or 61,440 text buckets) and training mode (``none``: a site returns the global model
 plus a constant step at once; ``dp``: the real fedfuse ClientApp trains with Opacus DP-SGD
 on synthetic sites), it runs ``--rounds`` training rounds of the real strategy
-(``fedfuse.server.strategy.make_strategy``) with ``secagg`` on and off, over the in-process Grid
+(``fedfuse.server.app.make_strategy``) with ``secagg`` on and off, over the in-process Grid
 with the real ClientApp and ``secaggplus_mod``. Rounds with and without SecAgg+ alternate; a round's
 time is the sites' median training time plus the fastest non-training time measured after the
 first round (see ``alternate``: training time swings several-fold on a shared machine). Two
@@ -44,8 +44,8 @@ from flwr.serverapp import Grid  # noqa: E402
 from fedfuse.client.secagg_mod import secaggplus_mod  # noqa: E402
 from fedfuse.common.config import RunConfig  # noqa: E402
 from fedfuse.common.models import build_model  # noqa: E402
+from fedfuse.server.app import make_strategy  # noqa: E402
 from fedfuse.server.rundir import RunDirectory  # noqa: E402
-from fedfuse.server.strategy import make_strategy  # noqa: E402
 from fedfuse.simulations.inprocess import InProcessGrid  # noqa: E402
 from fedfuse.simulations.scenarios import DataSpec, ensure_data  # noqa: E402
 

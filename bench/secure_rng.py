@@ -26,10 +26,11 @@ import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from fedfuse.client.training import plan_site_privacy, train_round  # noqa: E402
+from fedfuse.client.training import train_round  # noqa: E402
 from fedfuse.common.config import RunConfig  # noqa: E402
 from fedfuse.common.data.dataset import load_site  # noqa: E402
 from fedfuse.common.models import build_model  # noqa: E402
+from fedfuse.common.privacy.planning import plan_site_privacy  # noqa: E402
 from fedfuse.common.privacy.secure_rng import SecureRandom  # noqa: E402
 
 warnings.filterwarnings("ignore")

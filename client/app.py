@@ -29,6 +29,7 @@ from fedfuse.client.budget import (
     privacy_metrics,
     resolve_budget,
 )
+from fedfuse.client.node_config import NodeConfig
 from fedfuse.client.secagg_mod import check_local_update, make_secaggplus_mod, secaggplus_mod
 from fedfuse.client.site import SiteInfo, manifest_digest, resolve_site, site_data
 from fedfuse.client.training import PrivacyPlan, limit_threads, pick_device, train_round
@@ -37,9 +38,8 @@ from fedfuse.client.wire import (
     log_evaluation,
     log_training,
     public_reason,
-    shares_site_metrics,
 )
-from fedfuse.common.config import RunConfig
+from fedfuse.common.config import SERVER_KEYS, RunConfig, seeds_noise
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, site_evaluation
 from fedfuse.common.models import build_model
@@ -54,46 +54,11 @@ from fedfuse.common.secagg.protocol import RECORD_KEY
 
 app = ClientApp()
 
-# Keys the server adds to the run config it forwards; not part of RunConfig.
-_SERVER_KEYS = ("server-round", "run-id", "run-uid")
-# Config keys that do not change the update a site computes: they name or place the run (a
-# resumed run changes them) or tune the server's side. Every other key feeds the round's seed,
-# so any change to what the site computes draws fresh noise.
-_NOT_TRAINING = frozenset(
-    {
-        "run-id",
-        "run-uid",  # picks the run's ledger entries, hence the plan: the plan itself is hashed
-        "run-name",
-        "resume-from",
-        "out-dir",
-        "data-dir",
-        "fraction-train",
-        "fraction-evaluate",
-        "min-sites",
-        "timeout",
-    }
-)
-# SecAgg+ settings change only how a DP-SGD update travels (masked; its rounding draws fresh
-# randomness), so they are left out then; but under distributed DP they size
-# the site's own noise share (threshold, modulus): hashed then, or a server could ask for the
-# same noise at two scales and solve for the update.
-_SECAGG_KEYS = frozenset(
-    {
-        "secagg",
-        "num-shares",
-        "reconstruction-threshold",
-        "clipping-range",
-        "quantization-range",
-        "modulus-range",
-        "max-weight",
-    }
-)
-
 
 def _config(msg: Message) -> tuple[RunConfig, int]:
     raw = dict(msg.content["config"])
     server_round = int(raw.get("server-round", 0))  # type: ignore[arg-type]
-    for k in _SERVER_KEYS:
+    for k in SERVER_KEYS:
         raw.pop(k, None)
     return RunConfig.from_mapping(raw), server_round
 
@@ -117,10 +82,11 @@ def refusal_before_key_exchange(msg: Message, context: Context) -> Refusal | Non
     if "config" not in msg.content.config_records:
         return None  # a server that sends no run config at setup: train() still refuses
     cfg, server_round = _config(msg)
-    site = resolve_site(dict(context.node_config), cfg)
+    node = NodeConfig.parse(context.node_config)
+    site = resolve_site(node, cfg)
     _, datasets = site_data(site, cfg)
     run_id, _ = _run_key(msg)
-    budget = resolve_budget(dict(context.node_config), site.data_path)
+    budget = resolve_budget(node, site.data_path)
     ddp_event = None
     if cfg.distributed_dp:
         # The round's event needs the parameters' shapes, not their values: the site's own
@@ -156,7 +122,8 @@ def train(msg: Message, context: Context) -> Message:
     """One round of DP training on the site's train split, within the site's privacy budget."""
     limit_threads()
     cfg, server_round = _config(msg)
-    site = resolve_site(dict(context.node_config), cfg)
+    node = NodeConfig.parse(context.node_config)
+    site = resolve_site(node, cfg)
     _, datasets = site_data(site, cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     model = build_model(cfg)
@@ -172,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(code=0, reason=reason), reply_to=msg)
     model.load_state_dict(global_state)
     run_id, run_name = _run_key(msg)
-    budget = resolve_budget(dict(context.node_config), site.data_path)
+    budget = resolve_budget(node, site.data_path)
     # Distributed DP: the round's mechanism (raises if SecAgg+ is off or the sum could wrap).
     ddp_round = (
         distributed_dp.site_round(
@@ -248,7 +215,7 @@ def train(msg: Message, context: Context) -> Message:
         "steps": sum(e.steps for e in permit.run_events) + (plan.steps_per_round if plan else 0),
     }
     log_training(site.data_path, run_id=run_name or run_id, server_round=server_round, figures=own)
-    if shares_site_metrics(context.node_config):
+    if node.share_site_metrics:
         shared.update({**own, **privacy_metrics(budget, permit, entry)})
     metrics = MetricRecord(shared)
     state = model.to("cpu").state_dict()
@@ -282,7 +249,7 @@ def secure_randomness(context: Context) -> SecureRandom | None:
     (common/privacy/secure_rng.py): nobody, the site's own secret included, can regenerate them.
     Virtual sites of a simulation (``partition-id``) keep the keyed generators, so that runs are
     reproducible (``noise-seed``)."""
-    return None if "partition-id" in context.node_config else SecureRandom()
+    return None if NodeConfig.parse(context.node_config).simulated else SecureRandom()
 
 
 def _round_seed(
@@ -302,13 +269,12 @@ def _round_seed(
     (simulation only) seeds from (seed, site, round), as controlled comparisons need.
     """
     if cfg.noise_seed == "public":
-        if "partition-id" not in context.node_config:
+        if not NodeConfig.parse(context.node_config).simulated:
             raise ConfigError(
                 f"site {site.name}: run config noise-seed = 'public' lets the server regenerate "
                 "the site's DP noise; a deployed site accepts only noise-seed = 'secret'"
             )
         return cfg.seed * 1_000_003 + zlib.crc32(site.name.encode()) % 100_003 * 101 + server_round
-    skip = _NOT_TRAINING if cfg.distributed_dp else _NOT_TRAINING | _SECAGG_KEYS
     return round_seed(
         load_or_create_secret(site.data_path),
         {
@@ -316,7 +282,11 @@ def _round_seed(
             "data": manifest_digest(site),
             "round": server_round,
             "model": model_hash(global_state),
-            "config": {k: v for k, v in dict(msg.content["config"]).items() if k not in skip},
+            "config": {
+                k: v
+                for k, v in dict(msg.content["config"]).items()
+                if seeds_noise(k, distributed_dp=cfg.distributed_dp)
+            },
             "secagg-round": dict(context.state.config_records.get(ROUND_KEY, {})),
             "plan": dataclasses.asdict(plan) if plan else None,
         },
@@ -360,7 +330,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     limit_threads()
     cfg, server_round = _config(msg)
-    site = resolve_site(dict(context.node_config), cfg)
+    node = NodeConfig.parse(context.node_config)
+    site = resolve_site(node, cfg)
     _, datasets = site_data(site, cfg)
     model = _model(msg, cfg)
     device = pick_device()
@@ -376,6 +347,6 @@ def evaluate(msg: Message, context: Context) -> Message:
             "site": _site_record(site),
         }
     )
-    if shares_site_metrics(context.node_config):
+    if node.share_site_metrics:
         content["metrics"] = MetricRecord(figures)
     return Message(content=content, reply_to=msg)

@@ -16,6 +16,7 @@ budget -- and refuses the round if it would exceed the budget.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import tomllib
@@ -27,12 +28,12 @@ from typing import Any
 
 import torch
 
-from fedfuse.client.training import PrivacyPlan, RoundResult, batches_per_epoch
+from fedfuse.client.node_config import NodeConfig
+from fedfuse.client.training import RoundResult
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError, FedfuseError, PrivacyBudgetExhaustedError
-from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events
 from fedfuse.common.privacy.anchor import (
-    ANCHOR_NAME,
     HEAD_META,
     LedgerHead,
     anchor_path,
@@ -48,18 +49,23 @@ from fedfuse.common.privacy.ledger import (
     LedgerError,
     cumulative_epsilon,
 )
+from fedfuse.common.privacy.planning import PrivacyPlan, plan_site_noise, plan_within_budget
 from fedfuse.common.privacy.refusal import Refusal
 from fedfuse.common.privacy.site_secret import (
-    SECRET_NAME,
     SiteSecretError,
     existing_secret,
     ledger_key,
     load_or_create_secret_file,
 )
+from fedfuse.common.site_state import (
+    HEAD_NAME,
+    SECRET_NAME,
+    STATE_DIR,
+    ledger_file,
+    site_file,
+    state_dir,
+)
 
-SITE_DIR = ".fedfuse"
-SITE_FILE = "site.toml"
-LEDGER_NAME = "ledger.sqlite"
 # Used when a site sets no delta: the run config's default, and well below 1/records for any
 # site large enough to train on.
 DEFAULT_DELTA = 1e-5
@@ -91,7 +97,7 @@ def _number(value: Any, *, key: str, where: str) -> float:
 
 def read_site_file(data_path: Path) -> dict[str, float]:
     """``<data>/.fedfuse/site.toml`` (``epsilon-budget``, ``delta``), or {} if absent."""
-    path = data_path / SITE_DIR / SITE_FILE
+    path = site_file(data_path)
     if not path.is_file():
         return {}
     try:
@@ -107,7 +113,7 @@ def read_site_file(data_path: Path) -> dict[str, float]:
 def write_site_file(data_path: Path, *, epsilon_budget: float, delta: float) -> Path:
     """Set a site's budget in its data folder (what ``.fedfuse/site.toml`` holds)."""
     check_budget(epsilon_budget, delta, where="site budget")
-    path = data_path / SITE_DIR / SITE_FILE
+    path = site_file(data_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     eps = "inf" if math.isinf(epsilon_budget) else repr(float(epsilon_budget))
     path.write_text(
@@ -127,29 +133,32 @@ def check_budget(epsilon: float, delta: float, *, where: str) -> None:
         raise ConfigError(f"{where}: 'delta' must be in range (0, 1); found {delta}")
 
 
-def resolve_budget(node_config: Mapping[str, Any], data_path: Path) -> SiteBudget:
-    """The site's budget and ledger file, from its node config, else its site file."""
-    site_file = read_site_file(data_path)
+def resolve_budget(node: NodeConfig | Mapping[str, Any], data_path: Path) -> SiteBudget:
+    """The site's budget and ledger file, from its node config (parsed, or raw as Flower
+    gives it), else its site file."""
+    if not isinstance(node, NodeConfig):
+        node = NodeConfig.parse(node)
+    own = read_site_file(data_path)
     source = []
-    if "epsilon-budget" in node_config:
-        eps = _number(node_config["epsilon-budget"], key="epsilon-budget", where="node config")
+    if node.epsilon_budget is not None:
+        eps = node.epsilon_budget
         source.append("node config")
-    elif "epsilon-budget" in site_file:
-        eps = site_file["epsilon-budget"]
-        source.append(str(data_path / SITE_DIR / SITE_FILE))
+    elif "epsilon-budget" in own:
+        eps = own["epsilon-budget"]
+        source.append(str(site_file(data_path)))
     else:
         eps = math.inf
         source.append("no budget set")
-    if "delta" in node_config:
-        delta = _number(node_config["delta"], key="delta", where="node config")
+    if node.delta is not None:
+        delta = node.delta
     else:
-        delta = site_file.get("delta", DEFAULT_DELTA)
+        delta = own.get("delta", DEFAULT_DELTA)
     check_budget(eps, delta, where=source[0])
-    if "ledger-path" in node_config:
-        ledger = Path(str(node_config["ledger-path"])).expanduser()
+    if node.ledger_path is not None:
+        ledger = node.ledger_path
     else:
-        ledger = data_path / SITE_DIR / LEDGER_NAME
-    return SiteBudget(eps, delta, ledger, source[0], data_path / SITE_DIR)
+        ledger = ledger_file(data_path)
+    return SiteBudget(eps, delta, ledger, source[0], state_dir(data_path))
 
 
 def model_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -160,52 +169,6 @@ def model_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def plan_within_budget(
-    earlier: list[DpSgdEvent],
-    *,
-    sample_rate: float,
-    steps: int,
-    budget: float,
-    delta: float,
-    sigma_low: float,
-    rtol: float = 0.01,
-) -> float | None:
-    """Smallest noise multiplier (within ``rtol`` of what is left) keeping ``earlier`` plus
-    ``steps`` new steps within ``budget`` by PRV; None when nothing useful is left.
-
-    ``sigma_low`` is known to be too small. Brackets by doubling, then bisects in log-sigma,
-    stopping once the plan uses all but ``rtol`` of what is left (not of the whole budget,
-    which would waste most of a nearly spent budget on needless noise).
-    """
-
-    def eps(sigma: float) -> float:
-        return epsilon_from_events(
-            [*earlier, DpSgdEvent(sigma, sample_rate, steps)],
-            delta=delta,
-            accountant=LEDGER_ACCOUNTANT,
-        )
-
-    spent = epsilon_from_events(earlier, delta=delta, accountant=LEDGER_ACCOUNTANT)
-    left = budget - spent
-    if left <= rtol * budget:
-        return None
-    lo, hi = sigma_low, sigma_low * 1.5
-    while eps(hi) > budget:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            return None
-    while hi / lo > 1.005:
-        mid = math.sqrt(lo * hi)
-        e = eps(mid)
-        if e > budget:
-            lo = mid
-        else:
-            hi = mid
-            if budget - e <= rtol * left:
-                break
-    return hi
 
 
 class RoundRefused(FedfuseError):
@@ -260,7 +223,7 @@ class SiteLedger:
             secret = existing_secret(self.secret_file)
             if secret is None and self.head_file.exists():
                 raise RoundRefused(
-                    f"its secret ({SITE_DIR}/{SECRET_NAME}) is missing, so its ledger head cannot "
+                    f"its secret ({STATE_DIR}/{SECRET_NAME}) is missing, so its ledger head cannot "
                     "be authenticated: restore the secret from a backup, or reset the ledger on "
                     "purpose with `fedfuse ledger reset <site folder> --reason ...`"
                 )
@@ -269,8 +232,8 @@ class SiteLedger:
                 # Deleting the ledger must not reset the budget: the head says it existed.
                 raise RoundRefused(
                     f"its privacy ledger ({budget.ledger_path.name}) is missing but this site "
-                    f"has trained before ({self.head.count} entries, per {SITE_DIR}/"
-                    f"{ANCHOR_NAME}): restore the ledger from a backup, or reset it on purpose "
+                    f"has trained before ({self.head.count} entries, per {STATE_DIR}/"
+                    f"{HEAD_NAME}): restore the ledger from a backup, or reset it on purpose "
                     "with `fedfuse ledger reset <site folder> --reason ...` (recorded)"
                 )
             self.ledger = Ledger(budget.ledger_path)
@@ -318,7 +281,7 @@ class SiteLedger:
         entries = self.ledger.entries()
         problems = head_problems(self.head, entries)
         if self.head is None and entries and self.ledger.meta(HEAD_META) is not None:
-            problems.append(f"its authenticated ledger head ({SITE_DIR}/{ANCHOR_NAME}) is missing")
+            problems.append(f"its authenticated ledger head ({STATE_DIR}/{HEAD_NAME}) is missing")
         if problems:
             raise RoundRefused(
                 f"its privacy ledger disagrees with its authenticated head ({problems[0]}); run "
@@ -402,15 +365,7 @@ class SiteLedger:
         num_train: int,
         prior: list[DpSgdEvent | None],
     ) -> PrivacyPlan:
-        if num_train < 1:
-            raise ValueError("the site has no training records (split 'train' is empty)")
         budget = self.budget
-        per_epoch = batches_per_epoch(num_train, cfg.batch_size)
-        q = 1.0 / per_epoch
-        steps_per_round = per_epoch * cfg.local_epochs
-        # The rounds left (all of them unless the site joins late); planned as if it trains in
-        # every one, which can only over-estimate its spend.
-        steps = steps_per_round * (cfg.num_rounds - min(server_round, cfg.num_rounds) + 1)
         if cfg.target_epsilon > budget.epsilon or cfg.target_delta > budget.delta:
             warnings.warn(
                 f"site {self.site}: the run asks (epsilon, delta) = ({cfg.target_epsilon:g}, "
@@ -418,16 +373,17 @@ class SiteLedger:
                 f"{budget.delta:g}); planning for the site's budget",
                 stacklevel=2,
             )
-        with warnings.catch_warnings():
-            # PRV at sample rate 1 takes log(0) on its way to a correct bound; not actionable.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sigma = plan_noise_multiplier(
-                target_epsilon=min(cfg.target_epsilon, budget.epsilon),
-                target_delta=min(cfg.target_delta, budget.delta),
-                sample_rate=q,
-                steps=steps,
-                accountant=cfg.accountant,
-            )
+        plan = plan_site_noise(
+            num_train=num_train,
+            batch_size=cfg.batch_size,
+            local_epochs=cfg.local_epochs,
+            num_rounds=cfg.num_rounds,
+            target_epsilon=min(cfg.target_epsilon, budget.epsilon),
+            target_delta=min(cfg.target_delta, budget.delta),
+            accountant=cfg.accountant,
+            first_round=server_round,
+        )
+        sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps_from(server_round)
         earlier = [p for p in prior if p is not None]
         if math.isfinite(budget.epsilon) and earlier:
             lifetime = epsilon_from_events(
@@ -447,7 +403,7 @@ class SiteLedger:
                 )
                 if sigma is None:
                     raise self._exhausted(self._spent(self.ledger.entries()), lifetime)
-        return PrivacyPlan(sigma, q, steps_per_round, cfg.num_rounds)
+        return dataclasses.replace(plan, noise_multiplier=sigma)
 
     def record(
         self,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedfuse.client.node_config import NodeConfig
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import SiteDataset, data_signature, load_site
 from fedfuse.common.data.manifest import Manifest
@@ -35,15 +36,13 @@ class SiteInfo:
     data_path: Path
 
 
-def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> SiteInfo:
+def resolve_site(node: NodeConfig, cfg: RunConfig) -> SiteInfo:
     """The site this ClientApp serves, from the node config (deployment) or partition id."""
-    if "data-path" in node_config:
-        path = Path(str(node_config["data-path"])).expanduser()
-        name = str(node_config.get("site-name") or path.name)
-        return SiteInfo(name, path)
-    if "partition-id" in node_config:
+    if node.data_path is not None:
+        return SiteInfo(node.site_name or node.data_path.name, node.data_path)
+    if node.partition_id is not None:
         dirs = simulation_site_dirs(cfg.data_dir)
-        pid = int(node_config["partition-id"])
+        pid = node.partition_id
         if pid >= len(dirs):
             raise ConfigError(
                 f"virtual site {pid} has no data: data-dir '{cfg.data_dir}' holds only "

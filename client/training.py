@@ -1,7 +1,7 @@
 """Record-level DP training of the fusion model at a site, with Opacus.
 
 The site's (epsilon, delta) budget covers the whole federation: the noise multiplier is planned
-once, for every round, before the first one (:func:`plan_site_privacy`), and each round appends
+once, for every round, before the first one (common/privacy/planning.py), and each round appends
 one :class:`DpSgdEvent` to the site's history, from which epsilon is recomputed.
 """
 
@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from fedfuse.common.config import RunConfig
 from fedfuse.common.models.multitask import AllTasks
 from fedfuse.common.models.objectives import make_criterion, modality_dropout
-from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events
 from fedfuse.common.privacy.bookkeeping import make_private_bookkeeping
+from fedfuse.common.privacy.planning import PrivacyPlan, batches_per_epoch
 from fedfuse.common.privacy.secure_rng import SecureDPDataLoader, SecureRandom, use_secure_noise
 
 # Opacus' ghost clipping runs two backward passes through hooks that warn on every step. Not
@@ -45,48 +46,6 @@ def limit_threads() -> None:
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit() and int(n) > 0:
         torch.set_num_threads(int(n))
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """What a site fixes before its first round and keeps for the whole federation."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    num_rounds: int
-
-    @property
-    def planned_steps(self) -> int:
-        return self.steps_per_round * self.num_rounds
-
-
-def batches_per_epoch(num_train: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_train / batch_size))
-
-
-def plan_site_privacy(
-    *, cfg: RunConfig, num_train: int, prior_events: list[DpSgdEvent] | None = None
-) -> PrivacyPlan:
-    """Plan the noise multiplier so that ALL rounds together spend at most the target epsilon.
-
-    Poisson sampling at rate 1/batches-per-epoch (what Opacus' DPDataLoader uses), and
-    ``local_epochs * batches_per_epoch`` steps in each of ``num_rounds`` rounds.
-    """
-    if num_train < 1:
-        raise ValueError("the site has no training records (split 'train' is empty)")
-    per_epoch = batches_per_epoch(num_train, cfg.batch_size)
-    sample_rate = 1.0 / per_epoch
-    steps_per_round = per_epoch * cfg.local_epochs
-    sigma = plan_noise_multiplier(
-        target_epsilon=cfg.target_epsilon,
-        target_delta=cfg.target_delta,
-        sample_rate=sample_rate,
-        steps=steps_per_round * cfg.num_rounds,
-        accountant=cfg.accountant,
-        prior_events=prior_events or (),
-    )
-    return PrivacyPlan(sigma, sample_rate, steps_per_round, cfg.num_rounds)
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

@@ -15,27 +15,21 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from fedfuse.client.node_config import NodeConfig
+from fedfuse.client.site import simulation_site_dirs
+from fedfuse.common.errors import ConfigError
+from fedfuse.common.site_state import eval_log, train_log
+
 _LOG = logging.getLogger(__name__)
 
-# Node-config key: the site shares its own evaluation figures and privacy internals in the clear.
-SHARE_NODE_CONFIG = "share-site-metrics"
-EVAL_LOG = Path(".fedfuse") / "eval.jsonl"
-TRAIN_LOG = Path(".fedfuse") / "train.jsonl"
 # A path: a slash that does not follow a word character ("and/or", "1/2" are not paths).
 _PATH = re.compile(r"(?<![\w])(?:[A-Za-z]:)?(?:~|\.{1,2})?[\\/][^\s'\"(),;:<>]*")
 _MAX_REASON = 300
-
-
-def shares_site_metrics(node_config: Mapping[str, Any]) -> bool:
-    """Has this site opted in to share its own figures in the clear?"""
-    value = node_config.get(SHARE_NODE_CONFIG, False)
-    return value is True or str(value).strip().lower() in ("1", "true", "yes")
 
 
 def public_reason(text: str) -> str:
@@ -47,18 +41,19 @@ def public_reason(text: str) -> str:
 
 def site_label(msg: Message, ctxt: Context) -> str | None:
     """The site's name for an error reply, if its node config or the request says it."""
-    node = ctxt.node_config
-    if node.get("site-name"):
-        return str(node["site-name"])
-    if node.get("data-path"):
-        return Path(str(node["data-path"])).name
+    try:
+        node = NodeConfig.parse(ctxt.node_config)
+    except ConfigError:  # naming is a courtesy: the bad node config is the error itself
+        return None
+    if node.site_name:
+        return node.site_name
+    if node.data_path is not None:
+        return node.data_path.name
     config = msg.content.config_records.get("config") if msg.has_content() else None
-    if config is not None and "partition-id" in node and config.get("data-dir"):
-        from fedfuse.client.site import simulation_site_dirs  # the simulation's site folders
-
+    if config is not None and node.partition_id is not None and config.get("data-dir"):
         try:
             dirs = simulation_site_dirs(str(config["data-dir"]))
-            return dirs[int(node["partition-id"])].name  # type: ignore[arg-type]
+            return dirs[node.partition_id].name
         except Exception:  # naming is a courtesy: never let it hide the real error
             return None
     return None
@@ -98,7 +93,7 @@ def log_evaluation(
 ) -> Path:
     """Append this site's own evaluation figures to ``<site>/.fedfuse/eval.jsonl``."""
     return _log_site_figures(
-        site_path / EVAL_LOG, run_id=run_id, server_round=server_round, figures=figures
+        eval_log(site_path), run_id=run_id, server_round=server_round, figures=figures
     )
 
 
@@ -108,7 +103,7 @@ def log_training(
     """Append this site's own training figures (loss, records, noise, steps) to
     ``<site>/.fedfuse/train.jsonl``: they stay at the site unless it opts in to share them."""
     return _log_site_figures(
-        site_path / TRAIN_LOG, run_id=run_id, server_round=server_round, figures=figures
+        train_log(site_path), run_id=run_id, server_round=server_round, figures=figures
     )
 
 
@@ -128,11 +123,9 @@ def _log_site_figures(
 
 
 __all__ = [
-    "SHARE_NODE_CONFIG",
     "contain_errors",
     "error_reply",
     "log_evaluation",
     "log_training",
     "public_reason",
-    "shares_site_metrics",
 ]

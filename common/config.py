@@ -2,6 +2,8 @@
 
 Keys are Flower-style kebab-case (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
 ``flwr run . --run-config "key=value"``). Unknown keys are rejected with the list of known ones.
+What a key means beyond its value (does it feed a site's noise seed, may it change when a run
+is resumed, is it a SecAgg+ setting) is declared on the key, as its :class:`KeyFacts`.
 """
 
 from __future__ import annotations
@@ -9,11 +11,37 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.secagg.params import SecAggSettings
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """What a run-config key means beyond its value; declared on the key (``_key``)."""
+
+    # Feeds the seed of a site's round randomness (client/app.py, ``_round_seed``): any change
+    # to what a site computes must draw fresh noise. False for keys that only name or place the
+    # run or tune the server's side.
+    seeds_noise: bool = True
+    # May differ when a run is resumed (server/checkpoint.py): it names or places the run.
+    resume_free: bool = False
+    # A SecAgg+ setting (SecAggSettings). It changes only how a DP-SGD update travels (masked;
+    # its rounding draws fresh randomness), so it feeds the noise seed only under distributed
+    # DP, where it sizes the site's own noise share (threshold, modulus): hashed then, or a
+    # server could ask for the same noise at two scales and solve for the update.
+    secagg: bool = False
+
+
+def _key(default: Any, **facts: bool) -> Any:
+    """A run-config field with its :class:`KeyFacts` (a key without is a plain training key)."""
+    return field(default=default, metadata={"facts": KeyFacts(**facts)})
+
+
+# SecAgg+ defaults are written once, in SecAggSettings; the run config takes them from there.
+_SECAGG = SecAggSettings()
 
 
 @dataclass(frozen=True)
@@ -32,11 +60,11 @@ class RunConfig:
     # FedAdam's server learning rate (eta).
     server_learning_rate: float = 0.01
     # Fraction of sites asked to train each round (1.0 = all of them).
-    fraction_train: float = 1.0
+    fraction_train: float = _key(1.0, seeds_noise=False)
     # Fraction of sites asked to evaluate the global model each round.
-    fraction_evaluate: float = 1.0
+    fraction_evaluate: float = _key(1.0, seeds_noise=False)
     # The run stops if fewer sites than this can take part in a round.
-    min_sites: int = 2
+    min_sites: int = _key(2, seeds_noise=False)
     local_epochs: int = 3
     # Large batches: DP noise is added once per batch, so its share of the update falls as 1/B.
     batch_size: int = 256
@@ -83,25 +111,25 @@ class RunConfig:
     embed_dim: int = 8
     seed: int = 0
     # Simulation: folder of site folders (one per virtual site, in sorted order).
-    data_dir: str = "data/synthetic"
-    out_dir: str = "runs"
-    run_name: str = ""
+    data_dir: str = _key("data/synthetic", seeds_noise=False, resume_free=True)
+    out_dir: str = _key("runs", seeds_noise=False, resume_free=True)
+    run_name: str = _key("", seeds_noise=False, resume_free=True)
     # Continue the interrupted run in this run directory from its last checkpoint (its config
     # must be the same); "" starts a new run.
-    resume_from: str = ""
+    resume_from: str = _key("", seeds_noise=False, resume_free=True)
     # Secure aggregation (SecAgg+): the server sees only the masked sum of the sites' updates.
     # The keys below are checked by fedfuse.common.secagg.params.SecAggSettings, which explains
-    # them.
-    secagg: bool = True
-    num_shares: int = 0
-    reconstruction_threshold: int = 0
-    clipping_range: float = 8.0
-    quantization_range: int = 2**22
-    modulus_range: int = 2**32
-    max_weight: float = 10000.0
+    # them and holds their defaults.
+    secagg: bool = _key(True, secagg=True)
+    num_shares: int = _key(_SECAGG.num_shares, secagg=True)
+    reconstruction_threshold: int = _key(_SECAGG.reconstruction_threshold, secagg=True)
+    clipping_range: float = _key(_SECAGG.clipping_range, secagg=True)
+    quantization_range: int = _key(_SECAGG.quantization_range, secagg=True)
+    modulus_range: int = _key(_SECAGG.modulus_range, secagg=True)
+    max_weight: float = _key(_SECAGG.max_weight, secagg=True)
     # Seconds to wait for the sites' replies in each exchange (training included), so that a
     # silent site cannot hang a round forever.
-    timeout: float = 3600.0
+    timeout: float = _key(_SECAGG.timeout, seeds_noise=False, secagg=True)
     # --- Modalities, encoders, preprocessing (see common/data/modalities.py) ---
     # Inputs the model takes, in this order (of image, report, audio, tabular). A record or a
     # whole site lacking one of them is normal: the model sees it masked out.
@@ -232,7 +260,7 @@ class RunConfig:
         _check_int("embed-dim", self.embed_dim, low=1)
         if not isinstance(self.secagg, bool):
             raise ConfigError(f"'secagg' must be true or false; found {self.secagg!r}")
-        SecAggSettings.from_run_config(self)  # raises ConfigError naming the bad key
+        self.secagg_settings()  # raises ConfigError naming the bad key
         _check_modalities(self)
 
     @property
@@ -288,6 +316,20 @@ class RunConfig:
         (common/secagg/distributed_dp.py)."""
         return self.dp_level in ("distributed", "record+distributed")
 
+    def secagg_settings(self) -> SecAggSettings:
+        """The run's SecAgg+ settings. Under client-level or distributed DP every site sends
+        weight 1 (equal weights bound each site's share), so the weights are normalised by 1,
+        not by max-weight: the updates keep the full quantisation precision."""
+        return SecAggSettings(
+            num_shares=self.num_shares,
+            reconstruction_threshold=self.reconstruction_threshold,
+            clipping_range=self.clipping_range,
+            quantization_range=self.quantization_range,
+            modulus_range=self.modulus_range,
+            max_weight=1.0 if self.client_level_dp or self.distributed_dp else self.max_weight,
+            timeout=self.timeout,
+        )
+
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Build from kebab-case keys (Flower's ``context.run_config``); reject unknown keys."""
@@ -307,6 +349,28 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Keys the server adds to the run config it sends each round; not part of RunConfig.
+SERVER_KEYS: dict[str, KeyFacts] = {
+    "server-round": KeyFacts(),
+    "run-id": KeyFacts(seeds_noise=False),
+    # Picks the run's ledger entries, hence the plan: the plan itself is hashed into the seed.
+    "run-uid": KeyFacts(seeds_noise=False),
+}
+KEY_FACTS: dict[str, KeyFacts] = {
+    **{f.name.replace("_", "-"): f.metadata.get("facts", KeyFacts()) for f in fields(RunConfig)},
+    **SERVER_KEYS,
+}
+# The keys that may differ between a run and its resumption.
+RESUME_FREE_KEYS = frozenset(k for k, facts in KEY_FACTS.items() if facts.resume_free)
+
+
+def seeds_noise(key: str, *, distributed_dp: bool) -> bool:
+    """Does ``key`` feed a site's noise seed? An unknown key does (fresh noise is the safe
+    side)."""
+    facts = KEY_FACTS.get(key, KeyFacts())
+    return facts.seeds_noise and (distributed_dp or not facts.secagg)
 
 
 KNOWN_MODALITIES = ("image", "report", "audio", "tabular")

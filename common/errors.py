@@ -11,6 +11,22 @@ class ConfigError(FedfuseError, ValueError):
     """A run-config or command-line value is missing, unknown or out of range."""
 
 
+class DataReadError(FedfuseError, ValueError):
+    """A data file exists but cannot be decoded; the message says why."""
+
+
+class ImageReadError(DataReadError):
+    """An image file exists but cannot be decoded (corrupt, truncated, unsupported, too big)."""
+
+
+class AudioReadError(DataReadError):
+    """A WAV file exists but cannot be decoded (not a WAV, truncated, no samples)."""
+
+
+class SiteSecretError(FedfuseError, RuntimeError):
+    """The site's secret file is unreadable or malformed."""
+
+
 class DataValidationError(FedfuseError):
     """A site folder failed validation.
 

@@ -22,8 +22,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import load_site
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.metrics import Predictions, predict_variants, scores
+from fedfuse.common.models import build_model
 
 
 def modality_contributions(
@@ -128,9 +130,6 @@ def explain_run(
         ConfigError: the run directory lacks config.json or model.pt, or ``split`` is unknown.
         DataValidationError: the site folder is not valid for the run's config.
     """
-    from fedfuse.common.data.dataset import load_site
-    from fedfuse.common.models import build_model
-
     run_dir = Path(run_dir)
     cfg_file, model_file = run_dir / "config.json", run_dir / "model.pt"
     for f in (cfg_file, model_file):

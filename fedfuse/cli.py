@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+import time
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +17,13 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from fedfuse.common.errors import FedfuseError
+from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import DataValidationError, FedfuseError
+from fedfuse.common.site_state import state_dir
 from fedfuse.deploy_cli import register as register_deploy_commands
 from fedfuse.export import register as register_export_commands
 from fedfuse.report import register as register_report_command
+from fedfuse.simulations.scenarios import ensure_data, load_scenario
 from fedfuse.split_cli import register as register_split_command
 
 app = typer.Typer(
@@ -30,8 +37,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             typer.echo(f"fedfuse {version('fedfuse')}")
         except PackageNotFoundError:  # run from a checkout that was never installed
@@ -183,11 +188,9 @@ def simulate(
         check_privacy_args(
             epsilon=8.0 if epsilon is None else epsilon, delta=1e-5 if delta is None else delta
         )
-    from dataclasses import replace
 
-    from fedfuse.common.config import RunConfig
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.privacy.planning import without_auto, without_planned
-    from fedfuse.simulations.scenarios import load_scenario
 
     try:
         scen = load_scenario(scenario or "hospitals-3")
@@ -207,6 +210,7 @@ def simulate(
                 raw[key] = value
         raw.update(_parse_overrides(overrides))
         if data is None:
+            # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
             from fedfuse.synthetic_cli import synthetic_defaults
 
             raw = synthetic_defaults({**scen.run, **raw})
@@ -223,6 +227,7 @@ def simulate(
         )
     except FedfuseError as exc:
         _fail(str(exc))
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.simulations.runner import check_resources
 
     cpus = cpus_per_site if cpus_per_site is not None else scen.cpus_per_site
@@ -247,8 +252,8 @@ def simulate(
 def _apply_plan(data: Path, sites: int, raw: dict[str, Any]) -> Any:
     """The run config with the training plan for the first ``sites`` site folders of ``data``
     applied (the user's keys kept); prints the plan."""
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.client.site import simulation_site_dirs
-    from fedfuse.common.config import RunConfig
     from fedfuse.common.privacy.planning import plan_for_sites
 
     try:
@@ -305,8 +310,8 @@ def plan(
 ) -> None:
     """Choose rounds, epochs, batch size, noise, clipping and learning rate for these sites."""
     check_privacy_args(epsilon=epsilon, delta=delta)
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.client.site import simulation_site_dirs
-    from fedfuse.common.config import RunConfig
     from fedfuse.common.privacy.planning import plan_for_sites
 
     if not data.is_dir():
@@ -333,8 +338,6 @@ def _resolve_data(
     spec: Any, *, data: Path | None, sites: int | None, seed: int, name: str
 ) -> tuple[Path, int]:
     """The folder of site folders to use (synthetic data made once when none is given)."""
-    from fedfuse.simulations.scenarios import ensure_data
-
     if data is None:
         console.print(f"Synthetic data for {spec.sites} sites (scenario {name}) ...")
         return ensure_data(spec, seed=seed), spec.sites
@@ -355,6 +358,7 @@ def _run_simulation(
     cpus_per_site: float = 1.0,
     gpus_per_site: float | None = None,
 ) -> None:
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.simulations.runner import simulate as run
 
     eps_text = "no DP" if not cfg.private else f"epsilon {cfg.target_epsilon:g}"
@@ -418,7 +422,6 @@ def _num(x: Any) -> str:
 
 
 def _print_privacy(run_dir: Path) -> dict[str, Any]:
-    import json
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
     table = Table(title="Privacy spent per site (record-level): this run, and lifetime (ledger)")
@@ -492,8 +495,8 @@ def audit_empirical(
 ) -> None:
     """Test a claimed epsilon with canaries in one training run (exit 3 on VIOLATION)."""
     check_privacy_args(epsilon=epsilon, delta=delta)
-    import time
 
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.simulations.empirical_audit import AuditSettings, print_audit, run_empirical_audit
 
     try:
@@ -540,9 +543,6 @@ def _floats(text: str, flag: str) -> list[float]:
 def _experiment_setup(
     scenario: str, sites: int | None, data: Path | None, seed: int, overrides: list[str]
 ) -> tuple[Any, Path, int]:
-    from dataclasses import replace
-
-    from fedfuse.simulations.scenarios import load_scenario
 
     try:
         scen = load_scenario(scenario)
@@ -580,6 +580,7 @@ def experiment_utility(
         check_privacy_args(epsilon=e, delta=0.5)
     seed_list = [int(x) for x in _floats(seeds, "--seeds")]
     cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.simulations.experiments import utility_vs_epsilon
 
     csv_path = utility_vs_epsilon(
@@ -608,6 +609,7 @@ def experiment_fusion(
     """Test AUROC of each fusion head (and each single modality): CSV + PNG."""
     seed_list = [int(x) for x in _floats(seeds, "--seeds")]
     cfg, _, n = _experiment_setup(scenario, sites, data, seed_list[0], overrides)
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.simulations.experiments import fusion_comparison
 
     csv_path = fusion_comparison(cfg, num_sites=n, seeds=seed_list, out=out, progress=console.print)
@@ -634,6 +636,7 @@ def data_synth(
     """Write synthetic multimodal sites (image, report, audio, tabular) in the site format."""
     if not alpha > 0:
         _fail(f"--alpha must be in range (0, inf); found {alpha}")
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.data.synthetic import generate
     from fedfuse.synthetic_cli import parse_absent
 
@@ -666,8 +669,8 @@ def data_check(
     dicom_frame: int = typer.Option(0, "--dicom-frame", min=0, help="Frame of multi-frame DICOMs."),
 ):
     """Validate a site folder without changing it; exit 1 listing every problem."""
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.data.check import check_site, summary_lines
-    from fedfuse.common.errors import DataValidationError
 
     if task not in ("single-label", "multi-label"):
         _fail(f"--task must be one of single-label, multi-label; found {task!r}")
@@ -710,6 +713,7 @@ def explain(
     split: str = typer.Option("test", "--split", help="train, val or test."),
 ) -> None:
     """Per-modality contributions of a run's global model on one site's data."""
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.explain import explain_run, report_rows, run_status
 
     try:
@@ -753,6 +757,7 @@ def audit_ledger(
 
     Exit status: 0 all good, 1 a budget exceeded, 2 a ledger tampered or inconsistent.
     """
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.privacy.ledger_audit import audit as run_audit
     from fedfuse.ledger_report import plot_epsilon, print_report
 
@@ -761,8 +766,6 @@ def audit_ledger(
     except FedfuseError as exc:
         _fail(str(exc))
     if as_json:
-        import json
-
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:
         print_report(report, console=console, table_console=_table_console())
@@ -787,12 +790,13 @@ def ledger_reset(
 ) -> None:
     """Start a new, empty ledger on purpose: the old one is kept and the reset is recorded in
     the new ledger and the site's authenticated head (`fedfuse audit` shows it)."""
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.privacy.anchor import reset_ledger
 
     if not site.is_dir():
         _fail(f"ledger reset: '{site}' is not a site folder")
     try:
-        r = reset_ledger(site / ".fedfuse", reason=reason, ledger_path=ledger_path)
+        r = reset_ledger(state_dir(site), reason=reason, ledger_path=ledger_path)
     except FedfuseError as exc:
         _fail(str(exc))
     kept = f"the old ledger is kept as {r.kept_as}" if r.kept_as else "there was no ledger file"

@@ -12,7 +12,18 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-from fedfuse.common.errors import FedfuseError
+from fedfuse.common.config import RunConfig
+from fedfuse.common.deploy.certs import CA_CERT, make_certs
+from fedfuse.common.deploy.flower import (
+    SiteOptions,
+    SuperLinkOptions,
+    flower_env,
+    superlink_command,
+    supernode_command,
+    wait_for_superlink,
+    write_connection,
+)
+from fedfuse.common.errors import DataValidationError, FedfuseError
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -30,8 +41,6 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def _exec(cmd: list[str], *, dry_run: bool) -> None:
     """Print the command; replace this process with it (signals then reach Flower directly)."""
-    from fedfuse.common.deploy.flower import flower_env
-
     console.print("$ " + shlex.join(cmd))
     if dry_run:
         return
@@ -62,8 +71,6 @@ def certs(
     force: bool = typer.Option(False, "--force", help="Replace existing keys and certificates."),
 ) -> None:
     """Make a CA, the SuperLink's TLS certificate and one SuperNode key pair per site."""
-    from fedfuse.common.deploy.certs import make_certs
-
     try:
         b = make_certs(out, server_host=server_host, sites=sites, force=force)
     except FedfuseError as exc:
@@ -93,8 +100,6 @@ def server_run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, do not run it."),
 ) -> None:
     """Run the SuperLink with TLS, SuperNode authentication and a state database."""
-    from fedfuse.common.deploy.flower import SuperLinkOptions, superlink_command
-
     opts = SuperLinkOptions(certs_dir, database, host, port, insecure, log_file)
     _exec(_build(superlink_command, opts), dry_run=dry_run)
 
@@ -111,9 +116,6 @@ def server_connect(
     ),
 ) -> None:
     """Add the SuperLink to `flwr`'s connections ($FLWR_HOME/config.toml), after checking it."""
-    from fedfuse.common.deploy.certs import CA_CERT
-    from fedfuse.common.deploy.flower import wait_for_superlink, write_connection
-
     ca = certs_dir / CA_CERT if certs_dir is not None else None
 
     def write() -> Path:
@@ -162,10 +164,8 @@ def site_run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, do not run it."),
 ) -> None:
     """Check the site's data, then run its SuperNode (TLS, authenticated by the site key)."""
-    from fedfuse.common.config import RunConfig
+    # lazy: the manifest loader loads torch (seconds); the other deploy commands start without it
     from fedfuse.common.data.manifest import load_manifest
-    from fedfuse.common.deploy.flower import SiteOptions, supernode_command
-    from fedfuse.common.errors import DataValidationError
 
     opts = SiteOptions(
         superlink=superlink,

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from fedfuse.common.privacy.ledger import (
     LEDGER_ACCOUNTANT,
 )
@@ -18,8 +20,6 @@ from fedfuse.common.privacy.ledger_audit import CLAIM_RTOL, CROSS_ATOL, CROSS_RT
 
 def print_report(report: AuditReport, *, console: Any, table_console: Any = None) -> None:
     """The human report: a table per ledger (site, run, round), chain state, problems, verdict."""
-    from rich.table import Table
-
     table_console = table_console or console
     for a in report.ledgers:
         table = Table(title=f"{a.path}  ({a.chain.entries} entries)")
@@ -71,10 +71,12 @@ def print_report(report: AuditReport, *, console: Any, table_console: Any = None
 def plot_epsilon(report: AuditReport, out: str | Path) -> list[str]:
     """Cumulative epsilon (PRV) against the site's rounds, all runs in ledger order, one curve
     per site, with each site's budget as a dashed line. Returns the curves' labels."""
+    # lazy: matplotlib takes a second and writes its cache under $HOME when imported; only
+    # `fedfuse audit --plot` draws
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display needed: the figure goes to a file
+    import matplotlib.pyplot as plt  # lazy: as above
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)

@@ -1,5 +1,5 @@
-"""The fedfuse ServerApp: wiring only; the logic is in fedfuse.server.strategy and
-fedfuse.server.rundir."""
+"""The fedfuse ServerApp: wiring only; the logic is in fedfuse.server.strategy,
+fedfuse.server.secagg and fedfuse.server.rundir."""
 
 from __future__ import annotations
 
@@ -16,9 +16,31 @@ from flwr.serverapp import Grid, ServerApp
 from fedfuse.common.config import RunConfig
 from fedfuse.common.models import build_model
 from fedfuse.server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
+from fedfuse.server.distributed_dp import make_distributed_dp
 from fedfuse.server.privacy_report import FederationStopped
 from fedfuse.server.rundir import RoundCallback, RunDirectory
-from fedfuse.server.strategy import make_strategy
+from fedfuse.server.secagg import SecAggPlusStrategy
+from fedfuse.server.strategy import STRATEGIES, SiteRecordingMixin
+
+
+def make_strategy(
+    cfg: RunConfig, *, run_dir: RunDirectory, on_round: RoundCallback | None, **common: Any
+) -> SiteRecordingMixin | SecAggPlusStrategy:
+    """The strategy the run config names, with its own hyper-parameters from the config, wrapped
+    in SecAgg+ unless ``secagg`` is off (the strategy then only ever holds the masked sum)."""
+    extra: dict[str, Any] = {}
+    if cfg.strategy == "fedprox":
+        extra["proximal_mu"] = cfg.proximal_mu
+    elif cfg.strategy == "fedadam":
+        extra["eta"] = cfg.server_learning_rate
+    strategy = STRATEGIES[cfg.strategy](run_dir=run_dir, on_round=on_round, **common, **extra)
+    if not cfg.secagg:
+        return strategy
+    return SecAggPlusStrategy(
+        strategy,
+        cfg.secagg_settings(),
+        ddp=make_distributed_dp(cfg, run_dir.rounds),
+    )
 
 
 def run_federation(
@@ -46,6 +68,7 @@ def run_federation(
         min_evaluate_nodes=cfg.min_sites,
         min_available_nodes=cfg.min_sites,
     )
+    sites = strategy.strategy if isinstance(strategy, SecAggPlusStrategy) else strategy
     # The whole run config travels with every message: sites build the same model and plan.
     config = ConfigRecord(dict(cfg.to_mapping()))
     # Sites key their ledger entries by the run's unique id (kept when a run is resumed) and
@@ -55,16 +78,16 @@ def run_federation(
     initial_arrays = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         initial_arrays = checkpoint.arrays
-        restore_strategy_state(strategy, checkpoint.strategy)
+        restore_strategy_state(sites, checkpoint.strategy)
         restore_rng(checkpoint)
-        strategy.round_offset = checkpoint.round
+        sites.round_offset = checkpoint.round
     status, reason = "completed", ""
     result = None
     try:
         result = strategy.start(
             grid=grid,
             initial_arrays=initial_arrays,
-            num_rounds=cfg.num_rounds - strategy.round_offset,
+            num_rounds=cfg.num_rounds - sites.round_offset,
             timeout=cfg.timeout,
             train_config=config,
             # The run's name and uid too: a site's local evaluation log names the run.
@@ -80,7 +103,7 @@ def run_federation(
         raise
     finally:
         # A failed run keeps the last global model that was sent out (the previous round's).
-        arrays = result.arrays if result is not None else strategy.global_arrays
+        arrays = result.arrays if result is not None else sites.global_arrays
         if len(run_dir.rounds) < cfg.num_rounds and status == "completed":
             status, reason = (
                 "incomplete",

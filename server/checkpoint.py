@@ -22,15 +22,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from fedfuse.common.config import RunConfig
+from fedfuse.common.config import RESUME_FREE_KEYS, RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.server.rundir import RunDirectory
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
-# Keys that may differ between the interrupted run and its resumption: they locate things
-# (the run directory is given by resume-from itself) and change nothing that is computed.
-RESUME_FREE_KEYS = frozenset({"resume-from", "out-dir", "run-name", "data-dir"})
 # Strategy attributes that carry state across rounds in Flower 1.42's strategies: the
 # server-side optimiser of FedOpt (FedAdam, FedYogi, FedAdagrad) and FedAvgM's momentum base.
 STRATEGY_STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")

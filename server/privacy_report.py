@@ -15,23 +15,24 @@ from flwr.app import Message
 
 from fedfuse.common.errors import FedfuseError
 from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
+from fedfuse.server.round_record import RoundRecord
 
 
 class FederationStopped(FedfuseError):
     """Too few sites took part in a round (refused, failed or rejected): the run stops."""
 
 
-def note_error(current: dict[str, Any], msg: Message, fallback_name: str) -> tuple[str, str, bool]:
+def note_error(record: RoundRecord, msg: Message, fallback_name: str) -> tuple[str, str, bool]:
     """Record a reply that brought no update in the round record: a refusal (its fields,
     common/privacy/refusal.py) or an error. Returns (site, why, is_refusal)."""
     if not msg.has_error():
         refusal = refusal_of(msg)
         if refusal is not None:
-            note_refusal(current, refusal)
+            note_refusal(record, refusal)
             return refusal.site, refusal.why, True
     reason = str(msg.error.reason) if msg.has_error() else "a reply with a malformed refusal"
     name = named_site(reason, fallback_name)
-    current.setdefault("failed", {})[name] = reason
+    record.failed[name] = reason
     return name, reason, False
 
 
@@ -50,10 +51,10 @@ def refusal_of(msg: Message) -> Refusal | None:
         return None
 
 
-def note_refusal(current: dict[str, Any], refusal: Refusal) -> None:
+def note_refusal(record: RoundRecord, refusal: Refusal) -> None:
     """Keep a refusal in the round record: why (for people), and its fields."""
-    current.setdefault("refused", {})[refusal.site] = refusal.why
-    current.setdefault("refusals", {})[refusal.site] = refusal.to_record()
+    record.refused[refusal.site] = refusal.why
+    record.refusals[refusal.site] = refusal.to_record()
 
 
 _NAMED = re.compile(r"(?:^|: )site ([\w.\-]+): ")
@@ -80,16 +81,16 @@ def note_ledger(site: dict[str, Any], msg: Message) -> None:
     }
 
 
-def stop_reason(current: dict[str, Any], *, trained: int, min_sites: int) -> str | None:
+def stop_reason(record: RoundRecord, *, trained: int, min_sites: int) -> str | None:
     """Why the run must stop after this round's training, or None to go on."""
     if trained >= min_sites:
         return None
-    left_out = [f"{n} refused: {why}" for n, why in current.get("refused", {}).items()]
-    left_out += [f"{n} failed: {why}" for n, why in current.get("failed", {}).items()]
-    left_out += [f"{n} rejected: {why}" for n, why in current.get("rejected", {}).items()]
+    left_out = [f"{n} refused: {why}" for n, why in record.refused.items()]
+    left_out += [f"{n} failed: {why}" for n, why in record.failed.items()]
+    left_out += [f"{n} rejected: {why}" for n, why in record.rejected.items()]
     detail = "; ".join(left_out) if left_out else "no site replied"
     return (
-        f"round {current.get('round')}: only {trained} site(s) trained, fewer than "
+        f"round {record.round}: only {trained} site(s) trained, fewer than "
         f"min-sites {min_sites} ({detail})"
     )
 

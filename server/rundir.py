@@ -21,6 +21,7 @@ from fedfuse.common.explain import contribution_markdown
 from fedfuse.common.jsonsafe import jsonable
 from fedfuse.common.privacy.ledger import LEDGER_ACCOUNTANT
 from fedfuse.common.provenance import code_digest
+from fedfuse.common.site_state import EVAL_LOG, STATE_DIR
 from fedfuse.server.distributed_dp import ROUND_RECORD_KEY as DDP_ROUND_KEY
 from fedfuse.server.privacy_report import site_privacy
 
@@ -150,6 +151,8 @@ class RunDirectory:
             log(WARNING, "report.html not written: %s: %s", type(exc).__name__, exc)
 
     def _plots(self) -> None:
+        # lazy: matplotlib takes a second and writes its cache under $HOME when imported; only
+        # the end of a run draws figures
         from fedfuse.common import plots
 
         if not self.rounds:
@@ -206,7 +209,7 @@ class RunDirectory:
             "",
             "Test figures are pooled over the sites' test splits, from the sum of their "
             "evaluation vectors" + (" (SecAgg+)" if cfg.secagg else "") + "; each site keeps its "
-            "own figures in `.fedfuse/eval.jsonl` unless it shares them "
+            f"own figures in `{STATE_DIR}/{EVAL_LOG}` unless it shares them "
             "(node config `share-site-metrics`).",
             "",
             "## Privacy spent per site",

@@ -1,4 +1,4 @@
-"""The server's half of SecAgg+ on Flower's Message API, and the strategies that train through it.
+"""The server's half of SecAgg+ on Flower's Message API, and the wrapper that trains through it.
 
 :class:`SecAggPlusWorkflow` runs one round of the protocol over a Grid (setup, share keys,
 collect masked vectors, unmask; see ``client/secagg_mod.py`` for the site's half) and returns
@@ -13,7 +13,6 @@ dropped site really added, and lets sites refuse unsafe parameters or a NaN upda
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -22,11 +21,12 @@ from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.privacy.refusal import Refusal
@@ -46,10 +46,10 @@ from fedfuse.common.secagg.protocol import (
     Stage,
     check_record,
 )
-from fedfuse.server.distributed_dp import ROUND_RECORD_KEY as DDP_ROUND_KEY
-from fedfuse.server.distributed_dp import DistributedDp, make_distributed_dp
-from fedfuse.server.privacy_report import FederationStopped, named_site, note_error, note_ledger
-from fedfuse.server.strategy import EvalRound, site_name
+from fedfuse.server.distributed_dp import DistributedDp
+from fedfuse.server.privacy_report import FederationStopped, named_site, note_error
+from fedfuse.server.round_record import EvalRound, site_name
+from fedfuse.server.strategy import SiteRecordingMixin
 
 
 @dataclass
@@ -506,141 +506,151 @@ class _Round:
         return True
 
 
-class SecAggAggregation(FedAvg):
-    """FedAvg's exchange and weighted mean, replaced by one SecAgg+ round.
+class SecAggPlusStrategy(Strategy):
+    """A fedfuse strategy whose rounds aggregate through SecAgg+ (wraps it, as Flower's
+    ``DifferentialPrivacyServerSideFixedClipping`` wraps a strategy).
 
-    Not used alone: :func:`secagg_variant` puts it under a fedfuse strategy (a
-    ``SiteRecordingMixin`` over a Flower FedAvg-family strategy), right above ``FedAvg`` in the
-    method order, so that FedProx's config and FedAdam's server optimiser still apply, on the
-    securely aggregated mean.
+    The wrapped strategy samples the sites and builds the round's config (FedProx's ``mu``
+    included); this wrapper runs the four-stage protocol on them and gives the wrapped strategy
+    only the unmasked mean, to which its own server step applies (FedAdam's optimiser), and the
+    sites' metrics, ledger heads, dropouts and refusals for its round record.
 
     ``Strategy.start`` sends what ``configure_train`` returns in a single exchange; SecAgg+ needs
     four, so the protocol runs inside ``configure_train`` (which has the Grid) and ``start``'s own
-    exchange is left empty. ``aggregate_train`` hands the unmasked mean on, so evaluation,
-    per-site metrics and the run directory work as without SecAgg+. The round's sites are
-    recorded in ``configure_train``, right after the protocol, so the strategy's checks see
-    them. A round that cannot finish is recorded there, then raises :class:`SecAggRoundFailed`:
-    the run stops with the previous model.
+    exchange is left empty. A round that cannot finish is recorded, then raises
+    :class:`SecAggRoundFailed`: the run stops with the previous model. Evaluation is a SecAgg+
+    round of its own: the server learns only the sum of the sites' evaluation-sums vectors.
     """
 
-    secagg_settings: SecAggSettings = SecAggSettings()
-    # Shuffles the neighbour ring; tests pin it. The ring is public: no secret randomness needed.
-    secagg_rng: random.Random | None = None
+    def __init__(
+        self,
+        strategy: SiteRecordingMixin,
+        settings: SecAggSettings,
+        *,
+        rng: random.Random | None = None,
+        ddp: DistributedDp | None = None,
+    ) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.settings = settings
+        # Shuffles the neighbour ring; tests pin it. The ring is public: no secret randomness.
+        self.rng = rng
+        # Distributed DP: sites mask noised integer vectors instead of quantised updates.
+        self.ddp = ddp
+        self._train: SecAggOutcome | None = None
+        self._eval: SecAggOutcome | None = None
 
-    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        names = getattr(self, "_secagg_names", {})
-        self._secagg_names = names
-        self.secagg_outcome: SecAggOutcome | None = None
+    def __repr__(self) -> str:
+        return f"SecAggPlusStrategy({self.strategy!r})"
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> SecAgg+ settings: %s", self.settings)
+        self.strategy.summary()  # type: ignore[attr-defined]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        inner = self.strategy
+        messages = list(inner.configure_train(server_round, arrays, config, grid))
+        self._train = None
         if not messages:
             return []
-        if not hasattr(self, "ddp"):
-            run_dir = getattr(self, "run_dir", None)
-            self.ddp = (
-                make_distributed_dp(run_dir.cfg, run_dir.rounds) if run_dir is not None else None
-            )
-        workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng, ddp=self.ddp)
+        server_round += inner.round_offset
+        workflow = SecAggPlusWorkflow(self.settings, rng=self.rng, ddp=self.ddp)
         outcome = workflow(
             grid,
             node_ids=[m.metadata.dst_node_id for m in messages],
             arrays=arrays,
-            config=config,
+            # The config the strategy built for the round (FedProx adds its mu).
+            config=messages[0].content.config_records.get("config", config),
             server_round=server_round,
-            names=names,
+            names=inner.node_names,
         )
-        names.update(outcome.names)
-        self.secagg_outcome = outcome
-        # Record the round's sites now: the strategy's own checks (min-sites) run on them
-        # before aggregate_train, and receive no replies of their own.
-        current = self._secagg_record(outcome)
+        inner.node_names.update(outcome.names)
+        self._train = outcome
+        # Record the round's sites now: the strategy's own checks (min-sites) run on them in
+        # aggregate_train, and no replies of their own reach it.
+        self._note_outcome(outcome)
         if outcome.error is not None:
             if outcome.refused and outcome.failed_stage == Stage.SETUP:
-                self._secagg_stop(server_round, outcome, current)
-            self._secagg_fail(server_round, outcome.error, current)
+                self._stop(server_round, outcome)
+            self._fail(server_round, outcome.error)
         if self.ddp is not None and outcome.ddp_spec is not None and outcome.params is not None:
             self.ddp.account(
                 outcome.ddp_spec,
                 threshold=outcome.params.threshold,
                 sampled=outcome.params.sample_num,
-                available=len(list(grid.get_node_ids())),
+                available=inner.available_nodes,
             )
-            current[DDP_ROUND_KEY] = self.ddp.summary()
+            inner.record.distributed_dp = self.ddp.summary()
         return []
 
-    def _secagg_record(self, outcome: SecAggOutcome) -> dict[str, Any]:
-        if not isinstance(getattr(self, "current", None), dict):
-            self.current: dict[str, Any] = {}
-        current = self.current
-        current.setdefault("sites", {})
-
-        def name(nid: int) -> str:
-            return self._secagg_names.get(nid, f"node-{nid}")
-
+    def _note_outcome(self, outcome: SecAggOutcome) -> None:
+        inner, record = self.strategy, self.strategy.record
         for nid, reason in outcome.dropped.items():
             if nid in outcome.errors:  # an error reply
-                note_error(current, outcome.errors[nid], name(nid))
+                note_error(record, outcome.errors[nid], inner.name_of(nid))
             else:
-                current.setdefault("failed", {})[named_site(reason, name(nid))] = reason
+                record.failed[named_site(reason, inner.name_of(nid))] = reason
         for refusal in outcome.refused.values():
-            current.setdefault("refused", {})[refusal.site] = refusal.why
-            current.setdefault("refusals", {})[refusal.site] = refusal.to_record()
+            record.refused[refusal.site] = refusal.why
+            record.refusals[refusal.site] = refusal.to_record()
         for nid, reason in outcome.rejected.items():
             if nid not in outcome.refused:  # a refusal at collect is recorded as one above
-                current.setdefault("rejected", {})[name(nid)] = reason
+                record.rejected[inner.name_of(nid)] = reason
         for msg in outcome.accepted:
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            site = current["sites"].setdefault(name(msg.metadata.src_node_id), {})
-            site.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            note_ledger(site, msg)
-        current["secagg"] = {
+            inner.note_site(inner.name_of(msg.metadata.src_node_id), msg)
+        record.secagg = {
             "sites": len(outcome.accepted),
             "dropped": len(outcome.dropped),
             "rejected": len(outcome.rejected),
             "threshold": outcome.params.threshold if outcome.params else None,
             "seconds": outcome.seconds,
         }
-        return current
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        outcome = getattr(self, "secagg_outcome", None)
-        if outcome is None or outcome.arrays is None:
-            return None, None
-        current: dict[str, Any] = getattr(self, "current", {})
-        metrics = self.train_metrics_aggr_fn(
-            [m.content for m in outcome.accepted], self.weighted_by_key
-        )
-        arrays = outcome.arrays
-        client_dp = getattr(self, "client_dp", None)
-        if client_dp is not None and arrays is not None and outcome.accepted:
-            # A site that uploaded, then missed unmask, is both accepted and dropped: count once.
-            accepted = {m.metadata.src_node_id for m in outcome.accepted}
-            sampled = len(accepted | set(outcome.dropped) | set(outcome.rejected))
-            client_dp.begin_round(
-                sampled=sampled, available=getattr(self, "_available", sampled) or sampled
+        """The unmasked mean, through the wrapped strategy's server step (``replies`` is empty:
+        the sites answered the protocol's own exchanges)."""
+        inner, outcome = self.strategy, self._train
+        server_round += inner.round_offset
+        arrays, metrics = None, None
+        if outcome is not None and outcome.arrays is not None:
+            metrics = inner.train_metrics_aggr_fn(
+                [m.content for m in outcome.accepted], inner.weighted_by_key
             )
-            # Client-level DP under SecAgg+: sites clipped their updates and sent weight 1, so
-            # the unmasked aggregate is the mean of clipped models; the noise goes on the sum.
-            arrays = ArrayRecord(
-                client_dp.noisy_mean_from_sum(
-                    self.global_arrays.to_torch_state_dict(),
-                    mean_to_delta_sum(
-                        outcome.arrays.to_torch_state_dict(),
-                        self.global_arrays.to_torch_state_dict(),
-                        len(outcome.accepted),
-                    ),
-                )
-            )
-            current["client-dp"] = client_dp.summary()
-        return arrays, metrics
+            mean = outcome.arrays
+            if inner.client_dp is not None and outcome.accepted:
+                mean = self._client_level_noise(outcome)
+            arrays = inner.apply_mean(server_round, mean)
+        return inner.finish_train(server_round, arrays, metrics)
 
-    def _secagg_stop(
-        self, server_round: int, outcome: SecAggOutcome, current: dict[str, Any]
-    ) -> None:
+    def _client_level_noise(self, outcome: SecAggOutcome) -> ArrayRecord:
+        """Client-level DP under SecAgg+: sites clipped their updates and sent weight 1, so the
+        unmasked aggregate is the mean of clipped models; the noise goes on the sum."""
+        inner = self.strategy
+        client_dp, global_arrays = inner.client_dp, inner.global_arrays
+        assert client_dp is not None and global_arrays is not None and outcome.arrays is not None
+        # A site that uploaded, then missed unmask, is both accepted and dropped: count once.
+        accepted = {m.metadata.src_node_id for m in outcome.accepted}
+        sampled = len(accepted | set(outcome.dropped) | set(outcome.rejected))
+        client_dp.begin_round(sampled=sampled, available=inner.available_nodes or sampled)
+        global_state = global_arrays.to_torch_state_dict()
+        noisy = client_dp.noisy_mean_from_sum(
+            global_state,
+            mean_to_delta_sum(
+                outcome.arrays.to_torch_state_dict(), global_state, len(outcome.accepted)
+            ),
+        )
+        inner.record.client_dp = client_dp.summary()
+        return ArrayRecord(noisy)
+
+    def _stop(self, server_round: int, outcome: SecAggOutcome) -> None:
         """Sites refused before the key exchange and too few are left for secure aggregation:
         a clean stop (nobody trained, nobody is charged), with the refusals as the reason."""
-        refused = "; ".join(f"{n} refused: {why}" for n, why in current["refused"].items())
+        record = self.strategy.record
+        refused = "; ".join(f"{n} refused: {why}" for n, why in record.refused.items())
         params = outcome.params
         left = params.sample_num - len(outcome.refused) - len(outcome.dropped) if params else 0
         reason = (
@@ -648,67 +658,63 @@ class SecAggAggregation(FedAvg):
             f"secure aggregation's reconstruction threshold {params.threshold if params else 2} "
             f"({refused})"
         )
-        current.update({"num-sites": 0, "stopped": reason})
-        if hasattr(self, "run_dir"):
-            self.run_dir.add_round(dict(current))
-            if getattr(self, "on_round", None) is not None:
-                self.on_round(dict(current))
+        record.num_sites, record.stopped = 0, reason
+        self.strategy.emit_round()
         log(WARNING, "Stopping the run: %s", reason)
         raise FederationStopped(reason)
 
-    def _secagg_fail(self, server_round: int, error: str, current: dict[str, Any]) -> None:
+    def _fail(self, server_round: int, error: str) -> None:
         reason = (
             f"secure aggregation failed in round {server_round}: {error}. "
             "The global model of the previous round is kept."
         )
         log(ERROR, "%s", reason)
-        eps = [s["epsilon"] for s in current["sites"].values() if "epsilon" in s]
-        current.update(
-            {"status": "failed", "error": reason, "num-sites": 0},
-            **{"max-epsilon": max(eps) if eps else None},
-        )
-        if hasattr(self, "run_dir"):  # record the failed round (its privacy spend is real)
-            current["seconds"] = round(time.time() - getattr(self, "_t0", time.time()), 3)
-            self.run_dir.add_round(dict(current))
-            if getattr(self, "on_round", None) is not None:
-                self.on_round(dict(current))
+        record = self.strategy.record
+        record.status, record.error, record.num_sites = "failed", reason, 0
+        record.note_max_epsilon()
+        # Record the failed round: its privacy spend is real.
+        record.seconds = self.strategy.seconds_so_far()
+        self.strategy.emit_round()
         raise SecAggRoundFailed(reason)
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Run the round's evaluation as a SecAgg+ round of its own: the server learns only
         the sum of the sites' evaluation-sums vectors (common/evaluation.py)."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.secagg_eval: SecAggOutcome | None = None
+        inner = self.strategy
+        messages = list(inner.configure_evaluate(server_round, arrays, config, grid))
+        self._eval = None
         if not messages:
             return []
-        names = getattr(self, "_secagg_names", {})
-        self._secagg_names = names
         # Distributed DP noises updates only: evaluation sums carry no training noise.
-        workflow = SecAggPlusWorkflow(self.secagg_settings, rng=self.secagg_rng)
-        self.secagg_eval = workflow(
+        workflow = SecAggPlusWorkflow(self.settings, rng=self.rng)
+        self._eval = workflow(
             grid,
             node_ids=[m.metadata.dst_node_id for m in messages],
             arrays=arrays,
             config=messages[0].content.config_records.get("config", config),
-            server_round=server_round,
-            names=names,
-            sums_length=self.eval_layout.length,  # type: ignore[attr-defined]
+            server_round=server_round + inner.round_offset,
+            names=inner.node_names,
+            sums_length=inner.eval_layout.length,
         )
-        names.update(self.secagg_eval.names)
+        inner.node_names.update(self._eval.names)
         return []
 
-    def evaluation_sums(self, server_round: int, replies: list[Message]) -> EvalRound:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        server_round += self.strategy.round_offset
+        return self.strategy.record_evaluation(server_round, self._evaluation_sums(server_round))
+
+    def _evaluation_sums(self, server_round: int) -> EvalRound:
         """The secure round's sum, its contributors, and the sites it left out (and why)."""
-        outcome = getattr(self, "secagg_eval", None)
+        outcome = self._eval
         if outcome is None:
             return EvalRound(total=None)
-        names = getattr(self, "_secagg_names", {})
-
-        def name(nid: int) -> str:
-            return names.get(nid, f"node-{nid}")
-
+        name_of = self.strategy.name_of
         failed = {
-            named_site(why, name(n)): why
+            named_site(why, name_of(n)): why
             for n, why in {**outcome.dropped, **outcome.rejected}.items()
         }
         if outcome.error is not None:
@@ -718,29 +724,11 @@ class SecAggAggregation(FedAvg):
 
 
 def mean_to_delta_sum(
-    mean: dict[str, Any], global_state: dict[str, Any], count: int
-) -> dict[str, Any]:
+    mean: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor], count: int
+) -> dict[str, torch.Tensor]:
     """Sum of the sites' updates from the (equal-weight) mean of their models."""
-    import torch
-
     return {
         k: (mean[k].to(torch.float64) - g.to(torch.float64)) * count
         for k, g in global_state.items()
         if torch.is_floating_point(g)
     }
-
-
-@functools.cache
-def secagg_variant(
-    strategy_cls: type, settings: SecAggSettings, rng: random.Random | None = None
-) -> type:
-    """``strategy_cls`` whose rounds aggregate through SecAgg+ with ``settings``."""
-    return type(
-        f"SecAgg{strategy_cls.__name__}",
-        (strategy_cls, SecAggAggregation),
-        {
-            "secagg_settings": settings,
-            "secagg_rng": rng,
-            "__doc__": f"{strategy_cls.__name__} with SecAgg+ aggregation (server/secagg.py).",
-        },
-    )

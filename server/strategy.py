@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -31,14 +31,8 @@ from fedfuse.server.privacy_report import (
     note_ledger,
     stop_reason,
 )
+from fedfuse.server.round_record import EvalRound, RoundRecord, site_name
 from fedfuse.server.rundir import RoundCallback, RunDirectory
-
-
-def site_name(msg: Message) -> str:
-    """The site's self-declared name, else its node id."""
-    if msg.has_content() and "site" in msg.content.config_records:
-        return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
-    return f"node-{msg.metadata.src_node_id}"
 
 
 def check_update(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
@@ -97,17 +91,6 @@ def aggregate_finite(records: list[RecordDict], weighting_key: str) -> MetricRec
     return MetricRecord(out)
 
 
-@dataclass
-class EvalRound:
-    """One evaluation round as the server sees it: the sum of the sites' evaluation-sums
-    vectors (None if no site contributed), the contributing replies (site names, and the
-    figures of sites that opted in), and why the other sites left it out."""
-
-    total: np.ndarray | None
-    contributors: list[Message] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-
 def sum_clear_evaluations(replies: list[Message], layout: EvalLayout) -> EvalRound:
     """Add up the evaluation vectors of replies that carry them in the clear (no SecAgg+)."""
     total = np.zeros(layout.length, dtype=np.int64)
@@ -145,7 +128,13 @@ def _common_metric_keys(replies: list[Message]) -> list[Message]:
 
 
 class SiteRecordingMixin:
-    """Put in front of a Flower strategy: per-site records, update checks, run directory rows."""
+    """Put in front of a Flower strategy: per-site records, update checks, run directory rows.
+
+    Each round fills one typed :class:`RoundRecord` (``self.record``). Without SecAgg+ the
+    replies arrive here; with SecAgg+ the wrapper in ``server/secagg.py`` runs the protocol
+    and hands over what it produced through :meth:`note_site`, :meth:`apply_mean`,
+    :meth:`finish_train` and :meth:`record_evaluation`.
+    """
 
     def __init__(
         self,
@@ -159,47 +148,61 @@ class SiteRecordingMixin:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.run_dir = run_dir
         self.on_round = on_round
-        self.current: dict[str, Any] = {}
+        self.record = RoundRecord()
         self.global_arrays: ArrayRecord | None = None
         self.client_dp = make_client_dp(run_dir.cfg, run_dir.rounds)
+        self.eval_layout = EvalLayout.for_config(run_dir.cfg)
         self._t0 = time.time()
         # A resumed run: Flower's loop counts 1, 2, ...; the federation is at round offset + 1.
         self.round_offset = 0
         self.evaluated_arrays: ArrayRecord | None = None
         # Node id -> site name, from every reply that named its site: a later failure or
         # silence is reported by the site's name, not a bare node id.
-        self._node_names: dict[int, str] = {}
+        self.node_names: dict[int, str] = {}
+        # How many sites were connected when the round's sites were sampled.
+        self.available_nodes = 0
+        self._expected: set[int] = set()
 
-    def _name_of(self, node_id: int) -> str:
-        known = self._node_names.get(node_id) or getattr(self, "_secagg_names", {}).get(node_id)
-        return known or f"node-{node_id}"
+    def name_of(self, node_id: int) -> str:
+        """The name a node gave for its site, else its node id."""
+        return self.node_names.get(node_id) or f"node-{node_id}"
 
     def _site_of(self, msg: Message) -> str:
         if msg.has_content() and "site" in msg.content.config_records:
             name = site_name(msg)
-            self._node_names[msg.metadata.src_node_id] = name
+            self.node_names[msg.metadata.src_node_id] = name
             return name
-        return self._name_of(msg.metadata.src_node_id)
+        return self.name_of(msg.metadata.src_node_id)
+
+    def note_site(self, name: str, msg: Message) -> None:
+        """Record a site whose update is in this round's aggregate: its metrics, its ledger head."""
+        metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+        site = self.record.sites.setdefault(name, {})
+        site.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        note_ledger(site, msg)
+
+    def emit_round(self) -> None:
+        """Write the round's record to the run directory and pass it to the callback."""
+        row = self.record.to_row()
+        self.run_dir.add_round(dict(row))
+        if self.on_round is not None:
+            self.on_round(dict(row))
+
+    def seconds_so_far(self) -> float:
+        """Seconds since this round's training was configured."""
+        return round(time.time() - self._t0, 3)
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round += self.round_offset
         self.global_arrays = arrays
-        self.current = {
-            "round": server_round,
-            "sites": {},
-            "rejected": {},
-            "failed": {},
-            "refused": {},
-        }
+        self.record = RoundRecord(round=server_round)
         self._t0 = time.time()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         # Sites asked to train: one that never answers is reported, not silently dropped.
         self._expected = {m.metadata.dst_node_id for m in messages}
-        if self.client_dp is not None:
-            available = len(list(grid.get_node_ids()))
-            self._available = available
-            if messages:  # under SecAgg+ the workflow sampled the sites (server/secagg.py)
-                self.client_dp.begin_round(sampled=len(messages), available=available)
+        self.available_nodes = len(list(grid.get_node_ids()))
+        if self.client_dp is not None and messages:
+            self.client_dp.begin_round(sampled=len(messages), available=self.available_nodes)
         return messages
 
     def aggregate_train(
@@ -208,14 +211,14 @@ class SiteRecordingMixin:
         server_round += self.round_offset
         replies = list(replies)
         answered = {m.metadata.src_node_id for m in replies}
-        for nid in sorted(getattr(self, "_expected", set()) - answered):
-            self.current["failed"][self._name_of(nid)] = "no reply within the round's timeout"
-            log(WARNING, "Round %s: %s sent no reply", server_round, self._name_of(nid))
+        for nid in sorted(self._expected - answered):
+            self.record.failed[self.name_of(nid)] = "no reply within the round's timeout"
+            log(WARNING, "Round %s: %s sent no reply", server_round, self.name_of(nid))
         good: list[Message] = []
         for msg in replies:
             name = self._site_of(msg)
             if msg.has_error() or is_refusal(msg):
-                name, why, refused = note_error(self.current, msg, name)
+                name, why, refused = note_error(self.record, msg, name)
                 what = "refused the round" if refused else "failed"
                 log(WARNING, "Round %s: site %s %s: %s", server_round, name, what, why)
                 continue
@@ -228,71 +231,78 @@ class SiteRecordingMixin:
                 else None
             )
             if reason:
-                self.current["rejected"][name] = reason
+                self.record.rejected[name] = reason
                 log(WARNING, "Round %s: update of site %s rejected: %s", server_round, name, reason)
                 continue
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            self.current["sites"].setdefault(name, {}).update(
-                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            )
-            note_ledger(self.current["sites"][name], msg)
+            self.note_site(name, msg)
             good.append(msg)
         if self.client_dp is not None and good:
             good = self.client_dp.privatize_replies(
                 good, self.global_arrays, weight_key=self.weighted_by_key
             )
-            self.current["client-dp"] = self.client_dp.summary()
+            self.record.client_dp = self.client_dp.summary()
         arrays, metrics = super().aggregate_train(server_round, _common_metric_keys(good))
+        return self.finish_train(server_round, arrays, metrics)
+
+    def apply_mean(self, server_round: int, mean: ArrayRecord) -> ArrayRecord | None:
+        """The strategy's server step on a mean aggregated elsewhere (SecAgg+), as round
+        ``server_round`` (offset included): FedAvg and FedProx take the mean as the new model,
+        FedAdam takes an Adam step towards it.
+
+        Flower's strategies aggregate replies; the mean goes in as one reply of weight 1, whose
+        weighted mean is the mean itself, so their own server step applies unchanged.
+        """
+        content = RecordDict({"arrays": mean, "metrics": MetricRecord({self.weighted_by_key: 1})})
+        reply = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+        arrays, _ = super().aggregate_train(server_round, [reply])  # type: ignore[misc]
+        return arrays
+
+    def finish_train(
+        self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Close the training half of the round: stop the run if too few sites trained, else
+        record the round's loss, largest epsilon and number of sites."""
         if arrays is not None and self.global_arrays is not None:
             arrays = match_dtypes(arrays, self.global_arrays)
-        # After aggregation, counted from the recorded sites: under SecAgg+ the replies here are
-        # empty and the secure aggregation records the sites it summed, the ones that dropped
-        # (refusals included), and raises its own failure first when a round cannot finish.
-        trained = len(self.current["sites"])
-        stop = stop_reason(self.current, trained=trained, min_sites=self.min_train_nodes)
+        # Counted from the recorded sites: under SecAgg+ no replies reach the strategy; the
+        # secure aggregation records the sites it summed and the ones that dropped (refusals
+        # included), and raises its own failure first when a round cannot finish.
+        trained = len(self.record.sites)
+        stop = stop_reason(self.record, trained=trained, min_sites=self.min_train_nodes)
         if stop is not None:
             # Keep what happened in this round (refusals included) before stopping the run.
-            self.current.update({"num-sites": trained, "stopped": stop})
-            self.run_dir.add_round(dict(self.current))
-            if self.on_round is not None:
-                self.on_round(dict(self.current))
+            self.record.num_sites, self.record.stopped = trained, stop
+            self.emit_round()
             log(WARNING, "Stopping the run: %s", stop)
             raise FederationStopped(stop)
         if metrics is not None:
-            self.current["train-loss"] = metrics.get("train-loss")
-        eps = [s["epsilon"] for s in self.current["sites"].values() if "epsilon" in s]
-        self.current["max-epsilon"] = max(eps) if eps else None
-        # Counted from the recorded sites: under SecAgg+ the replies here are empty.
-        self.current["num-sites"] = len(self.current["sites"])
+            loss = metrics.get("train-loss")
+            self.record.train_loss = float(loss) if isinstance(loss, (int, float)) else None
+        self.record.note_max_epsilon()
+        self.record.num_sites = trained
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         # The model evaluated this round is the one a checkpoint of this round must hold.
         self.evaluated_arrays = arrays
-        self.eval_layout = EvalLayout.for_config(self.run_dir.cfg)
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
-
-    def evaluation_sums(self, server_round: int, replies: list[Message]) -> EvalRound:
-        """The round's summed evaluation vectors: from the secure round when the strategy runs
-        one (server/secagg.py), else added up here from the replies (each in the clear)."""
-        secure = getattr(super(), "evaluation_sums", None)
-        if secure is not None:
-            return secure(server_round, replies)
-        return sum_clear_evaluations(replies, self.eval_layout)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Without SecAgg+: each reply carries its evaluation-sums vector in the clear."""
+        result = sum_clear_evaluations(list(replies), self.eval_layout)
+        return self.record_evaluation(server_round + self.round_offset, result)
+
+    def record_evaluation(self, server_round: int, result: EvalRound) -> MetricRecord | None:
         """Federation-wide figures from the summed vectors; per-site figures only from sites
         that opted in (``share-site-metrics``). Flower's metric averaging is not used: it
-        needs every site to send the same metric keys, and a site's own figures by default."""
-        server_round += self.round_offset
-        result = self.evaluation_sums(server_round, list(replies))
-        sites = self.current.setdefault("sites", {})
+        needs every site to send the same metric keys, and a site's own figures by default.
+        Writes the round's row and checkpoint."""
         for msg in result.contributors:
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is not None:
-                sites.setdefault(site_name(msg), {}).update(
+                self.record.sites.setdefault(site_name(msg), {}).update(
                     {
                         k: v
                         for k, v in metrics.items()
@@ -300,7 +310,7 @@ class SiteRecordingMixin:
                     }
                 )
         for name, why in result.failed.items():
-            self.current.setdefault("eval-failed", {})[name] = why
+            self.record.eval_failed[name] = why
             log(WARNING, "Round %s: site %s did not evaluate: %s", server_round, name, why)
         agg: MetricRecord | None = None
         if result.total is not None and int(result.total[0]) > 0:
@@ -310,13 +320,15 @@ class SiteRecordingMixin:
             # same pooled histograms (post-processing of the sum; common/clinical.py).
             clinical, diagrams = clinical_from_sums(result.total, self.eval_layout)
             figures.update(clinical)
-            self.current["reliability"] = diagrams
+            self.record.reliability = diagrams
             agg = MetricRecord(figures)  # type: ignore[arg-type]
             # eval-loss/-accuracy/-auroc, plus per-class AUROC and modality contributions.
-            self.current.update({k: v for k, v in figures.items() if k.startswith("eval-")})
-        self.current["round"] = server_round
-        self.current["seconds"] = round(time.time() - self._t0, 3)
-        self.run_dir.add_round(dict(self.current))
+            self.record.evaluation.update(
+                {k: v for k, v in figures.items() if k.startswith("eval-")}
+            )
+        self.record.round = server_round
+        self.record.seconds = self.seconds_so_far()
+        self.run_dir.add_round(self.record.to_row())
         if self.evaluated_arrays is not None:
             save_checkpoint(
                 self.run_dir, server_round=server_round, arrays=self.evaluated_arrays, strategy=self
@@ -326,11 +338,11 @@ class SiteRecordingMixin:
             "Round %s/%s done: test AUROC %s, max epsilon %s",
             server_round,
             self.run_dir.cfg.num_rounds,
-            self.current.get("eval-auroc"),
-            self.current.get("max-epsilon"),
+            self.record.evaluation.get("eval-auroc"),
+            self.record.max_epsilon,
         )
         if self.on_round is not None:
-            self.on_round(dict(self.current))
+            self.on_round(self.record.to_row())
         return agg
 
 
@@ -346,26 +358,8 @@ class FedfuseFedAdam(SiteRecordingMixin, FedAdam):
     """FedAdam (Reddi et al. 2021, arXiv:2003.00295): Adam on the server over the mean update."""
 
 
-STRATEGIES: dict[str, type] = {
+STRATEGIES: dict[str, type[SiteRecordingMixin]] = {
     "fedavg": FedfuseFedAvg,
     "fedprox": FedfuseFedProx,
     "fedadam": FedfuseFedAdam,
 }
-
-
-def make_strategy(
-    cfg: Any, *, run_dir: RunDirectory, on_round: RoundCallback | None, **common: Any
-) -> FedAvg:
-    """The strategy the run config names, with its own hyper-parameters from the config."""
-    extra: dict[str, Any] = {}
-    if cfg.strategy == "fedprox":
-        extra["proximal_mu"] = cfg.proximal_mu
-    elif cfg.strategy == "fedadam":
-        extra["eta"] = cfg.server_learning_rate
-    cls = STRATEGIES[cfg.strategy]
-    if cfg.secagg:  # the strategy then only ever holds the masked sum (server/secagg.py)
-        from fedfuse.common.secagg import SecAggSettings
-        from fedfuse.server.secagg import secagg_variant
-
-        cls = secagg_variant(cls, SecAggSettings.from_run_config(cfg))
-    return cls(run_dir=run_dir, on_round=on_round, **common, **extra)

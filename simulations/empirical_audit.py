@@ -41,11 +41,14 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
+from fedfuse.client.site import simulation_site_dirs
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import LabelEncoder, SiteDataset
 from fedfuse.common.data.manifest import Manifest, Record, find_manifest
 from fedfuse.common.data.modalities import build_inputs
+from fedfuse.common.data.synthetic import generate
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.models import build_model
 from fedfuse.common.privacy.empirical import (
@@ -54,6 +57,7 @@ from fedfuse.common.privacy.empirical import (
     max_epsilon_lower_bound,
     verdict,
 )
+from fedfuse.simulations.runner import simulate
 
 # Run-config values the audit uses unless the user overrides them (--set key=value). They make
 # memorisation, and so the audit's power, as strong as a realistic small run allows: small
@@ -175,8 +179,6 @@ def prepare_audit_data(
     Excluded canaries are written outside the site folders: the federation never sees them.
     Returns (the canary image folder, the audit site's name).
     """
-    from fedfuse.client.site import simulation_site_dirs
-
     dirs = simulation_site_dirs(source)
     if sites > len(dirs):
         raise ConfigError(f"--sites {sites} but '{source}' holds only {len(dirs)} site folders")
@@ -305,8 +307,6 @@ def gradient_alignment_scores(
     than the one at the initial model in our measurements (docs/BENCHMARKS.md). Per-canary
     gradients come from ``torch.func`` (vmap over grad): one batched pass, not m backward passes.
     """
-    from torch.func import functional_call, grad, vmap
-
     before = dict(model_before.named_parameters())
     params = {n: p.detach() for n, p in model_after.named_parameters()}
     update = torch.cat([(params[n] - before[n].detach()).flatten() for n in params])
@@ -410,8 +410,6 @@ def run_empirical_audit(
     engine). The audit's planted-bug run passes an in-process federation with the bug planted
     by the test (tests/support/faults.py): production code has no switch that drops the noise.
     """
-    from fedfuse.simulations.runner import simulate
-
     federate = federate or simulate
 
     t0 = time.time()
@@ -431,8 +429,6 @@ def run_empirical_audit(
     }
     cfg = RunConfig.from_mapping(raw)
     if s.data is None:
-        from fedfuse.common.data.synthetic import generate
-
         source = out / "data" / "source"
         if source.exists():
             shutil.rmtree(source)

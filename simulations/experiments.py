@@ -20,6 +20,7 @@ from typing import Any
 
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.manifest import csv_safe
+from fedfuse.common.models import FUSION_HEADS
 from fedfuse.simulations.baseline import centralised_baseline, pooled_test_metrics
 from fedfuse.simulations.runner import simulate
 
@@ -149,9 +150,11 @@ def utility_vs_epsilon(
 
 
 def plot_utility_vs_epsilon(rows: list[dict[str, Any]], path: Path) -> Path:
+    # lazy: matplotlib takes a second and writes its cache under $HOME when imported; only the
+    # plots need it (common/plots.py selects the headless backend)
     import matplotlib.pyplot as plt
 
-    from fedfuse.common import plots  # noqa: F401  (selects the headless backend)
+    from fedfuse.common import plots  # noqa: F401
 
     fed = [r for r in rows if r["variant"] == "federated"]
     eps_values = sorted({float(r["epsilon"]) for r in fed})
@@ -190,8 +193,6 @@ def plot_utility_vs_epsilon(rows: list[dict[str, Any]], path: Path) -> Path:
 def fusion_variants() -> list[tuple[str, dict[str, Any]]]:
     """One variant per registered fusion head, plus single-modality variants when the run
     config can select modalities."""
-    from fedfuse.common.models import FUSION_HEADS
-
     variants = [(f"fusion:{h}", {"fusion": h}) for h in FUSION_HEADS.names()]
     if "modalities" in RunConfig().to_mapping():
         default_mods = RunConfig().to_mapping()["modalities"].split(",")
@@ -244,6 +245,8 @@ def fusion_comparison(
 
 
 def plot_fusion(rows: list[dict[str, Any]], path: Path) -> Path:
+    # lazy: matplotlib takes a second and writes its cache under $HOME when imported; only the
+    # plots need it (common/plots.py selects the headless backend)
     import matplotlib.pyplot as plt
 
     from fedfuse.common import plots  # noqa: F401

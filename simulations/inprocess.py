@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -23,6 +24,12 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedfuse.client.app import app as client_app
+from fedfuse.client.site import simulation_site_dirs
+from fedfuse.server.app import run_federation
+from fedfuse.server.rundir import RunDirectory
+from fedfuse.simulations.runner import check_run_status, validate_sites
 
 
 class InProcessGrid(Grid):
@@ -157,14 +164,6 @@ def federate_in_process(
     What ``fedfuse.simulations.runner.simulate`` does without Ray: for tests that plant a fault in
     this process (tests/support/faults.py), which Ray's worker processes would not see.
     """
-    from pathlib import Path
-
-    from fedfuse.client.app import app as client_app
-    from fedfuse.client.site import simulation_site_dirs
-    from fedfuse.server.app import run_federation
-    from fedfuse.server.rundir import RunDirectory
-    from fedfuse.simulations.runner import check_run_status, validate_sites
-
     validate_sites(simulation_site_dirs(cfg.data_dir)[:num_sites], cfg)
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)

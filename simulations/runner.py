@@ -5,15 +5,24 @@ Same ServerApp and ClientApp as a deployment; only the transport differs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+from flwr.simulation import run_simulation
+
+from fedfuse.client.app import app as client_app
+from fedfuse.client.site import simulation_site_dirs
 from fedfuse.common.config import RunConfig
+from fedfuse.common.data.check import check_trainable
 from fedfuse.common.data.dataset import manifest_for
 from fedfuse.common.errors import ConfigError, DataValidationError, FedfuseError
+from fedfuse.server.app import make_server_app
 from fedfuse.server.rundir import RoundCallback, new_run_id
 
 
@@ -41,8 +50,6 @@ def quiet_flower(*, verbose: bool = False) -> None:
 
 def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
     """Validate every site folder before anything trains; one error lists every problem."""
-    from fedfuse.common.data.check import check_trainable
-
     problems: list[str] = []
     for d in site_dirs:
         try:
@@ -56,6 +63,7 @@ def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
 def _machine_cpus() -> int:
     """CPUs Ray will see (it honours cgroup limits; os.cpu_count does not)."""
     try:
+        # lazy: Ray is the optional simulation extra (a site installs without it)
         from ray._private.utils import get_num_cpus
 
         return int(get_num_cpus())
@@ -68,8 +76,6 @@ def check_resources(
 ) -> tuple[float, list[str]]:
     """The GPU share to request per site, and warnings to show; raises ConfigError for a
     request no site could ever get (Ray would wait for it forever: "ActorPool is empty")."""
-    import torch
-
     notes: list[str] = []
     cpus = _machine_cpus()
     if cpus_per_site > cpus:
@@ -96,8 +102,6 @@ def check_resources(
 def check_out_dir(out: Path) -> None:
     """Make ``out`` (where run directories go) and prove it writable, or raise ConfigError in
     one line: a bad ``--out`` must fail here, not inside the server after the sites started."""
-    import tempfile
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".fedfuse-write-test-"):
@@ -134,9 +138,6 @@ def simulate(
 
     Returns the run directory. Leaves no process behind (Ray is shut down at the end).
     """
-    from fedfuse.client.site import simulation_site_dirs
-    from fedfuse.common.data.dataset import load_site  # noqa: F401  (import errors surface early)
-
     quiet_flower(verbose=verbose)
     dirs = simulation_site_dirs(cfg.data_dir)
     if num_sites > len(dirs):
@@ -148,11 +149,6 @@ def simulate(
     bconf = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)
-
-    from flwr.simulation import run_simulation
-
-    from fedfuse.client.app import app as client_app
-    from fedfuse.server.app import make_server_app
 
     run_id = new_run_id(cfg)
     run_dir = Path(cfg.out_dir) / run_id
@@ -180,6 +176,7 @@ def simulate(
     finally:
         flwr_logger.setLevel(old_level)
         try:
+            # lazy: Ray is the optional simulation extra (a site installs without it)
             import ray
 
             if ray.is_initialized():
@@ -194,8 +191,6 @@ def simulate(
 
 def check_run_status(run_dir: Path) -> None:
     """Raise unless the run directory records a completed run: never a silent failure."""
-    import json
-
     status_file = run_dir / "status.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
     if status.get("status") != "completed":

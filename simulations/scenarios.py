@@ -150,6 +150,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
 
 def ensure_data(spec: DataSpec, *, seed: int, root: Path = Path("data")) -> Path:
     """Generate the scenario's synthetic sites once; reuse them when already there."""
+    # lazy: loads torch (seconds); the command line imports this module at start-up
     from fedfuse.common.data.synthetic import generate
 
     out = root / spec.folder_name(seed)

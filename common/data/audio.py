@@ -17,9 +17,7 @@ import numpy as np
 import torch
 import torchaudio
 
-
-class AudioReadError(ValueError):
-    """A WAV file exists but cannot be decoded; the message says why."""
+from fedfuse.common.errors import AudioReadError
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
@@ -28,6 +26,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     Raises:
         AudioReadError: not a WAV, truncated, an unsupported encoding, or no samples.
     """
+    # lazy: scipy takes about a second to load; only sites with audio need it
     from scipy.io import wavfile
 
     try:

@@ -16,6 +16,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from fedfuse.common.errors import ImageReadError
+
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # Fixed normalisation constants, the same at every site: statistics computed from site data
 # would either have to be shared (a leak) or differ between sites (a shift).
@@ -25,10 +27,6 @@ NORM_MEAN, NORM_STD = 0.5, 0.5
 # decoding, so a decompression bomb (a small file that decodes to gigabytes) costs nothing;
 # whole-slide pathology images must be tiled first.
 IMAGE_PIXEL_LIMIT = 36_000_000
-
-
-class ImageReadError(ValueError):
-    """An image file exists but cannot be decoded; the message says why."""
 
 
 def is_dicom(path: Path) -> bool:
@@ -87,6 +85,7 @@ def _check_pixels(pixels: int, size: str) -> None:
 
 def _first(value: object) -> float:
     """A DICOM value that may be multi-valued (e.g. several windows): its first entry."""
+    # lazy: pydicom takes about a second to load; only DICOM images need it
     import pydicom
 
     if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
@@ -95,6 +94,7 @@ def _first(value: object) -> float:
 
 
 def _load_dicom(path: Path, *, frame: int) -> np.ndarray:
+    # lazy: pydicom takes about a second to load; only DICOM images need it
     import pydicom
 
     try:

@@ -13,11 +13,14 @@ import socket
 import ssl
 import sys
 import time
+import tomllib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomli_w  # a dependency of Flower's own CLI, which writes the same file
 
 from fedfuse.common.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedfuse.common.errors import ConfigError
@@ -284,9 +287,7 @@ def write_connection(
     ``flwr run . <name>`` and ``flwr supernode register KEY.pub <name>`` then reach the
     SuperLink at ``address`` over TLS, trusting ``root_certificates``.
     """
-    import tomllib
-
-    import tomli_w  # a dependency of Flower's own CLI, which writes this file too
+    # lazy: flwr takes seconds to load; only writing a connection needs it
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
     if not name or not name.replace("-", "").replace("_", "").isalnum():

@@ -17,12 +17,10 @@ from fedfuse.common.registry import Registry
 
 FUSION_HEADS: Registry[nn.Module] = Registry("fusion head")
 NEG = -1e4  # "minus infinity" that keeps fully-masked rows finite
-# Bounds on the learned modality weights (see GatedHead and AttentionHead). Under DP-SGD a
-# gate that may switch a modality off does: measured on 3 sites x 16,000 records at epsilon 8
-# (docs/BENCHMARKS.md), a gate bound of 2 (weight ratios up to e^4) let the gate settle on two
-# modalities and the federation at the level of one (AUROC 0.709); with 0.5 (ratios up to
-# e^1) no modality can be switched off, and it reached 0.72-0.81 over four runs. Attention
-# scores are soft-capped for the same reason.
+# Bounds on the learned modality weights (GatedHead, AttentionHead). Under DP-SGD a gate that
+# can switch a modality off does, and that modality's encoder then stops learning: the gate's
+# logits are bounded at 0.5 (weight ratios at most e^1) and attention scores soft-capped, so a
+# head can favour a modality but never silence one. Evidence: docs/BENCHMARKS.md#fusion-heads.
 GATE_BOUND = 0.5
 ATTENTION_SCORE_CAP = 2.0
 
@@ -116,18 +114,14 @@ class AttentionHead(nn.Module):
     token and every modality's token (after the layer) in its own slot, zero where absent,
     with the mask (as ``concat`` reads the features), and the attention scores are
     soft-capped (``cap * tanh(score / cap)``, as in Gemma 2), so DP noise in the query/key
-    weights cannot sharpen the attention onto one modality. Measured on 3 sites x 16,000
-    records at epsilon 8 (docs/BENCHMARKS.md): reading [CLS] alone, uncapped, the federation
-    fell below the best modality on its own (AUROC 0.599 against 0.705); [CLS] with the mean
-    of the modality tokens, capped, 0.75-0.78 (Adam 0.01), but a mean mixes the modalities
-    into one vector and the model kept switching which one it used between rounds (0.754 at
-    Adam 0.03); with a slot per modality 0.81-0.90 at 5-15 rounds and 0.91-0.92 at 25 rounds
-    (Adam 0.03, three seeds). Built from ``nn.Linear`` and
-    ``nn.LayerNorm`` (Opacus samples both) rather than ``opacus.layers.DPMultiheadAttention``:
-    in Opacus 1.6 that layer with ``batch_first=True`` and more than one head reshapes its
-    output across tokens (its result differs from ``batch_first=False`` on the same input),
-    and the rest of the model is batch-first. Modality and [CLS] identities are an
-    embedding (a bare ``nn.Parameter`` has no Opacus sampler).
+    weights cannot sharpen the attention onto one modality; reading [CLS] alone, or the mean of
+    the modality tokens, let the model settle on one modality (docs/BENCHMARKS.md#fusion-heads).
+    Built from ``nn.Linear`` and ``nn.LayerNorm`` (Opacus samples both) rather than
+    ``opacus.layers.DPMultiheadAttention``: in Opacus 1.6 that layer with ``batch_first=True``
+    and more than one head reshapes its output across tokens (its result differs from
+    ``batch_first=False`` on the same input), and the rest of the model is batch-first.
+    Modality and [CLS] identities are an embedding (a bare ``nn.Parameter`` has no Opacus
+    sampler).
     """
 
     def __init__(

@@ -29,9 +29,9 @@ from typing import Any
 
 from fedfuse.common.errors import FedfuseError
 from fedfuse.common.privacy.ledger import GENESIS_HASH, Ledger, LedgerEntry, LedgerError
-from fedfuse.common.privacy.site_secret import SECRET_NAME, ledger_key, load_or_create_secret_file
+from fedfuse.common.privacy.site_secret import ledger_key, load_or_create_secret_file
+from fedfuse.common.site_state import HEAD_NAME, LEDGER_NAME, SECRET_NAME
 
-ANCHOR_NAME = "ledger-head"
 # Set in the ledger's meta table, to the head file's path, once a head was written: a head
 # removed later is then noticed, and found when the ledger lives apart from the site folder.
 HEAD_META = "authenticated-head"
@@ -73,7 +73,7 @@ class LedgerHead:
 
 def anchor_path(site_dir: Path) -> Path:
     """The head file in a site's ``.fedfuse`` folder (the folder that holds its secret)."""
-    return Path(site_dir) / ANCHOR_NAME
+    return Path(site_dir) / HEAD_NAME
 
 
 def _mac(key: bytes, body: dict[str, Any]) -> str:
@@ -159,7 +159,7 @@ def reset_ledger(
     if not reason:
         raise FedfuseError("ledger reset: --reason must say why the ledger is reset (recorded)")
     site_dir = Path(site_dir)
-    ledger_path = Path(ledger_path) if ledger_path is not None else site_dir / "ledger.sqlite"
+    ledger_path = Path(ledger_path) if ledger_path is not None else site_dir / LEDGER_NAME
     now = now or datetime.now(UTC).isoformat(timespec="seconds")
     head_file = anchor_path(site_dir)
     try:

@@ -38,7 +38,6 @@ from fedfuse.common.errors import FedfuseError
 from fedfuse.common.jsonsafe import jsonable
 from fedfuse.common.privacy.accounting import epsilon_from_events
 from fedfuse.common.privacy.anchor import (
-    ANCHOR_NAME,
     HEAD_META,
     anchor_path,
     head_problems,
@@ -52,10 +51,17 @@ from fedfuse.common.privacy.ledger import (
     LedgerError,
 )
 from fedfuse.common.privacy.site_secret import (
-    SECRET_NAME,
     SiteSecretError,
     existing_secret,
     ledger_key,
+)
+from fedfuse.common.site_state import (
+    HEAD_NAME,
+    LEDGER_NAME,
+    SECRET_NAME,
+    STATE_DIR,
+    ledger_file,
+    state_dir,
 )
 
 # The stored cumulative epsilon must equal the recomputation with the same accountant; only
@@ -65,7 +71,9 @@ CLAIM_RTOL = 0.01
 CROSS_RTOL = 0.01
 CROSS_ATOL = 0.01
 SECOND_ACCOUNTANT = "rdp"
-LEDGER_FILE = Path(".fedfuse") / "ledger.sqlite"
+
+# How a site folder's ledger is named in messages.
+LEDGER_RELATIVE = f"{STATE_DIR}/{LEDGER_NAME}"
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
 
@@ -292,14 +300,14 @@ def check_head(audit: LedgerAudit, ledger: Ledger, entries: list[LedgerEntry]) -
 
 
 def _site_ledger(folder: Path) -> Path | None:
-    p = folder / LEDGER_FILE
+    p = ledger_file(folder)
     return p if p.is_file() else None
 
 
 def _trained_without_ledger(folder: Path) -> str | None:
     """Why ``folder`` (a site folder) should hold a ledger it lacks, or None."""
-    head_file = folder / LEDGER_FILE.parent / ANCHOR_NAME
-    if (folder / LEDGER_FILE).exists() or not head_file.exists():
+    head_file = state_dir(folder) / HEAD_NAME
+    if ledger_file(folder).exists() or not head_file.exists():
         return None
     try:
         head = read_head(head_file, key=None)
@@ -308,9 +316,9 @@ def _trained_without_ledger(folder: Path) -> str | None:
     if head is None or not head.trained:
         return None
     return (
-        f"site folder {folder}: its ledger {LEDGER_FILE} is missing, but its authenticated head "
-        f"records {head.count} entries (the site has trained): restore the ledger, or reset it "
-        "on purpose with `fedfuse ledger reset <site folder> --reason ...`"
+        f"site folder {folder}: its ledger {LEDGER_RELATIVE} is missing, but its authenticated "
+        f"head records {head.count} entries (the site has trained): restore the ledger, or reset "
+        "it on purpose with `fedfuse ledger reset <site folder> --reason ...`"
     )
 
 
@@ -343,7 +351,7 @@ def find_ledgers(
         return found, {}, lost_sites
     raise FedfuseError(
         f"no ledger under '{path}': expected a ledger file, a site folder holding "
-        f"{LEDGER_FILE}, a folder of such site folders, or a run directory with privacy.json"
+        f"{LEDGER_RELATIVE}, a folder of such site folders, or a run directory with privacy.json"
     )
 
 
@@ -381,7 +389,7 @@ def _simulated_ledger(run_dir: Path, site: str) -> Path:
     """Where a simulated site's ledger is: ``<data-dir>/<site>/.fedfuse/ledger.sqlite``."""
     cfg_file = run_dir / "config.json"
     data_dir = json.loads(cfg_file.read_text()).get("data-dir", "") if cfg_file.is_file() else ""
-    ledger = Path(str(data_dir)) / site / ".fedfuse" / "ledger.sqlite"
+    ledger = ledger_file(Path(str(data_dir)) / site)
     if ledger.is_absolute():
         return ledger
     # A relative data-dir is relative to where the simulation ran: the folder the audit runs in,

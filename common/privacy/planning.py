@@ -3,9 +3,9 @@
 :func:`plan_training` is deterministic: the same record counts, budget and fixed keys give the
 same plan. It chooses the run-config keys in :data:`PLANNED_KEYS` that the user left unset or
 set to ``auto`` (a key the user set is kept), then computes, with the sites' own calibration
-(:func:`fedfuse.common.privacy.accounting.plan_noise_multiplier`, the call ``SiteLedger._new_plan``
-makes before a site's first round), the noise multiplier each site will draw and the epsilon
-it will end the run at. The rules follow the measurements on real data in
+(:func:`plan_site_noise`, the one noise planner: each site calls it before its first round,
+client/budget.py), the noise multiplier each site will draw and the epsilon it will end the run
+at. The rules follow the measurements on real data in
 docs/BENCHMARKS.md#real-data-pathvqa (De et al. 2022, arXiv:2204.13650; Sander et al. 2023,
 arXiv:2210.03403): under DP-SGD the noise a site's whole run adds is set by its epsilon and
 record count, whatever the batch size, so the plan picks batches of about a third of a site
@@ -16,16 +16,20 @@ the noise is spread over few coordinates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import manifest_for
 from fedfuse.common.errors import DataValidationError
 from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from fedfuse.common.privacy.ledger import LEDGER_ACCOUNTANT
 
 AUTO = "auto"
 # The run-config keys the planner chooses (kebab-case, as in [tool.flwr.app.config]).
@@ -44,6 +48,131 @@ PRIVATE_LEARNING_RATE = 0.1
 NON_PRIVATE_LEARNING_RATE = 0.03
 LOCAL_EPOCHS = 3
 ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a site fixes before its first round and keeps for the whole federation."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    num_rounds: int
+
+    @property
+    def planned_steps(self) -> int:
+        return self.steps_per_round * self.num_rounds
+
+    def steps_from(self, first_round: int) -> int:
+        """The steps of rounds ``first_round`` to the last (a site that joins late plans for
+        the rounds left, as if it trains in every one: this can only over-estimate its spend)."""
+        return self.steps_per_round * (self.num_rounds - min(first_round, self.num_rounds) + 1)
+
+
+def batches_per_epoch(num_train: int, batch_size: int) -> int:
+    """Noisy steps per local epoch: Poisson sampling at rate 1/this (Opacus' DPDataLoader)."""
+    return max(1, math.ceil(num_train / batch_size))
+
+
+def plan_site_noise(
+    *,
+    num_train: int,
+    batch_size: int,
+    local_epochs: int,
+    num_rounds: int,
+    target_epsilon: float,
+    target_delta: float,
+    accountant: str,
+    first_round: int = 1,
+    prior_events: Sequence[DpSgdEvent] = (),
+) -> PrivacyPlan:
+    """The noise multiplier with which a site's rounds ``first_round`` to ``num_rounds``
+    together (after ``prior_events``) spend at most ``target_epsilon``: Poisson sampling at
+    rate 1/batches-per-epoch and ``local_epochs * batches_per_epoch`` steps a round.
+
+    The one noise planner: a site's own plan (client/budget.py), ``fedfuse plan`` and the
+    tests all call it.
+    """
+    if num_train < 1:
+        raise ValueError("the site has no training records (split 'train' is empty)")
+    per_epoch = batches_per_epoch(num_train, batch_size)
+    plan = PrivacyPlan(math.nan, 1.0 / per_epoch, per_epoch * local_epochs, num_rounds)
+    with warnings.catch_warnings():
+        # PRV at sample rate 1 takes log(0) on its way to a correct bound, and RDP notes its
+        # largest order; neither is actionable.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+        sigma = plan_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps_from(first_round),
+            accountant=accountant,
+            prior_events=prior_events,
+        )
+    return dataclasses.replace(plan, noise_multiplier=sigma)
+
+
+def plan_site_privacy(
+    *, cfg: RunConfig, num_train: int, prior_events: Sequence[DpSgdEvent] = ()
+) -> PrivacyPlan:
+    """:func:`plan_site_noise` for a whole run of ``cfg`` at its own target (epsilon, delta)."""
+    return plan_site_noise(
+        num_train=num_train,
+        batch_size=cfg.batch_size,
+        local_epochs=cfg.local_epochs,
+        num_rounds=cfg.num_rounds,
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        accountant=cfg.accountant,
+        prior_events=prior_events,
+    )
+
+
+def plan_within_budget(
+    earlier: list[DpSgdEvent],
+    *,
+    sample_rate: float,
+    steps: int,
+    budget: float,
+    delta: float,
+    sigma_low: float,
+    rtol: float = 0.01,
+) -> float | None:
+    """Smallest noise multiplier (within ``rtol`` of what is left) keeping ``earlier`` plus
+    ``steps`` new steps within ``budget`` by PRV; None when nothing useful is left.
+
+    ``sigma_low`` is known to be too small. Brackets by doubling, then bisects in log-sigma,
+    stopping once the plan uses all but ``rtol`` of what is left (not of the whole budget,
+    which would waste most of a nearly spent budget on needless noise).
+    """
+
+    def eps(sigma: float) -> float:
+        return epsilon_from_events(
+            [*earlier, DpSgdEvent(sigma, sample_rate, steps)],
+            delta=delta,
+            accountant=LEDGER_ACCOUNTANT,
+        )
+
+    spent = epsilon_from_events(earlier, delta=delta, accountant=LEDGER_ACCOUNTANT)
+    left = budget - spent
+    if left <= rtol * budget:
+        return None
+    lo, hi = sigma_low, sigma_low * 1.5
+    while eps(hi) > budget:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            return None
+    while hi / lo > 1.005:
+        mid = math.sqrt(lo * hi)
+        e = eps(mid)
+        if e > budget:
+            lo = mid
+        else:
+            hi = mid
+            if budget - e <= rtol * left:
+                break
+    return hi
 
 
 @dataclass(frozen=True)
@@ -127,27 +256,28 @@ def plan_training(
     sites = []
     for site in sorted(record_counts):
         n = record_counts[site]
-        per_epoch = max(1, math.ceil(n / batch))  # fedfuse.client.training.batches_per_epoch
-        q = 1.0 / per_epoch
-        steps = per_epoch * epochs * rounds
         if not private:
+            q = 1.0 / batches_per_epoch(n, batch)
+            steps = batches_per_epoch(n, batch) * epochs * rounds
             sites.append(SitePlan(site, n, q, steps, None, math.inf))
             continue
+        plan = plan_site_noise(
+            num_train=n,
+            batch_size=batch,
+            local_epochs=epochs,
+            num_rounds=rounds,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            accountant=accountant,
+        )
+        event = DpSgdEvent(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)
         with warnings.catch_warnings():
-            # PRV at sample rate 1 takes log(0) on its way to a correct bound, and RDP notes
-            # its largest order; neither is actionable (as in SiteLedger._new_plan).
+            # RDP notes its largest order; not actionable.
             warnings.simplefilter("ignore")
-            sigma = plan_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=q,
-                steps=steps,
-                accountant=accountant,
-            )
-            eps = epsilon_from_events(
-                [DpSgdEvent(sigma, q, steps)], delta=target_delta, accountant=accountant
-            )
-        sites.append(SitePlan(site, n, q, steps, sigma, eps))
+            eps = epsilon_from_events([event], delta=target_delta, accountant=accountant)
+        sites.append(
+            SitePlan(site, n, plan.sample_rate, plan.planned_steps, plan.noise_multiplier, eps)
+        )
     chosen = tuple(k for k in PLANNED_KEYS if k not in fixed)
     return TrainingPlan(
         settings=settings,
@@ -186,8 +316,6 @@ def count_train_records(site_dirs: list[Path], cfg: Any) -> dict[str, int]:
 
     Raises one :class:`DataValidationError` listing every site's problems.
     """
-    from fedfuse.common.data.dataset import manifest_for
-
     counts: dict[str, int] = {}
     problems: list[str] = []
     for d in site_dirs:

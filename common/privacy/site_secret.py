@@ -34,17 +34,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SECRET_DIR = ".fedfuse"
-SECRET_NAME = "dp-secret"
+from fedfuse.common.errors import SiteSecretError
+from fedfuse.common.site_state import secret_file
+
 SECRET_BYTES = 32
 
 
-class SiteSecretError(RuntimeError):
-    """The site's secret file is unreadable or malformed."""
-
-
 def secret_path(data_path: Path) -> Path:
-    return Path(data_path) / SECRET_DIR / SECRET_NAME
+    return secret_file(data_path)
 
 
 def load_or_create_secret(data_path: Path) -> bytes:

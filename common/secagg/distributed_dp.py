@@ -42,6 +42,7 @@ import numpy as np
 
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.privacy.ddgauss import DdgEvent, rounded_l2_bound
+from fedfuse.common.secagg import masking
 
 # Probability that the noise pushes any coordinate past the k-sigma tail the modulus allows.
 TAIL_PROBABILITY = 2.0**-40
@@ -310,8 +311,6 @@ VECTOR_ARRAY = "vector"
 
 def spec_from_config(cfg: Any, arrays: Mapping[str, np.ndarray]) -> DdpSpec:
     """The mechanism for ``cfg`` (a RunConfig) over the float parameters of ``arrays``."""
-    from fedfuse.common.secagg import masking
-
     dim = sum(int(np.asarray(arrays[k]).size) for k in masking.float_keys(arrays))
     return DdpSpec(
         clip_norm=float(cfg.client_clip_norm),

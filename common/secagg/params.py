@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.secagg.protocol import Key, SecAggProtocolError
-
-if TYPE_CHECKING:
-    from fedfuse.common.config import RunConfig
 
 # Masks are 32-bit words of a ChaCha20 keystream, so the modulus is at most 2**32.
 MAX_MODULUS = 2**32
@@ -25,7 +22,8 @@ MAX_MODULUS = 2**32
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """The run-config keys of secure aggregation.
+    """The run-config keys of secure aggregation (``RunConfig.secagg_settings`` builds it; its
+    defaults are the run config's).
 
     ``num_shares`` 0 shares every site's secrets with all sampled sites (SecAgg, Bonawitz et al.
     2017); an odd k >= 3 gives each site k-1 neighbours on a random ring (SecAgg+, Bell et al.
@@ -75,21 +73,6 @@ class SecAggSettings:
     def max_sites(self) -> int:
         """How many sites can be summed before the quantized sum wraps around the modulus."""
         return (self.modulus_range - 1) // self.quantization_range
-
-    @classmethod
-    def from_run_config(cls, cfg: RunConfig) -> SecAggSettings:
-        """The run's settings. Under client-level or distributed DP every site sends weight 1
-        (equal weights bound each site's share), so the weights are normalised by 1, not by
-        max-weight: the updates keep the full quantisation precision."""
-        return cls(
-            num_shares=cfg.num_shares,
-            reconstruction_threshold=cfg.reconstruction_threshold,
-            clipping_range=cfg.clipping_range,
-            quantization_range=cfg.quantization_range,
-            modulus_range=cfg.modulus_range,
-            max_weight=1.0 if cfg.client_level_dp or cfg.distributed_dp else cfg.max_weight,
-            timeout=cfg.timeout,
-        )
 
     def for_round(self, num_sampled: int) -> RoundParams:
         """The values of a round with ``num_sampled`` sites; ConfigError when none can work."""

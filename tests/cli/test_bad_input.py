@@ -148,8 +148,8 @@ def test_a_failing_site_is_named_not_numbered(tmp_path):
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedfuse.common.config import RunConfig
+    from fedfuse.server.app import make_strategy
     from fedfuse.server.rundir import RunDirectory
-    from fedfuse.server.strategy import make_strategy
 
     cfg = RunConfig(secagg=False)
     strategy = make_strategy(
@@ -166,5 +166,5 @@ def test_a_failing_site_is_named_not_numbered(tmp_path):
     assert strategy._site_of(named) == "site-2"
     failed = Message(Error(code=0, reason="boom"), reply_to=ask)
     assert strategy._site_of(failed) == "site-2"
-    assert strategy._name_of(7660176604983328544) == "site-2"
-    assert strategy._name_of(12345) == "node-12345"  # never heard of: only its id is known
+    assert strategy.name_of(7660176604983328544) == "site-2"
+    assert strategy.name_of(12345) == "node-12345"  # never heard of: only its id is known

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.client.training import plan_site_privacy, train_round
+from fedfuse.client.training import train_round
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import LabelEncoder, load_site
 from fedfuse.common.data.manifest import load_manifest
@@ -16,6 +16,7 @@ from fedfuse.common.errors import DataValidationError
 from fedfuse.common.evaluation import evaluate_site
 from fedfuse.common.metrics import Predictions, auroc, scores
 from fedfuse.common.models import build_model
+from fedfuse.common.privacy.planning import plan_site_privacy
 from tests.support.mmutil import write_manifest
 
 CLASSES = "effusion,nodule,cardiomegaly"

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedfuse.client.training import plan_site_privacy, train_round
+from fedfuse.client.training import train_round
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import load_site
 from fedfuse.common.models import build_model
+from fedfuse.common.privacy.planning import plan_site_privacy
 from tests.support.faults import noise_dropped
 
 # The switch that once made client/training.py train without noise while reporting it.

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fedfuse.common.config import RunConfig
+from fedfuse.common.config import KEY_FACTS, RESUME_FREE_KEYS, RunConfig, seeds_noise
 from fedfuse.common.errors import ConfigError
+from fedfuse.common.secagg import SecAggSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,6 +16,37 @@ def test_pyproject_run_config_matches_dataclass_defaults():
     raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert RunConfig.from_mapping(raw) == RunConfig()
     assert set(raw) == set(RunConfig().to_mapping())
+
+
+def test_what_a_key_means_is_declared_on_the_key():
+    """Noise seed, resume and SecAgg+ facts come from the keys' declarations (KeyFacts)."""
+    assert RESUME_FREE_KEYS == {"resume-from", "out-dir", "run-name", "data-dir"}
+    never_seeds = {k for k in KEY_FACTS if not seeds_noise(k, distributed_dp=True)}
+    assert never_seeds == {
+        *RESUME_FREE_KEYS,
+        *("run-id", "run-uid", "fraction-train", "fraction-evaluate", "min-sites", "timeout"),
+    }
+    # SecAgg+ settings size the noise share only under distributed DP: hashed only then.
+    seeds_under_ddp_only = {
+        k
+        for k in KEY_FACTS
+        if seeds_noise(k, distributed_dp=True) and not seeds_noise(k, distributed_dp=False)
+    }
+    assert seeds_under_ddp_only == {
+        "secagg",
+        "num-shares",
+        "reconstruction-threshold",
+        "clipping-range",
+        "quantization-range",
+        "modulus-range",
+        "max-weight",
+    }
+    assert seeds_noise("server-round", distributed_dp=False)
+    assert seeds_noise("a-key-added-later", distributed_dp=False)  # unknown: fresh noise
+
+
+def test_secagg_defaults_are_the_settings_defaults():
+    assert RunConfig().secagg_settings() == SecAggSettings()
 
 
 def test_unknown_key_lists_known_keys():

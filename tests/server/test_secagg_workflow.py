@@ -344,9 +344,9 @@ def test_every_strategy_trains_through_secagg(tmp_path, name: str) -> None:
     """SecAgg+ replaces only FedAvg's exchange and mean: FedProx's config and FedAdam's server
     optimiser still apply, and one round gives the model it gives without SecAgg+."""
     from fedfuse.common.config import RunConfig
+    from fedfuse.server.app import make_strategy
     from fedfuse.server.rundir import RunDirectory
-    from fedfuse.server.secagg import SecAggAggregation
-    from fedfuse.server.strategy import make_strategy
+    from fedfuse.server.secagg import SecAggPlusStrategy
 
     n = 3
     updates, weights = _updates(n, seed=5), [30.0, 20.0, 10.0]
@@ -360,13 +360,14 @@ def test_every_strategy_trains_through_secagg(tmp_path, name: str) -> None:
             min_train_nodes=n,
             min_available_nodes=n,
         )
-        assert isinstance(strategy, SecAggAggregation) == on
+        assert isinstance(strategy, SecAggPlusStrategy) == on
+        sites = strategy.strategy if on else strategy
         grid = InProcessGrid(fixed_update_app(updates, weights), n)
         config = ConfigRecord(cfg.to_mapping())
         messages = strategy.configure_train(1, _zeros(), config, grid)
         arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
         assert arrays is not None and metrics is not None
-        assert strategy.current["num-sites"] == n and len(strategy.current["sites"]) == n
+        assert sites.record.num_sites == n and len(sites.record.sites) == n
         models[on] = {k: arrays[k].numpy() for k in SHAPES}
     gap = max(float(np.abs(models[True][k] - models[False][k]).max()) for k in SHAPES)
     assert gap <= 10 * _bound(updates, weights), gap

@@ -7,8 +7,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from fedfuse.client.training import proximal_step
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
+from fedfuse.server.app import make_strategy
 from fedfuse.server.rundir import RunDirectory
-from fedfuse.server.strategy import make_strategy
+from fedfuse.server.secagg import SecAggPlusStrategy
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,8 @@ def test_make_strategy(tmp_path, name, base):
         min_train_nodes=2,
         min_available_nodes=2,
     )
+    assert isinstance(s, SecAggPlusStrategy)  # secagg is on by default: it wraps the strategy
+    s = s.strategy
     assert isinstance(s, base)
     if name == "fedprox":
         assert s.proximal_mu == 0.3

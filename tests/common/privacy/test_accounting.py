@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from fedfuse.client.training import batches_per_epoch, plan_site_privacy
 from fedfuse.common.config import RunConfig
 from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, plan_noise_multiplier
+from fedfuse.common.privacy.planning import batches_per_epoch, plan_site_privacy
 
 
 @pytest.mark.parametrize(

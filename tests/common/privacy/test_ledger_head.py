@@ -18,10 +18,10 @@ from fedfuse.client.budget import RoundRefused, SiteLedger, resolve_budget
 from fedfuse.client.training import RoundResult
 from fedfuse.common.config import RunConfig
 from fedfuse.common.privacy.accounting import DpSgdEvent
-from fedfuse.common.privacy.anchor import ANCHOR_NAME
 from fedfuse.common.privacy.ddgauss import DdgEvent
 from fedfuse.common.privacy.ledger import Ledger
 from fedfuse.common.privacy.ledger_audit import EXIT_OK, EXIT_TAMPERED, audit
+from fedfuse.common.site_state import HEAD_NAME
 
 # RDP plans the noise in a fraction of PRV's time; the ledger always composes with PRV.
 CFG = RunConfig(num_rounds=2, local_epochs=1, batch_size=64, target_epsilon=4.0, accountant="rdp")
@@ -120,7 +120,7 @@ def test_a_forged_head_fails_its_hmac(tmp_path: Path):
     site = _site(tmp_path)
     ledger = site / ".fedfuse" / "ledger.sqlite"
     _drop_last_entry_and_rewrite_head(ledger)
-    head_file = site / ".fedfuse" / ANCHOR_NAME
+    head_file = site / ".fedfuse" / HEAD_NAME
     head = json.loads(head_file.read_text())
     last = Ledger(ledger).entries()[-1]
     head.update(count=last.seq, hash=last.hash)  # made to match, without the site's key
@@ -133,7 +133,7 @@ def test_a_forged_head_fails_its_hmac(tmp_path: Path):
 
 def test_a_removed_head_is_noticed(tmp_path: Path):
     site = _site(tmp_path)
-    (site / ".fedfuse" / ANCHOR_NAME).unlink()
+    (site / ".fedfuse" / HEAD_NAME).unlink()
     (a,) = audit(site).ledgers
     assert any("authenticated head" in p and "is missing" in p for p in a.problems), a.problems
     with pytest.raises(RoundRefused, match="authenticated ledger head"):
@@ -169,7 +169,7 @@ def test_a_ledger_kept_apart_from_the_site_folder_is_still_anchored(tmp_path: Pa
     guard.record(
         cfg=CFG, run_id="a", run_name="a", server_round=1, result=result, global_model_hash="g"
     )
-    assert (site / ".fedfuse" / ANCHOR_NAME).is_file()
+    assert (site / ".fedfuse" / HEAD_NAME).is_file()
     assert audit(ledger).exit_code == EXIT_OK
     ledger.unlink()
     with pytest.raises(RoundRefused, match="missing but this site has trained before"):

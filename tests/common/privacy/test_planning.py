@@ -8,9 +8,13 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedfuse.client.training import plan_site_privacy
 from fedfuse.common.config import RunConfig
-from fedfuse.common.privacy.planning import PLANNED_KEYS, plan_for_sites, plan_training
+from fedfuse.common.privacy.planning import (
+    PLANNED_KEYS,
+    plan_for_sites,
+    plan_site_privacy,
+    plan_training,
+)
 
 COUNTS = {"small": 300, "large": 2610, "one": 1}
 
@@ -103,3 +107,28 @@ def test_auto_and_unset_keys_take_the_plan_and_set_keys_survive(synth_sites):
         synth_sites, {"dp-level": "client", "learning-rate": "auto"}, build=RunConfig.from_mapping
     )
     assert none is None and client.learning_rate == RunConfig.learning_rate
+
+
+def test_one_noise_planner_for_the_site_the_plan_and_the_tests(tmp_path):
+    """What a site plans before its first round (SiteLedger), what `fedfuse plan` reports and
+    plan_site_privacy are the same noise: one planner (plan_site_noise) behind all three."""
+    from fedfuse.client.budget import SiteLedger, resolve_budget
+
+    cfg = RunConfig(num_rounds=2, local_epochs=1, batch_size=40, accountant="rdp")
+    site = tmp_path / "site-a"
+    site.mkdir()
+    permit = SiteLedger(resolve_budget({}, site), site="site-a").prepare(
+        cfg=cfg, run_id="r", server_round=1, num_train=200
+    )
+    fixed = {"num-rounds": 2, "local-epochs": 1, "batch-size": 40}
+    (planned,) = plan_training(
+        {"site-a": 200},
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        accountant="rdp",
+        fixed=fixed,
+    ).sites
+    direct = plan_site_privacy(cfg=cfg, num_train=200)
+    assert permit.plan == direct
+    assert planned.noise_multiplier == direct.noise_multiplier
+    assert (planned.sample_rate, planned.steps) == (direct.sample_rate, direct.planned_steps)
