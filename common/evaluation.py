@@ -30,6 +30,7 @@ from fedfuse.common.metrics import (
     score_bins,
     scores,
 )
+from fedfuse.common.models.multitask import AllTasks
 
 # Fixed-point scale of the loss and weight sums, and the per-record loss cap: public constants,
 # so every site's vector has the same meaning and a bound a site can check against the modulus.
@@ -193,7 +194,6 @@ def extra_task_sums(
 ) -> np.ndarray:
     """The extra tasks' part of the evaluation vector (records lacking a task's label are
     left out of that task's entries)."""
-    from fedfuse.common.models.multitask import AllTasks
 
     out = np.zeros(layout.length - layout.extra_offset, dtype=np.int64)
     if len(dataset) == 0:  # type: ignore[arg-type]

@@ -373,6 +373,7 @@ def _run_simulation(
             "site draws it from a secure one)"
         )
 
+    # lazy: rich's progress display loads only for a simulation (CLI start-up)
     from fedfuse.progress import RoundProgress
 
     bar = RoundProgress(console, rounds=cfg.num_rounds, secagg=cfg.secagg)

@@ -69,6 +69,7 @@ def load_model(model_or_run: str | Path) -> LoadedModel:
     Raises:
         ConfigError: neither, or a file there cannot be loaded.
     """
+    # lazy: torch-heavy; the CLI imports this module at start-up to register its commands
     from fedfuse.common.models import build_model
 
     folder = Path(model_or_run)
@@ -103,6 +104,7 @@ def site_records(site_dir: str | Path, cfg: RunConfig) -> Any:
         DataValidationError: the folder is not a valid site for the run (one line per problem,
             naming the file and row).
     """
+    # lazy: torch-heavy; the CLI imports this module at start-up to register its commands
     from fedfuse.common.data.dataset import LabelEncoder, SiteDataset, manifest_for
     from fedfuse.common.data.modalities import build_inputs
 
@@ -118,6 +120,7 @@ def site_records(site_dir: str | Path, cfg: RunConfig) -> Any:
 @torch.no_grad()
 def predict_probabilities(model: LoadedModel, dataset: Any, *, batch_size: int = 256) -> Any:
     """Per record, the probability of each class (softmax; sigmoid per class when multi-label)."""
+    # lazy: torch-heavy; the CLI imports this module at start-up to register its commands
     from torch.utils.data import DataLoader
 
     out = []
@@ -138,6 +141,7 @@ def predicted_labels(probs: Any, cfg: RunConfig) -> list[str]:
 
 def write_predictions(model_or_run: str | Path, site_dir: str | Path, out: str | Path) -> int:
     """Write ``id, p_<class>..., predicted`` for every record of ``site_dir``; the count."""
+    # lazy: torch-heavy; the CLI imports this module at start-up to register its commands
     from fedfuse.common.data.manifest import csv_safe
 
     model = load_model(model_or_run)
@@ -168,6 +172,7 @@ class _Logits(nn.Module):
 def _example_inputs(cfg: RunConfig) -> tuple[torch.Tensor, ...]:
     """A batch of two records, the first with every modality, the second with none, in the
     shapes and dtypes the run's loaders give (empty inputs are the absent modality's)."""
+    # lazy: torch-heavy; the CLI imports this module at start-up to register its commands
     from fedfuse.common.data.manifest import Manifest
     from fedfuse.common.data.modalities import build_inputs
 
@@ -364,6 +369,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict[str, 
     traced.save(str(ts))
     written = {"torchscript": ts}
     try:
+        # lazy: onnx is an optional package (torch.onnx needs it)
         import onnx  # noqa: F401  (torch.onnx needs it)
     except ImportError:
         onnx = None

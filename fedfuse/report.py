@@ -20,6 +20,7 @@ def report(
     """One self-contained HTML page for a run: configuration, privacy per site, ledger
     verification, empirical audit, learning curves, modality contributions, clinical
     evaluation and what crossed the wire. Opens offline (no script, nothing fetched)."""
+    # lazy: the report module and its figures load only when a report is asked for
     from fedfuse.server.report import write_report
 
     path = write_report(run_dir, out, verify_ledgers=verify)

@@ -27,6 +27,7 @@ def data_split(
     ),
 ) -> None:
     """Split a pooled folder into site-0 .. site-N-1 (files hard-linked, not copied)."""
+    # lazy: numpy and the manifest reader load only when a split is asked for (CLI start-up)
     from fedfuse.common.data.split import split_folder
 
     dest = out if out is not None else pooled.with_name(pooled.name + "-sites")

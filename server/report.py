@@ -135,6 +135,7 @@ def _ledger_audit(run: RunFiles, *, verify: bool) -> dict[str, Any]:
             f"end of the run): `fedfuse report {run.path}` or `fedfuse audit {run.path}` "
             "verifies them",
         }
+    # lazy: the ledger audit pulls in Opacus' accountants; an unverified report needs neither
     from fedfuse.common.privacy.ledger_audit import audit
 
     try:

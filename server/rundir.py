@@ -143,6 +143,8 @@ class RunDirectory:
     def _report(self) -> None:
         """report.html beside summary.md (server/report.py). A report that cannot be drawn
         must not turn a finished run into a failed one: `fedfuse report` can redraw it."""
+        # lazy: the report draws with matplotlib, whose import writes a cache under HOME;
+        # only a finished run needs it
         from fedfuse.server.report import write_report
 
         try:

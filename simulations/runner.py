@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from flwr.common.logger import update_console_handler
 from flwr.simulation import run_simulation
 
 from fedfuse.client.app import app as client_app
@@ -43,7 +44,6 @@ def quiet_flower(*, verbose: bool = False) -> None:
         # Lines a site's worker prints reach us through Ray, wrapped in colour codes that a log
         # file or CI output shows raw: none unless the output is a terminal.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        from flwr.common.logger import update_console_handler
 
         update_console_handler(colored=False)
 

@@ -158,6 +158,7 @@ def audio_features(cfg: RunConfig) -> AudioFeatures:
 def _tokenizer(cfg: RunConfig) -> HashingTokenizer:
     """The hashing tokenizer, or a pretrained text encoder's own (checked by SHA-256)."""
     if cfg.text_encoder == "bert":
+        # lazy: transformers (the transfer extra) loads only for a BERT text encoder
         from fedfuse.common.models.pretrained import checkpoint_tokenizer
 
         return checkpoint_tokenizer(  # type: ignore[return-value]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fedfuse.common.config import RunConfig
+from fedfuse.common.models.multitask import MultiTaskLoss
 from fedfuse.common.privacy.secure_rng import SecureRandom
 
 
@@ -33,8 +34,6 @@ def make_criterion(cfg: RunConfig) -> nn.Module:
     """Softmax cross-entropy (single-label) or per-class sigmoid (multi-label); with extra
     ``tasks``, the weighted multi-task loss over :class:`~.multitask.AllTasks`' logits."""
     if cfg.task_classes:
-        from fedfuse.common.models.multitask import MultiTaskLoss
-
         return MultiTaskLoss(cfg)
     return MultiLabelLoss() if cfg.multi_label else nn.CrossEntropyLoss()
 

@@ -213,6 +213,7 @@ def dp_norms(net: nn.Module, norm: str) -> nn.Module:
         return net
     if norm != "group":
         raise ConfigError(f"'image-norm' must be 'group' or 'frozen'; found {norm!r}")
+    # lazy: Opacus' validators import its whole module tree; only GroupNorm swaps need them
     from opacus.validators import ModuleValidator
 
     bns = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
@@ -370,6 +371,7 @@ class PretrainedImageEncoder(nn.Module):
 
 
 def _torchvision_resnet(arch: str, *, dim: int, in_channels: int, weights: Path | None, norm: str):
+    # lazy: torchvision takes seconds to import; only pretrained image encoders need it
     from torchvision import models
 
     net = getattr(models, arch)(weights=None)
@@ -398,6 +400,7 @@ class _DenseNetFeatures(nn.Module):
 def _torchvision_densenet(
     arch: str, *, dim: int, in_channels: int, weights: Path | None, norm: str
 ):
+    # lazy: torchvision takes seconds to import; only pretrained image encoders need it
     from torchvision import models
 
     net = getattr(models, arch)(weights=None)
