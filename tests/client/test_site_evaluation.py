@@ -16,7 +16,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import fedfuse.client.app as client_app
 from fedfuse.client.site import SiteInfo, site_data
-from fedfuse.client.wire import EVAL_LOG
 from fedfuse.common.config import RunConfig
 from fedfuse.common.evaluation import (
     EVAL_SUMS_ARRAY,
@@ -27,6 +26,7 @@ from fedfuse.common.evaluation import (
     evaluate_site,
 )
 from fedfuse.common.models import build_model
+from fedfuse.common.site_state import eval_log
 
 
 def test_one_evaluate_request_is_one_pass_over_the_test_split(
@@ -75,7 +75,7 @@ def test_one_evaluate_request_is_one_pass_over_the_test_split(
     assert sum(batches) == n * k
     # Both results come from that pass: the logged figures and the sums agree.
     sums = reply.content.array_records[EVAL_SUMS_KEY][EVAL_SUMS_ARRAY].numpy()
-    logged = json.loads((site / EVAL_LOG).read_text().splitlines()[-1])
+    logged = json.loads(eval_log(site).read_text().splitlines()[-1])
     pooled = decode_sums(sums, EvalLayout.for_config(cfg))
     assert sums[0] == logged["num-examples"] == n
     assert pooled["eval-accuracy"] == pytest.approx(logged["eval-accuracy"], abs=1e-12)
