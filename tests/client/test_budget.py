@@ -278,6 +278,7 @@ def test_a_refusal_without_secagg_travels_as_fields(
     from fedfuse.client.app import app as client_app
     from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
     from fedfuse.server.privacy_report import note_error
+    from fedfuse.server.round_record import RoundRecord
     from tests.support.requests import _train_request
 
     site = tmp_path / "site-1"
@@ -304,7 +305,7 @@ def test_a_refusal_without_secagg_travels_as_fields(
     assert refusal.spent == pytest.approx(earlier.epsilon)
     assert refusal.would_reach is not None and refusal.would_reach >= refusal.spent > 2.0
     assert refusal.budget_exhausted and refusal.why.startswith("privacy budget exhausted")
-    current: dict = {}
-    assert note_error(current, reply, "node-7") == ("site-1", refusal.why, True)
-    assert current["refusals"]["site-1"] == refusal.to_record() and "failed" not in current
+    record = RoundRecord(round=1)
+    assert note_error(record, reply, "node-7") == ("site-1", refusal.why, True)
+    assert record.refusals["site-1"] == refusal.to_record() and not record.failed
     assert len(Ledger(resolve_budget({}, site).ledger_path).entries()) == 1  # nothing charged
