@@ -29,7 +29,14 @@ from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events, p
 
 AUTO = "auto"
 # The run-config keys the planner chooses (kebab-case, as in [tool.flwr.app.config]).
-PLANNED_KEYS = ("num-rounds", "local-epochs", "batch-size", "learning-rate", "max-grad-norm")
+PLANNED_KEYS = (
+    "num-rounds",
+    "local-epochs",
+    "batch-size",
+    "learning-rate",
+    "max-grad-norm",
+    "text-buckets",
+)
 # Noisy steps per local epoch at the median site: batches of a third of its records. Fewer,
 # larger batches average more records into each noisy step; three keep enough steps per round.
 STEPS_PER_EPOCH = 3
@@ -44,6 +51,13 @@ PRIVATE_LEARNING_RATE = 0.1
 NON_PRIVATE_LEARNING_RATE = 0.03
 LOCAL_EPOCHS = 3
 ROUNDS = 5
+# Hashed n-gram buckets (the text model's rows): without noise, 16,384 keep most n-grams apart
+# (PathVQA's 19,186 share every one of 1,024 buckets); under DP every bucket draws the same
+# noise while its signal grows with the records that use it, so the buckets follow the median
+# site's records (a power of two at or above them, 1,024 to 4,096): measured on PathVQA in
+# docs/BENCHMARKS.md#real-data-pathvqa.
+NON_PRIVATE_TEXT_BUCKETS = 16384
+PRIVATE_TEXT_BUCKETS = (1024, 4096)
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ def plan_training(
         "batch-size": max(MIN_BATCH, math.ceil(median / STEPS_PER_EPOCH)),
         "learning-rate": PRIVATE_LEARNING_RATE if private else NON_PRIVATE_LEARNING_RATE,
         "max-grad-norm": MAX_GRAD_NORM,
+        "text-buckets": _text_buckets(median, private=private),
     }
     settings = {**planned, **fixed}
     rounds, epochs = int(settings["num-rounds"]), int(settings["local-epochs"])
@@ -159,6 +174,13 @@ def plan_training(
     )
 
 
+def _text_buckets(median: int, *, private: bool) -> int:
+    if not private:
+        return NON_PRIVATE_TEXT_BUCKETS
+    low, high = PRIVATE_TEXT_BUCKETS
+    return min(high, max(low, 1 << max(0, median - 1).bit_length()))
+
+
 def _explain(
     settings: Mapping[str, Any], sites: list[SitePlan], *, median: int, private: bool
 ) -> str:
@@ -169,7 +191,8 @@ def _explain(
         return (
             f"Without DP, batches of {batch} (a third of the median site's {median} records) "
             f"and Adam at {settings['learning-rate']:g} for {span} steps per site learn "
-            "without overfitting the training records."
+            f"without overfitting the training records; {settings['text-buckets']} text "
+            "buckets keep most n-grams apart."
         )
     sigmas = [s.noise_multiplier for s in sites if s.noise_multiplier is not None]
     return (
@@ -177,7 +200,8 @@ def _explain(
         f"records into each of {span} noisy steps per site, so the noise each site must add "
         f"for its budget (multiplier {min(sigmas):.2f}-{max(sigmas):.2f}) stays small beside "
         f"the clipped gradient, and Adam at {settings['learning-rate']:g} converges in that "
-        "many steps."
+        f"many steps; {settings['text-buckets']} text buckets (about one per record) keep each "
+        "bucket's signal above its noise."
     )
 
 
