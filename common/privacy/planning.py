@@ -54,8 +54,9 @@ ROUNDS = 5
 # Hashed n-gram buckets (the text model's rows): without noise, 16,384 keep most n-grams apart
 # (PathVQA's 19,186 share every one of 1,024 buckets); under DP every bucket draws the same
 # noise while its signal grows with the records that use it, so the buckets follow the median
-# site's records (a power of two at or above them, 1,024 to 4,096): measured on PathVQA in
-# docs/BENCHMARKS.md#real-data-pathvqa.
+# site's records scaled by epsilon/8 (a power of two at or above, 1,024 to 4,096): on PathVQA
+# 4,096 beat 1,024 at epsilon 8 with 2,400 records a site and lost at epsilon 1 or with 300
+# records a site (docs/BENCHMARKS.md#real-data-pathvqa).
 NON_PRIVATE_TEXT_BUCKETS = 16384
 PRIVATE_TEXT_BUCKETS = (1024, 4096)
 
@@ -134,7 +135,7 @@ def plan_training(
         "batch-size": max(MIN_BATCH, math.ceil(median / STEPS_PER_EPOCH)),
         "learning-rate": PRIVATE_LEARNING_RATE if private else NON_PRIVATE_LEARNING_RATE,
         "max-grad-norm": MAX_GRAD_NORM,
-        "text-buckets": _text_buckets(median, private=private),
+        "text-buckets": _text_buckets(median, target_epsilon=target_epsilon),
     }
     settings = {**planned, **fixed}
     rounds, epochs = int(settings["num-rounds"]), int(settings["local-epochs"])
@@ -174,11 +175,12 @@ def plan_training(
     )
 
 
-def _text_buckets(median: int, *, private: bool) -> int:
-    if not private:
+def _text_buckets(median: int, *, target_epsilon: float) -> int:
+    if not math.isfinite(target_epsilon):
         return NON_PRIVATE_TEXT_BUCKETS
     low, high = PRIVATE_TEXT_BUCKETS
-    return min(high, max(low, 1 << max(0, median - 1).bit_length()))
+    records = math.ceil(median * min(target_epsilon, 8.0) / 8.0)
+    return min(high, max(low, 1 << max(0, records - 1).bit_length()))
 
 
 def _explain(
@@ -200,8 +202,8 @@ def _explain(
         f"records into each of {span} noisy steps per site, so the noise each site must add "
         f"for its budget (multiplier {min(sigmas):.2f}-{max(sigmas):.2f}) stays small beside "
         f"the clipped gradient, and Adam at {settings['learning-rate']:g} converges in that "
-        f"many steps; {settings['text-buckets']} text buckets (about one per record) keep each "
-        "bucket's signal above its noise."
+        f"many steps; {settings['text-buckets']} text buckets (fewer at a smaller budget or "
+        "site) keep each bucket's signal above its noise."
     )
 
 
