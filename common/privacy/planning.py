@@ -135,7 +135,7 @@ def plan_training(
         "batch-size": max(MIN_BATCH, math.ceil(median / STEPS_PER_EPOCH)),
         "learning-rate": PRIVATE_LEARNING_RATE if private else NON_PRIVATE_LEARNING_RATE,
         "max-grad-norm": MAX_GRAD_NORM,
-        "text-buckets": _text_buckets(median, target_epsilon=target_epsilon),
+        "text-buckets": plan_text_buckets(median, target_epsilon=target_epsilon),
     }
     settings = {**planned, **fixed}
     rounds, epochs = int(settings["num-rounds"]), int(settings["local-epochs"])
@@ -175,7 +175,8 @@ def plan_training(
     )
 
 
-def _text_buckets(median: int, *, target_epsilon: float) -> int:
+def plan_text_buckets(median: int, *, target_epsilon: float) -> int:
+    """Hashed text buckets for sites whose median holds ``median`` training records."""
     if not math.isfinite(target_epsilon):
         return NON_PRIVATE_TEXT_BUCKETS
     low, high = PRIVATE_TEXT_BUCKETS
