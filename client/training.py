@@ -49,10 +49,13 @@ def limit_threads() -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    # learning-rate is the rate for the default (linear) head; a head that needs smaller steps
+    # says so with its ``learning_rate_scale`` (see AttentionHead).
+    lr = cfg.learning_rate * getattr(getattr(model, "head", None), "learning_rate_scale", 1.0)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        return torch.optim.Adam(model.parameters(), lr=lr)
     # Momentum averages the DP noise over steps (De et al. 2022, arXiv:2204.13650).
-    return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
 @dataclass(frozen=True)

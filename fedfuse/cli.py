@@ -244,7 +244,7 @@ def simulate(
     if cfg.secagg and sites < 2:
         _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
     cfg = cfg.replace(data_dir=str(data))
-    # Keys left unset or "auto" (rounds, epochs, batch, rate, clipping) take the plan.
+    # Keys left unset or "auto" (rounds, epochs, batch, rate, clipping, text buckets) take the plan.
     cfg = _apply_plan(data, sites, {**raw, "data-dir": str(data)})
     _run_simulation(cfg, sites, verbose=verbose, cpus_per_site=cpus, gpus_per_site=gpus)
 
@@ -308,7 +308,7 @@ def plan(
         [], "--set", help="Run-config keys; a planned key you set is kept (auto = plan it)."
     ),
 ) -> None:
-    """Choose rounds, epochs, batch size, noise, clipping and learning rate for these sites."""
+    """Choose rounds, epochs, batch size, noise, clipping, rate and text buckets for these sites."""
     check_privacy_args(epsilon=epsilon, delta=delta)
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.client.site import simulation_site_dirs

@@ -33,7 +33,14 @@ from fedfuse.common.privacy.ledger import LEDGER_ACCOUNTANT
 
 AUTO = "auto"
 # The run-config keys the planner chooses (kebab-case, as in [tool.flwr.app.config]).
-PLANNED_KEYS = ("num-rounds", "local-epochs", "batch-size", "learning-rate", "max-grad-norm")
+PLANNED_KEYS = (
+    "num-rounds",
+    "local-epochs",
+    "batch-size",
+    "learning-rate",
+    "max-grad-norm",
+    "text-buckets",
+)
 # Noisy steps per local epoch at the median site: batches of a third of its records. Fewer,
 # larger batches average more records into each noisy step; three keep enough steps per round.
 STEPS_PER_EPOCH = 3
@@ -48,6 +55,14 @@ PRIVATE_LEARNING_RATE = 0.1
 NON_PRIVATE_LEARNING_RATE = 0.03
 LOCAL_EPOCHS = 3
 ROUNDS = 5
+# Hashed n-gram buckets (the text model's rows): without noise, 16,384 keep most n-grams apart
+# (PathVQA's 19,186 share every one of 1,024 buckets); under DP every bucket draws the same
+# noise while its signal grows with the records that use it, so the buckets follow the median
+# site's records scaled by epsilon/8 (a power of two at or above, 1,024 to 4,096): on PathVQA
+# 4,096 beat 1,024 at epsilon 8 with 2,400 records a site and lost at epsilon 1 or with 300
+# records a site (docs/BENCHMARKS.md#real-data-pathvqa).
+NON_PRIVATE_TEXT_BUCKETS = 16384
+PRIVATE_TEXT_BUCKETS = (1024, 4096)
 
 
 @dataclass(frozen=True)
@@ -249,6 +264,7 @@ def plan_training(
         "batch-size": max(MIN_BATCH, math.ceil(median / STEPS_PER_EPOCH)),
         "learning-rate": PRIVATE_LEARNING_RATE if private else NON_PRIVATE_LEARNING_RATE,
         "max-grad-norm": MAX_GRAD_NORM,
+        "text-buckets": plan_text_buckets(median, target_epsilon=target_epsilon),
     }
     settings = {**planned, **fixed}
     rounds, epochs = int(settings["num-rounds"]), int(settings["local-epochs"])
@@ -289,6 +305,15 @@ def plan_training(
     )
 
 
+def plan_text_buckets(median: int, *, target_epsilon: float) -> int:
+    """Hashed text buckets for sites whose median holds ``median`` training records."""
+    if not math.isfinite(target_epsilon):
+        return NON_PRIVATE_TEXT_BUCKETS
+    low, high = PRIVATE_TEXT_BUCKETS
+    records = math.ceil(median * min(target_epsilon, 8.0) / 8.0)
+    return min(high, max(low, 1 << max(0, records - 1).bit_length()))
+
+
 def _explain(
     settings: Mapping[str, Any], sites: list[SitePlan], *, median: int, private: bool
 ) -> str:
@@ -299,7 +324,8 @@ def _explain(
         return (
             f"Without DP, batches of {batch} (a third of the median site's {median} records) "
             f"and Adam at {settings['learning-rate']:g} for {span} steps per site learn "
-            "without overfitting the training records."
+            f"without overfitting the training records; {settings['text-buckets']} text "
+            "buckets keep most n-grams apart."
         )
     sigmas = [s.noise_multiplier for s in sites if s.noise_multiplier is not None]
     return (
@@ -307,7 +333,8 @@ def _explain(
         f"records into each of {span} noisy steps per site, so the noise each site must add "
         f"for its budget (multiplier {min(sigmas):.2f}-{max(sigmas):.2f}) stays small beside "
         f"the clipped gradient, and Adam at {settings['learning-rate']:g} converges in that "
-        "many steps."
+        f"many steps; {settings['text-buckets']} text buckets (fewer at a smaller budget or "
+        "site) keep each bucket's signal above its noise."
     )
 
 

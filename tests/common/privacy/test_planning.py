@@ -13,6 +13,7 @@ from fedfuse.common.privacy.planning import (
     PLANNED_KEYS,
     plan_for_sites,
     plan_site_privacy,
+    plan_text_buckets,
     plan_training,
 )
 
@@ -65,12 +66,23 @@ def test_the_batch_is_a_third_of_the_median_site():
     large = plan_training({"a": 2400, "b": 2500}, target_epsilon=8.0, target_delta=1e-5)
     assert small.settings["batch-size"] == 100 and large.settings["batch-size"] == 800
     assert [s.steps for s in small.sites] == [3 * 3 * 5, 4 * 3 * 5]
+    # Text buckets follow the median site's records (times epsilon / 8), 1,024 to 4,096.
+    assert small.settings["text-buckets"] == 1024 and large.settings["text-buckets"] == 4096
+
+
+def test_text_buckets_shrink_with_the_budget_and_grow_without_noise():
+    assert plan_text_buckets(2400, target_epsilon=8.0) == 4096
+    assert plan_text_buckets(2400, target_epsilon=4.0) == 2048  # 1,200 records' worth
+    assert plan_text_buckets(2400, target_epsilon=1.0) == 1024
+    assert plan_text_buckets(100_000, target_epsilon=8.0) == 4096
+    assert plan_text_buckets(300, target_epsilon=math.inf) == 16384
 
 
 def test_keys_the_user_set_are_kept():
-    fixed = {"num-rounds": 7, "batch-size": 50}
+    fixed = {"num-rounds": 7, "batch-size": 50, "text-buckets": 512}
     plan = plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5, fixed=fixed)
     assert plan.settings["num-rounds"] == 7 and plan.settings["batch-size"] == 50
+    assert plan.settings["text-buckets"] == 512
     assert set(plan.chosen) == set(PLANNED_KEYS) - set(fixed)
     small = next(s for s in plan.sites if s.site == "small")
     assert small.steps == math.ceil(300 / 50) * plan.settings["local-epochs"] * 7
@@ -79,6 +91,7 @@ def test_keys_the_user_set_are_kept():
 def test_no_dp_plans_no_noise():
     plan = plan_training(COUNTS, target_epsilon=math.inf, target_delta=1e-5)
     assert all(s.noise_multiplier is None and math.isinf(s.epsilon) for s in plan.sites)
+    assert plan.settings["text-buckets"] == 16384
     assert (
         plan.settings["learning-rate"]
         < plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5).settings["learning-rate"]
