@@ -49,6 +49,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 )
 
 from fedfuse.client import distributed_dp as site_ddp
+from fedfuse.client.node_config import NodeConfig
 from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
 from fedfuse.common.privacy.refusal import Refusal
 from fedfuse.common.secagg import crypto, distributed_dp, masking
@@ -157,7 +158,7 @@ def _secaggplus(
     if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
         return call_next(msg, ctxt)
     if RECORD_KEY not in msg.content.config_records:
-        if _truthy(ctxt.node_config.get(REQUIRE_NODE_CONFIG)):
+        if NodeConfig.parse(ctxt.node_config).require_secagg:
             raise SecAggProtocolError(
                 f"this site requires secure aggregation (node config '{REQUIRE_NODE_CONFIG}') "
                 f"but the server asked for a plain {msg.metadata.message_type} round; refusing "
@@ -205,10 +206,6 @@ def _secaggplus(
     state.save(ctxt)
     out.config_records[RECORD_KEY][Key.STAGE] = stage
     return Message(out, reply_to=msg)
-
-
-def _truthy(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("1", "true", "yes")
 
 
 def _setup(state: SiteState) -> dict[str, Any]:
