@@ -37,10 +37,12 @@ def _finite(x: object) -> float:
 
 
 def _fit(values: Sequence[float], *, low: float, high: float, margin: float = 0.05):
-    """Axis limits that show every finite value (within [low, high]) with a margin."""
-    vals = [v for v in values if not math.isnan(v)]
+    """Axis limits that show every finite value (within [low, high]) with a margin; [low,
+    high] (or [low, low + 1] for an open bound) when nothing is drawn, e.g. a run that stopped
+    before any round finished."""
+    vals = [v for v in values if math.isfinite(v)]
     if not vals:
-        return low, high
+        return low, high if math.isfinite(high) else low + 1.0
     lo, hi = min(vals), max(vals)
     pad = max(margin, (hi - lo) * 0.1)
     return max(low, lo - pad), min(high, hi + pad)

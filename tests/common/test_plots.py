@@ -152,3 +152,11 @@ def test_client_level_only_run_shows_its_client_level_epsilon(tmp_path):
     assert list(line.get_ydata()) == [0.0, 4.73, 7.08, 9.01]
     assert fig.axes[0].get_ylim()[1] >= 9.01
     plots.plt.close(fig)
+
+
+def test_a_run_that_stopped_before_any_round_finished_still_gets_its_curves(tmp_path):
+    """No loss or score was recorded (every site refused at setup): the figures are drawn with
+    empty axes instead of failing the run's finish."""
+    rounds = [{"round": 1, "sites": {}, "refused": {"site-0": "budget"}, "stopped": "too few"}]
+    path = plots.learning_curve(rounds, tmp_path / "learning_curve.png", title="run r")
+    assert path.stat().st_size > 0
