@@ -22,6 +22,7 @@ from fedfuse.common.errors import DataValidationError, FedfuseError
 from fedfuse.common.site_state import state_dir
 from fedfuse.deploy_cli import register as register_deploy_commands
 from fedfuse.export import register as register_export_commands
+from fedfuse.progress import RoundProgress
 from fedfuse.report import register as register_report_command
 from fedfuse.simulations.scenarios import ensure_data, load_scenario
 from fedfuse.split_cli import register as register_split_command
@@ -372,9 +373,6 @@ def _run_simulation(
             "  (simulated sites draw DP noise from keyed, reproducible generators; a deployed "
             "site draws it from a secure one)"
         )
-
-    # lazy: rich's progress display loads only for a simulation (CLI start-up)
-    from fedfuse.progress import RoundProgress
 
     bar = RoundProgress(console, rounds=cfg.num_rounds, secagg=cfg.secagg)
 

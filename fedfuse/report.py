@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedfuse.server.report import write_report
+
 
 def report(
     run_dir: Path = typer.Argument(..., help="The run directory (e.g. runs/<run-name>)."),
@@ -20,8 +22,6 @@ def report(
     """One self-contained HTML page for a run: configuration, privacy per site, ledger
     verification, empirical audit, learning curves, modality contributions, clinical
     evaluation and what crossed the wire. Opens offline (no script, nothing fetched)."""
-    # lazy: the report module and its figures load only when a report is asked for
-    from fedfuse.server.report import write_report
 
     path = write_report(run_dir, out, verify_ledgers=verify)
     Console().print(f"Report written to {path}", soft_wrap=True, highlight=False)

@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedfuse.common.data.split import split_folder
+
 
 def data_split(
     pooled: Path = typer.Argument(..., help="A folder of records in the site format."),
@@ -27,8 +29,6 @@ def data_split(
     ),
 ) -> None:
     """Split a pooled folder into site-0 .. site-N-1 (files hard-linked, not copied)."""
-    # lazy: numpy and the manifest reader load only when a split is asked for (CLI start-up)
-    from fedfuse.common.data.split import split_folder
 
     dest = out if out is not None else pooled.with_name(pooled.name + "-sites")
     res = split_folder(
