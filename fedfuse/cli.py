@@ -182,6 +182,13 @@ def simulate(
         "--secagg/--no-secagg",
         help="Secure aggregation (SecAgg+) of the updates (default: on).",
     ),
+    holdout_site: str = typer.Option(
+        "",
+        "--holdout-site",
+        help="A site folder that never trains: it evaluates the final model on its records, "
+        "reported apart as the held-out site.",
+        show_default=False,
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a whole federation on this machine (Flower simulation engine)."""
@@ -206,6 +213,7 @@ def simulate(
             ("target-delta", delta),
             ("secagg", secagg),
             ("dp-level", dp_level),
+            ("holdout-site", holdout_site or None),
         ):
             if value is not None:
                 raw[key] = value
@@ -241,7 +249,17 @@ def simulate(
         _fail(str(exc))
     for note in notes:
         err_console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+    sites_given = sites
     data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    if cfg.holdout_site:
+        # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
+        from fedfuse.client.site import simulation_site_dirs
+
+        try:  # --sites counts the sites that train: by default all but the held-out one
+            rest = len(simulation_site_dirs(data, holdout=cfg.holdout_site))
+            sites = rest if sites_given is None else sites
+        except FedfuseError as exc:
+            _fail(str(exc))
     if cfg.secagg and sites < 2:
         _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
     cfg = cfg.replace(data_dir=str(data))
@@ -258,9 +276,8 @@ def _apply_plan(data: Path, sites: int, raw: dict[str, Any]) -> Any:
     from fedfuse.common.privacy.planning import plan_for_sites
 
     try:
-        plan, cfg = plan_for_sites(
-            simulation_site_dirs(str(data))[:sites], raw, build=RunConfig.from_mapping
-        )
+        dirs = simulation_site_dirs(str(data), holdout=str(raw.get("holdout-site", "")))
+        plan, cfg = plan_for_sites(dirs[:sites], raw, build=RunConfig.from_mapping)
     except FedfuseError as exc:
         _fail(str(exc))
     if plan is not None:

@@ -20,6 +20,7 @@ from fedfuse.common.data.synthetic import generate
 from fedfuse.common.errors import ConfigError, FedfuseError
 from fedfuse.common.models import build_model
 from fedfuse.common.provenance import code_digest
+from fedfuse.common.site_state import EVAL_LOG, LEDGER_NAME, STATE_DIR, TRAIN_LOG
 from fedfuse.export import load_model, site_records
 from fedfuse.server.report import SECTIONS, write_report
 from fedfuse.simulations.inprocess import federate_in_process
@@ -30,10 +31,11 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 2-site, 1-round private run (SecAgg+ on), its sites under data/."""
+    """A finished 2-site, 1-round private run (SecAgg+ on), its sites under data/: site-0 and
+    site-2 train, site-1 is held out (it only evaluates the final model)."""
     root = tmp_path_factory.mktemp("run")
     # Some records lack a modality: predictions must handle them as training did.
-    generate(root / "data", sites=2, records=160, seed=1, missing_rate=0.3)
+    generate(root / "data", sites=3, records=160, seed=1, missing_rate=0.3)
     cfg = RunConfig(
         data_dir=str(root / "data"),
         out_dir=str(root / "runs"),
@@ -42,8 +44,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         batch_size=64,
         target_epsilon=4.0,
         run_name="tiny",
+        holdout_site=HELD_OUT,
     )
     return federate_in_process(cfg, num_sites=2)
+
+
+HELD_OUT = "site-1"
 
 
 def _last_round(run: Path) -> dict:
@@ -84,8 +90,50 @@ def test_report_in_a_headless_browser(run: Path, tmp_path: Path) -> None:
     for key in ("eval-auroc", "eval-average-precision", "eval-specificity", "eval-ece"):
         value, _ = _shown(dom, f'data-metric="{key}"><td>[^<]*</td><td class="n">')
         assert value == last[key]
-    assert dom.count('data-figure="reliability"') == 1
+    # The pooled one and the held-out site's.
+    assert dom.count('data-figure="reliability"') == 2
+    held = _last_round(run)["holdout"]
+    value, _ = _shown(dom, 'data-holdout-metric="eval-auroc"><td>[^<]*</td><td class="n">')
+    assert value == held["eval-auroc"]
     assert 'data-wire-optin="none"' in dom
+
+
+def test_held_out_site_never_trains_and_is_reported_apart(run: Path) -> None:
+    site = run.parents[1] / "data" / HELD_OUT
+    # Never trained: no ledger, no secret, no training log; its own evaluation log only.
+    state = site / STATE_DIR
+    assert not (state / LEDGER_NAME).exists() and not (state / TRAIN_LOG).exists()
+    (local,) = [json.loads(x) for x in (state / EVAL_LOG).read_text().splitlines()]
+    cfg = RunConfig.from_mapping(json.loads((run / "config.json").read_text()))
+    records = len(site_records(site, cfg))  # every split: it trained on none
+    assert local["run-id"] == "tiny" and local["num-examples"] == records
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert HELD_OUT not in privacy["sites"]
+    last = _last_round(run)
+    assert HELD_OUT not in last["sites"]
+    held = last["holdout"]
+    assert held["site"] == HELD_OUT and held["round"] == last["round"] == 1
+    assert held["eval-records"] == records and 0.0 <= held["eval-auroc"] <= 1.0
+    # Its figures come from its own sums the way the pooled ones do: its AUROC equals the
+    # clear-text one to the histogram's resolution.
+    assert abs(held["eval-auroc"] - local["eval-auroc"]) <= held["eval-auroc-resolution"] + 1e-9
+    for key in ("eval-specificity", "eval-ece", "eval-auroc-ci-low", "eval-average-precision"):
+        assert key in held
+    assert set(held["reliability"]) == {""}
+    summary = (run / "summary.md").read_text()
+    assert f"## Held-out site {HELD_OUT} (never trained)" in summary
+    assert f"## Clinical evaluation, held-out site {HELD_OUT}" in summary
+    assert f'data-holdout="{HELD_OUT}"' in (run / "report.html").read_text()
+
+
+def test_unknown_holdout_site_is_one_line(run: Path) -> None:
+    data = run.parents[1] / "data"
+    res = CliRunner().invoke(
+        app, ["simulate", "--data", str(data), "--holdout-site", "site-9", "--out", str(data)]
+    )
+    assert res.exit_code != 0
+    assert "--holdout-site 'site-9'" in res.output and "site-0, site-1, site-2" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_report_shows_a_rewritten_ledger(run: Path, tmp_path: Path) -> None:
@@ -150,7 +198,7 @@ def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
     # The card: privacy as privacy.json says, evaluation as metrics.jsonl, hashes of the files.
     card = json.loads((export / "model_card.json").read_text())
     privacy = json.loads((run / "privacy.json").read_text())
-    assert set(card["sites"]) == set(privacy["sites"]) == {"site-0", "site-1"}
+    assert set(card["sites"]) == set(privacy["sites"]) == {"site-0", "site-2"}
     assert card["privacy"]["epsilon_max_over_sites"] == max(
         s["epsilon"] for s in privacy["sites"].values()
     )
