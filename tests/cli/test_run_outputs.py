@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,67 @@ def test_predict_bad_input_is_one_line(run: Path, tmp_path: Path) -> None:
     assert "manifest.csv" in str(res.exception) and ":4" in str(res.exception)
     with pytest.raises(ConfigError, match="no config.json"):
         load_model(tmp_path)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_tracking_to_tensorboard_and_mlflow_reads_back(run: Path, tmp_path: Path) -> None:
+    """`fedfuse track` (the logging `simulate --track` does during a run) on the tiny run:
+    the event files and the MLflow run hold every round's figures, each site's epsilon, the
+    held-out site's figures, the config as parameters and the run's files as artifacts."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="the 'track' extra is not installed",
+    )
+    mlflow_tracking = pytest.importorskip("mlflow.tracking", reason="no 'track' extra")
+    copy = tmp_path / "tiny"  # TensorBoard writes into the run directory
+    shutil.copytree(run, copy)
+    rows, privacy = _rows(copy), json.loads((copy / "privacy.json").read_text())
+    last = rows[-1]
+    res = CliRunner().invoke(app, ["track", str(copy), "--to", "tensorboard"])
+    assert res.exit_code == 0, res.output
+    acc = event_accumulator.EventAccumulator(str(copy / "tensorboard"))
+    acc.Reload()
+    for key in ("eval-auroc", "eval-loss", "max-epsilon", "eval-specificity"):
+        points = acc.Scalars(key)
+        assert [p.step for p in points] == [r["round"] for r in rows]
+        assert [p.value for p in points] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    for name, site in privacy["sites"].items():
+        assert acc.Scalars(f"epsilon/{name}")[-1].value == pytest.approx(site["epsilon"], rel=1e-6)
+    held = acc.Scalars("holdout/eval-auroc")
+    assert len(held) == 1 and held[0].value == pytest.approx(last["holdout"]["eval-auroc"])
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = CliRunner().invoke(app, ["track", str(copy), "--to", "mlflow", "--uri", uri])
+    assert res.exit_code == 0, res.output
+    client = mlflow_tracking.MlflowClient(tracking_uri=uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("fedfuse").experiment_id])
+    assert found.info.run_name == "tiny" and found.info.status == "FINISHED"
+    config = json.loads((copy / "config.json").read_text())
+    assert found.data.params["holdout-site"] == HELD_OUT
+    assert found.data.params["target-epsilon"] == str(config["target-epsilon"])
+    history = client.get_metric_history(found.info.run_id, "eval-auroc")
+    assert [(m.step, m.value) for m in history] == [(r["round"], r["eval-auroc"]) for r in rows]
+    for name, site in privacy["sites"].items():
+        assert found.data.metrics[f"epsilon/{name}"] == site["epsilon"]
+    assert found.data.metrics["holdout/eval-auroc"] == last["holdout"]["eval-auroc"]
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
+    assert {"report.html", "model.pt", "summary.md", "privacy.json"} <= artifacts
+    # Beside the store, not in the folder the command ran in.
+    assert (tmp_path / "mlflow-artifacts").is_dir()
+
+
+def test_tracking_without_the_extra_is_one_line(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("torch.utils.tensorboard", "mlflow", "mlflow.tracking"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    for kind in ("tensorboard", "mlflow"):
+        res = CliRunner().invoke(app, ["track", str(run), "--to", kind])
+        assert res.exit_code != 0 and isinstance(res.exception, ConfigError)
+        assert "'track' extra" in str(res.exception) and "fedfuse[track]" in str(res.exception)
+    res = CliRunner().invoke(app, ["track", str(run), "--to", "wandb"])
+    assert "unknown tracker; choose one of tensorboard, mlflow" in str(res.exception)
+    assert not (run / "tensorboard").exists()
