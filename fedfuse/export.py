@@ -108,13 +108,29 @@ def site_records(site_dir: str | Path, cfg: RunConfig) -> Any:
     from fedfuse.common.data.dataset import LabelEncoder, SiteDataset, manifest_for
     from fedfuse.common.data.modalities import build_inputs
 
-    manifest = manifest_for(site_dir, cfg)
+    # New records come without labels: predicting needs none (a label column is still checked).
+    manifest = manifest_for(site_dir, cfg, labelled=False)
     return SiteDataset(
         list(manifest.records),
         inputs=build_inputs(cfg, manifest),
-        labels=LabelEncoder(cfg.class_names, multi_label=cfg.multi_label),
+        labels=_UnlabelledOr(LabelEncoder(cfg.class_names, multi_label=cfg.multi_label)),
         train=False,
     )
+
+
+class _UnlabelledOr:
+    """A label encoder that gives a record without labels a placeholder target (-1, or no
+    class for multi-label); predictions never read it."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def __call__(self, labels: tuple[str, ...]) -> torch.Tensor:
+        if labels:
+            return self.encoder(labels)
+        if self.encoder.multi_label:
+            return torch.zeros(len(self.encoder.classes), dtype=torch.float32)
+        return torch.tensor(-1, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -403,7 +419,9 @@ console = Console()
 
 def predict(
     model_or_run: Path = typer.Argument(..., help="A run directory or an export folder."),
-    data: Path = typer.Option(..., "--data", help="A site folder (manifest.csv)."),
+    data: Path = typer.Option(
+        ..., "--data", help="A site folder (manifest.csv; a label column is not needed)."
+    ),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="The CSV to write."),
 ) -> None:
     """Predict every record of a site folder: id, probability per class, predicted label."""

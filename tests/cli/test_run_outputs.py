@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from fedfuse.cli import app
 from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import manifest_for
 from fedfuse.common.data.synthetic import generate
 from fedfuse.common.errors import ConfigError, FedfuseError
 from fedfuse.common.models import build_model
@@ -214,6 +215,27 @@ def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
     assert card["hashes"]["code of the run"] == code == code_digest()
     md = (export / "model_card.md").read_text()
     assert digest in md and "## Privacy guarantee" in md and "## Intended use" in md
+
+
+def test_predict_on_unlabelled_records(run: Path, tmp_path: Path) -> None:
+    """New records come without labels: a manifest with no label column predicts the same
+    probabilities as the labelled copy of the same records."""
+    site = tmp_path / "new"
+    src = run.parents[1] / "data" / "site-0"
+    shutil.copytree(src, site, ignore=shutil.ignore_patterns(".fedfuse"))
+    rows = _read_csv(site / "manifest.csv")
+    with open(site / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[c for c in rows[0] if c not in ("label", "split")])
+        w.writeheader()
+        w.writerows({k: v for k, v in r.items() if k in w.fieldnames} for r in rows)
+    a, b = tmp_path / "labelled.csv", tmp_path / "unlabelled.csv"
+    for data, out in ((src, a), (site, b)):
+        res = CliRunner().invoke(app, ["predict", str(run), "--data", str(data), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    assert len(_read_csv(b)) == len(rows) and a.read_text() == b.read_text()
+    # Training still requires labels.
+    with pytest.raises(FedfuseError, match="required column 'label' is missing"):
+        manifest_for(site, RunConfig())
 
 
 def test_predict_bad_input_is_one_line(run: Path, tmp_path: Path) -> None:
