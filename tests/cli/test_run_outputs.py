@@ -185,6 +185,7 @@ def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
             missing += int((mask == 0).any(dim=1).sum())
             torch.testing.assert_close(scripted(mask, *xs), eager(mask, *xs), rtol=1e-5, atol=1e-6)
     assert missing > 0  # records with a modality missing went through both
+    _onnx_matches(export, eager, loader)
     # `fedfuse predict` gives the same file from the run and from the export.
     a, b = tmp_path / "run.csv", tmp_path / "export.csv"
     for src, out in ((run, a), (export, b)):
@@ -236,6 +237,27 @@ def test_predict_on_unlabelled_records(run: Path, tmp_path: Path) -> None:
     # Training still requires labels.
     with pytest.raises(FedfuseError, match="required column 'label' is missing"):
         manifest_for(site, RunConfig())
+
+
+def _onnx_matches(
+    export: Path, eager: torch.nn.Module, loader: torch.utils.data.DataLoader
+) -> None:
+    """The exported ONNX model (onnxruntime) gives the torch model's logits, batch by batch
+    (batch sizes other than the export example's included)."""
+    ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
+    assert (export / "model.onnx").is_file()
+    session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    sizes = set()
+    with torch.no_grad():
+        for mask, *xs, _ in loader:
+            feed = {n: t.numpy() for n, t in zip(names, (mask, *xs), strict=True)}
+            (logits,) = session.run(["logits"], feed)
+            sizes.add(len(mask))
+            torch.testing.assert_close(
+                torch.from_numpy(logits), eager(mask, *xs), rtol=1e-4, atol=1e-5
+            )
+    assert len(sizes) > 1
 
 
 def test_predict_bad_input_is_one_line(run: Path, tmp_path: Path) -> None:
