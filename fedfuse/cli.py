@@ -457,9 +457,27 @@ def _run_simulation(
         _fail(str(exc))
     _close_tracker(tracker, where)
     privacy = _print_privacy(run_dir)
+    _print_holdout(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
     if privacy.get("status", "completed") != "completed":
         _fail(f"the run {privacy['status']}: {privacy.get('reason', '')}", code=1)
+
+
+def _print_holdout(run_dir: Path) -> None:
+    """One line on the held-out site's figures, when the run held one out."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    held = json.loads(lines[-1]).get("holdout") if lines else None
+    if not held:
+        return
+    if "error" in held:
+        console.print(f"Held-out site {held.get('site')}: not evaluated ({held['error']})")
+        return
+    console.print(
+        f"Held-out site {held['site']} (never trained, no budget spent): "
+        f"{int(held.get('eval-records', 0))} records, test AUROC {_num(held.get('eval-auroc'))}, "
+        f"specificity {_num(held.get('eval-specificity'))} at sensitivity >= "
+        f"{held.get('eval-sensitivity-target', 0.9):g} (its own figures, in summary.md)"
+    )
 
 
 def _open_tracker(cfg: Any, track: str, uri: str) -> tuple[Any, Any, Path | None]:
