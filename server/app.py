@@ -14,6 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
 from fedfuse.common.models import build_model
 from fedfuse.server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
 from fedfuse.server.distributed_dp import make_distributed_dp
@@ -59,6 +60,12 @@ def run_federation(
     simulations/holdout.py) is given the final model of a completed run and returns the
     figures that site releases; the server never reads its data.
     """
+    if cfg.holdout_site and holdout is None:
+        # Only a simulation can act for a site that is no node (simulations/holdout.py).
+        raise ConfigError(
+            f"run config holdout-site = '{cfg.holdout_site}' works in `fedfuse simulate` only; "
+            "in a deployment, leave that site out and evaluate the exported model there"
+        )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     strategy = make_strategy(
