@@ -252,11 +252,19 @@ def model_card(run_dir: Path, cfg: RunConfig, files: dict[str, str]) -> dict[str
         )
     if not cfg.private:
         assumptions = ["no differential privacy: this model may reveal its training records"]
-    evaluation = {
-        k.removeprefix("eval-"): _finite(v)
-        for k, v in last.items()
-        if k.startswith("eval-") and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    evaluation = _figures(last)
+    held = last.get("holdout") or {}
+    held_out = (
+        {
+            "split": f"every record of held-out site {held.get('site')}, which never trained "
+            "(its own figures, released by it)",
+            "site": held.get("site"),
+            "round": held.get("round"),
+            "figures": _figures(held),
+        }
+        if held and "error" not in held
+        else None
+    )
     return {
         "model": f"fedfuse {cfg.fusion} fusion of {', '.join(cfg.modality_names)}",
         "run": run_dir.name,
@@ -283,8 +291,18 @@ def model_card(run_dir: Path, cfg: RunConfig, files: dict[str, str]) -> dict[str
             "split": "the sites' test splits, pooled from the securely aggregated sums",
             "round": last.get("round"),
             "figures": evaluation,
+            "held_out_site": held_out,
         },
         "hashes": files,
+    }
+
+
+def _figures(row: dict[str, Any]) -> dict[str, float | None]:
+    """A row's ``eval-*`` numbers, without the prefix."""
+    return {
+        k.removeprefix("eval-"): _finite(v)
+        for k, v in row.items()
+        if k.startswith("eval-") and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
 
@@ -294,7 +312,7 @@ def card_markdown(card: dict[str, Any]) -> str:
             return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:g}"
         return "-" if x is None else str(x)
 
-    p, ev = card["privacy"], card["evaluation"]["figures"]
+    p = card["privacy"]
     lines = [
         f"# Model card: {card['model']}",
         "",
@@ -334,7 +352,20 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "## Evaluation",
         "",
-        f"On {card['evaluation']['split']}, round {card['evaluation']['round']}.",
+    ]
+    held = card["evaluation"].get("held_out_site")
+    for part in (card["evaluation"], *([held] if held else [])):
+        lines += _evaluation_table(part, f)
+    lines += ["## Hashes (SHA-256)", ""]
+    lines += [f"- {k}: `{v}`" for k, v in card["hashes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation_table(part: dict[str, Any], f: Any) -> list[str]:
+    """Model-card lines for one evaluation (the pooled one, or the held-out site's)."""
+    ev = part["figures"]
+    lines = [
+        f"On {part['split']}, round {part['round']}.",
         "",
         "| figure | value | 95% interval |",
         "|---|---|---|",
@@ -354,9 +385,7 @@ def card_markdown(card: dict[str, Any]) -> str:
             lines.append(f"| {label} | {f(ev[key])} | {ci} |")
     if "threshold" in ev:
         lines += ["", f"Operating threshold: {f(ev['threshold'])}."]
-    lines += ["", "## Hashes (SHA-256)", ""]
-    lines += [f"- {k}: `{v}`" for k, v in card["hashes"].items()]
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:

@@ -210,12 +210,15 @@ def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
     last = _last_round(run)
     assert card["evaluation"]["figures"]["specificity"] == last["eval-specificity"]
     assert card["evaluation"]["figures"]["auroc-ci-low"] == last["eval-auroc-ci-low"]
+    held = card["evaluation"]["held_out_site"]
+    assert held["site"] == HELD_OUT and held["figures"]["auroc"] == last["holdout"]["eval-auroc"]
     digest = hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()
     assert card["hashes"]["weights (model.pt)"] == digest
     code = json.loads((run / "code.json").read_text())["sha256"]
     assert card["hashes"]["code of the run"] == code == code_digest()
     md = (export / "model_card.md").read_text()
     assert digest in md and "## Privacy guarantee" in md and "## Intended use" in md
+    assert f"held-out site {HELD_OUT}, which never trained" in md
 
 
 def test_predict_on_unlabelled_records(run: Path, tmp_path: Path) -> None:
