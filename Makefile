@@ -13,7 +13,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[simulation,dev,transfer]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[simulation,dev,transfer,track,onnx]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -19,15 +19,35 @@ from fedfuse.common.data.manifest import Manifest
 from fedfuse.common.errors import ConfigError
 
 
-def simulation_site_dirs(data_dir: str | Path) -> list[Path]:
-    """Site folders of a simulation data folder, in the order virtual sites take them."""
+def simulation_site_dirs(data_dir: str | Path, *, holdout: str = "") -> list[Path]:
+    """Site folders of a simulation data folder, in the order virtual sites take them; the
+    held-out site (run config ``holdout-site``) is not among them: it never trains."""
     root = Path(data_dir)
     if not root.is_dir():
         raise ConfigError(f"data-dir '{root}' is not a folder of site folders")
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
         raise ConfigError(f"data-dir '{root}' holds no site folders")
+    if holdout:
+        holdout_dir(root, holdout)
+        dirs = [d for d in dirs if d.name != holdout]
     return dirs
+
+
+def holdout_dir(data_dir: str | Path, name: str) -> Path:
+    """The held-out site's folder, or a ConfigError in one line naming the known sites."""
+    root = Path(data_dir)
+    sites = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if name not in sites:
+        raise ConfigError(
+            f"--holdout-site '{name}': data folder '{root}' has no site folder of that name "
+            f"(its sites: {', '.join(sites) or 'none'})"
+        )
+    if len(sites) < 2:
+        raise ConfigError(
+            f"--holdout-site '{name}': it is the only site in '{root}'; no site would train"
+        )
+    return root / name
 
 
 @dataclass(frozen=True)
@@ -41,7 +61,7 @@ def resolve_site(node: NodeConfig, cfg: RunConfig) -> SiteInfo:
     if node.data_path is not None:
         return SiteInfo(node.site_name or node.data_path.name, node.data_path)
     if node.partition_id is not None:
-        dirs = simulation_site_dirs(cfg.data_dir)
+        dirs = simulation_site_dirs(cfg.data_dir, holdout=cfg.holdout_site)
         pid = node.partition_id
         if pid >= len(dirs):
             raise ConfigError(

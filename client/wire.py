@@ -52,7 +52,9 @@ def site_label(msg: Message, ctxt: Context) -> str | None:
     config = msg.content.config_records.get("config") if msg.has_content() else None
     if config is not None and node.partition_id is not None and config.get("data-dir"):
         try:
-            dirs = simulation_site_dirs(str(config["data-dir"]))
+            dirs = simulation_site_dirs(
+                str(config["data-dir"]), holdout=str(config.get("holdout-site", ""))
+            )
             return dirs[node.partition_id].name
         except Exception:  # naming is a courtesy: never let it hide the real error
             return None

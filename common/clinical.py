@@ -358,8 +358,19 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) and math.isfinite(x) else "-"
 
 
-def clinical_markdown(record: dict[str, Any]) -> list[str]:
-    """summary.md lines for the clinical figures of a round record (none if it has none)."""
+POOLED_SOURCE = (
+    "the pooled score histograms of the sites' evaluation splits (the sum the server receives)"
+)
+
+
+def clinical_markdown(
+    record: dict[str, Any],
+    *,
+    heading: str = "Clinical evaluation (last round)",
+    source: str = POOLED_SOURCE,
+) -> list[str]:
+    """summary.md lines for the clinical figures of a round record (none if it has none);
+    ``source`` says whose score histograms they come from."""
     if "eval-average-precision" not in record:
         return []
 
@@ -372,14 +383,13 @@ def clinical_markdown(record: dict[str, Any]) -> list[str]:
     target = record.get("eval-sensitivity-target", SENSITIVITY_TARGET)
     return [
         "",
-        "## Clinical evaluation (last round)",
+        f"## {heading}",
         "",
-        "From the pooled score histograms of the sites' evaluation splits (the sum the "
-        "server receives). Operating point: the highest threshold "
+        f"From {source}. Operating point: the highest threshold "
         f"({_fmt(record.get('eval-threshold'))}) giving at least {target:g} sensitivity, "
-        "chosen on that same pooled evaluation split, so its sensitivity is met by "
+        "chosen on those same records, so its sensitivity is met by "
         "construction; the specificity there is the figure to quote. 95% intervals: "
-        f"percentile bootstrap ({BOOTSTRAP_RESAMPLES} multinomial resamples of the pooled "
+        f"percentile bootstrap ({BOOTSTRAP_RESAMPLES} multinomial resamples of the "
         "counts, records treated as independent). Resolution: how far the figure can be from "
         "the raw scores' own, given only each score's bin.",
         "",

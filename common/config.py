@@ -112,6 +112,9 @@ class RunConfig:
     seed: int = 0
     # Simulation: folder of site folders (one per virtual site, in sorted order).
     data_dir: str = _key("data/synthetic", seeds_noise=False, resume_free=True)
+    # Simulation: the site folder of data-dir that never trains and only evaluates the final
+    # global model, for itself (simulations/holdout.py); "" holds no site out.
+    holdout_site: str = ""
     out_dir: str = _key("runs", seeds_noise=False, resume_free=True)
     run_name: str = _key("", seeds_noise=False, resume_free=True)
     # Continue the interrupted run in this run directory from its last checkpoint (its config

@@ -24,6 +24,7 @@ from fedfuse.deploy_cli import register as register_deploy_commands
 from fedfuse.export import register as register_export_commands
 from fedfuse.progress import RoundProgress
 from fedfuse.report import register as register_report_command
+from fedfuse.server.tracking import open_tracker
 from fedfuse.simulations.scenarios import ensure_data, load_scenario
 from fedfuse.split_cli import register as register_split_command
 
@@ -182,6 +183,25 @@ def simulate(
         "--secagg/--no-secagg",
         help="Secure aggregation (SecAgg+) of the updates (default: on).",
     ),
+    holdout_site: str = typer.Option(
+        "",
+        "--holdout-site",
+        help="A site folder that never trains: it evaluates the final model on its records, "
+        "reported apart as the held-out site.",
+        show_default=False,
+    ),
+    track: str = typer.Option(
+        "",
+        "--track",
+        help="Log rounds, config and files to tensorboard or mlflow (the 'track' extra).",
+        show_default=False,
+    ),
+    track_uri: str = typer.Option(
+        "",
+        "--track-uri",
+        help="MLflow store: sqlite:///PATH.db or file:///FOLDER (default: OUT/mlflow.db).",
+        show_default=False,
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a whole federation on this machine (Flower simulation engine)."""
@@ -206,6 +226,7 @@ def simulate(
             ("target-delta", delta),
             ("secagg", secagg),
             ("dp-level", dp_level),
+            ("holdout-site", holdout_site or None),
         ):
             if value is not None:
                 raw[key] = value
@@ -241,13 +262,31 @@ def simulate(
         _fail(str(exc))
     for note in notes:
         err_console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+    sites_given = sites
     data, sites = _resolve_data(spec, data=data, sites=sites, seed=seed, name=scen.name)
+    if cfg.holdout_site:
+        # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
+        from fedfuse.client.site import simulation_site_dirs
+
+        try:  # --sites counts the sites that train: by default all but the held-out one
+            rest = len(simulation_site_dirs(data, holdout=cfg.holdout_site))
+            sites = rest if sites_given is None else sites
+        except FedfuseError as exc:
+            _fail(str(exc))
     if cfg.secagg and sites < 2:
         _fail("secure aggregation needs at least 2 sites (--sites 2 or more), or use --no-secagg")
     cfg = cfg.replace(data_dir=str(data))
     # Keys left unset or "auto" (rounds, epochs, batch, rate, clipping, text buckets) take the plan.
     cfg = _apply_plan(data, sites, {**raw, "data-dir": str(data)})
-    _run_simulation(cfg, sites, verbose=verbose, cpus_per_site=cpus, gpus_per_site=gpus)
+    _run_simulation(
+        cfg,
+        sites,
+        verbose=verbose,
+        cpus_per_site=cpus,
+        gpus_per_site=gpus,
+        track=track,
+        track_uri=track_uri,
+    )
 
 
 def _apply_plan(data: Path, sites: int, raw: dict[str, Any]) -> Any:
@@ -258,9 +297,8 @@ def _apply_plan(data: Path, sites: int, raw: dict[str, Any]) -> Any:
     from fedfuse.common.privacy.planning import plan_for_sites
 
     try:
-        plan, cfg = plan_for_sites(
-            simulation_site_dirs(str(data))[:sites], raw, build=RunConfig.from_mapping
-        )
+        dirs = simulation_site_dirs(str(data), holdout=str(raw.get("holdout-site", "")))
+        plan, cfg = plan_for_sites(dirs[:sites], raw, build=RunConfig.from_mapping)
     except FedfuseError as exc:
         _fail(str(exc))
     if plan is not None:
@@ -358,9 +396,13 @@ def _run_simulation(
     verbose: bool,
     cpus_per_site: float = 1.0,
     gpus_per_site: float | None = None,
+    track: str = "",
+    track_uri: str = "",
 ) -> None:
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.simulations.runner import simulate as run
+
+    cfg, tracker, where = _open_tracker(cfg, track, track_uri)
 
     eps_text = "no DP" if not cfg.private else f"epsilon {cfg.target_epsilon:g}"
     console.print(
@@ -377,6 +419,8 @@ def _run_simulation(
     bar = RoundProgress(console, rounds=cfg.num_rounds, secagg=cfg.secagg)
 
     def on_round(rec: dict[str, Any]) -> None:
+        if tracker is not None:
+            tracker.log_round(rec)
         bar.round_done()
         eps = rec.get("max-epsilon")
         eps_s = "-" if eps is None else f"{eps:.3f}"
@@ -409,11 +453,65 @@ def _run_simulation(
                 gpus_per_site=gpus_per_site,
             )
     except FedfuseError as exc:
+        _close_tracker(tracker, where)
         _fail(str(exc))
+    _close_tracker(tracker, where)
     privacy = _print_privacy(run_dir)
+    _print_holdout(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
     if privacy.get("status", "completed") != "completed":
         _fail(f"the run {privacy['status']}: {privacy.get('reason', '')}", code=1)
+
+
+def _print_holdout(run_dir: Path) -> None:
+    """One line on the held-out site's figures, when the run held one out."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    held = json.loads(lines[-1]).get("holdout") if lines else None
+    if not held:
+        return
+    if "error" in held:
+        console.print(f"Held-out site {held.get('site')}: not evaluated ({held['error']})")
+        return
+    console.print(
+        f"Held-out site {held['site']} (never trained, no budget spent): "
+        f"{int(held.get('eval-records', 0))} records, test AUROC {_num(held.get('eval-auroc'))}, "
+        f"specificity {_num(held.get('eval-specificity'))} at sensitivity >= "
+        f"{held.get('eval-sensitivity-target', 0.9):g} (its own figures, in summary.md)"
+    )
+
+
+def _open_tracker(cfg: Any, track: str, uri: str) -> tuple[Any, Any, Path | None]:
+    """(the run config, the tracker ``--track`` names or None, the run directory it logs);
+    fails in one line, before any site starts, when the tracker cannot be opened."""
+    if not track:
+        if uri:
+            _fail("--track-uri needs --track mlflow")
+        return cfg, None, None
+    # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
+    from fedfuse.server.rundir import new_run_id
+
+    if not cfg.run_name and not cfg.resume_from:
+        cfg = cfg.replace(run_name=new_run_id(cfg))  # the tracker needs the folder's name now
+    where = Path(cfg.resume_from) if cfg.resume_from else Path(cfg.out_dir) / cfg.run_name
+    try:
+        tracker = open_tracker(track, run_dir=where, uri=uri or None)
+        tracker.start(cfg.to_mapping())
+    except FedfuseError as exc:
+        _fail(str(exc))
+    return cfg, tracker, where
+
+
+def _close_tracker(tracker: Any, where: Path | None) -> None:
+    """Log the run's end (its status, held-out site and files) to the tracker, if any."""
+    if tracker is None or where is None:
+        return
+    status_file = where / "status.json"
+    status = (
+        json.loads(status_file.read_text()).get("status", "failed")
+        if status_file.exists()
+        else "failed"
+    )
+    tracker.finish(where if where.is_dir() else None, status=status)
 
 
 def _num(x: Any) -> str:

@@ -108,13 +108,29 @@ def site_records(site_dir: str | Path, cfg: RunConfig) -> Any:
     from fedfuse.common.data.dataset import LabelEncoder, SiteDataset, manifest_for
     from fedfuse.common.data.modalities import build_inputs
 
-    manifest = manifest_for(site_dir, cfg)
+    # New records come without labels: predicting needs none (a label column is still checked).
+    manifest = manifest_for(site_dir, cfg, labelled=False)
     return SiteDataset(
         list(manifest.records),
         inputs=build_inputs(cfg, manifest),
-        labels=LabelEncoder(cfg.class_names, multi_label=cfg.multi_label),
+        labels=_UnlabelledOr(LabelEncoder(cfg.class_names, multi_label=cfg.multi_label)),
         train=False,
     )
+
+
+class _UnlabelledOr:
+    """A label encoder that gives a record without labels a placeholder target (-1, or no
+    class for multi-label); predictions never read it."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def __call__(self, labels: tuple[str, ...]) -> torch.Tensor:
+        if labels:
+            return self.encoder(labels)
+        if self.encoder.multi_label:
+            return torch.zeros(len(self.encoder.classes), dtype=torch.float32)
+        return torch.tensor(-1, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -236,11 +252,19 @@ def model_card(run_dir: Path, cfg: RunConfig, files: dict[str, str]) -> dict[str
         )
     if not cfg.private:
         assumptions = ["no differential privacy: this model may reveal its training records"]
-    evaluation = {
-        k.removeprefix("eval-"): _finite(v)
-        for k, v in last.items()
-        if k.startswith("eval-") and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    evaluation = _figures(last)
+    held = last.get("holdout") or {}
+    held_out = (
+        {
+            "split": f"every record of held-out site {held.get('site')}, which never trained "
+            "(its own figures, released by it)",
+            "site": held.get("site"),
+            "round": held.get("round"),
+            "figures": _figures(held),
+        }
+        if held and "error" not in held
+        else None
+    )
     return {
         "model": f"fedfuse {cfg.fusion} fusion of {', '.join(cfg.modality_names)}",
         "run": run_dir.name,
@@ -267,8 +291,18 @@ def model_card(run_dir: Path, cfg: RunConfig, files: dict[str, str]) -> dict[str
             "split": "the sites' test splits, pooled from the securely aggregated sums",
             "round": last.get("round"),
             "figures": evaluation,
+            "held_out_site": held_out,
         },
         "hashes": files,
+    }
+
+
+def _figures(row: dict[str, Any]) -> dict[str, float | None]:
+    """A row's ``eval-*`` numbers, without the prefix."""
+    return {
+        k.removeprefix("eval-"): _finite(v)
+        for k, v in row.items()
+        if k.startswith("eval-") and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
 
@@ -278,7 +312,7 @@ def card_markdown(card: dict[str, Any]) -> str:
             return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:g}"
         return "-" if x is None else str(x)
 
-    p, ev = card["privacy"], card["evaluation"]["figures"]
+    p = card["privacy"]
     lines = [
         f"# Model card: {card['model']}",
         "",
@@ -318,7 +352,20 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "## Evaluation",
         "",
-        f"On {card['evaluation']['split']}, round {card['evaluation']['round']}.",
+    ]
+    held = card["evaluation"].get("held_out_site")
+    for part in (card["evaluation"], *([held] if held else [])):
+        lines += _evaluation_table(part, f)
+    lines += ["## Hashes (SHA-256)", ""]
+    lines += [f"- {k}: `{v}`" for k, v in card["hashes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation_table(part: dict[str, Any], f: Any) -> list[str]:
+    """Model-card lines for one evaluation (the pooled one, or the held-out site's)."""
+    ev = part["figures"]
+    lines = [
+        f"On {part['split']}, round {part['round']}.",
         "",
         "| figure | value | 95% interval |",
         "|---|---|---|",
@@ -338,9 +385,7 @@ def card_markdown(card: dict[str, Any]) -> str:
             lines.append(f"| {label} | {f(ev[key])} | {ci} |")
     if "threshold" in ev:
         lines += ["", f"Operating threshold: {f(ev['threshold'])}."]
-    lines += ["", "## Hashes (SHA-256)", ""]
-    lines += [f"- {k}: `{v}`" for k, v in card["hashes"].items()]
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:
@@ -375,7 +420,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict[str, 
         onnx = None
     if onnx is not None:
         try:
-            torch.onnx.export(wrapped, example, str(out_dir / ONNX), dynamo=False)
+            # The TorchScript-based exporter (dynamo=False): the torch.export-based one needs
+            # onnxscript and traces the masked fusion no better. Inputs as model.ts takes
+            # them, any batch size.
+            names = ["mask", *cfg.modality_names]
+            torch.onnx.export(
+                wrapped,
+                example,
+                str(out_dir / ONNX),
+                dynamo=False,
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]},
+            )
             written["onnx"] = out_dir / ONNX
         except Exception as exc:  # noqa: BLE001  (ONNX is optional: TorchScript is the export)
             (out_dir / ONNX).unlink(missing_ok=True)
@@ -403,7 +460,9 @@ console = Console()
 
 def predict(
     model_or_run: Path = typer.Argument(..., help="A run directory or an export folder."),
-    data: Path = typer.Option(..., "--data", help="A site folder (manifest.csv)."),
+    data: Path = typer.Option(
+        ..., "--data", help="A site folder (manifest.csv; a label column is not needed)."
+    ),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="The CSV to write."),
 ) -> None:
     """Predict every record of a site folder: id, probability per class, predicted label."""

@@ -4,7 +4,7 @@ fedfuse.server.secagg and fedfuse.server.rundir."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import WARNING
 from typing import Any
 
@@ -14,6 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.common.config import RunConfig
+from fedfuse.common.errors import ConfigError
 from fedfuse.common.models import build_model
 from fedfuse.server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
 from fedfuse.server.distributed_dp import make_distributed_dp
@@ -50,12 +51,21 @@ def run_federation(
     run_dir: RunDirectory,
     on_round: RoundCallback | None = None,
     checkpoint: Checkpoint | None = None,
+    holdout: Callable[..., dict[str, Any]] | None = None,
 ) -> RunDirectory:
     """Run ``cfg.num_rounds`` rounds of FedAvg with federated evaluation; write the run dir.
 
     With ``checkpoint`` (a resumed run), only the rounds after ``checkpoint.round`` run, from
-    its model and strategy state.
+    its model and strategy state. ``holdout`` (a simulation's held-out site,
+    simulations/holdout.py) is given the final model of a completed run and returns the
+    figures that site releases; the server never reads its data.
     """
+    if cfg.holdout_site and holdout is None:
+        # Only a simulation can act for a site that is no node (simulations/holdout.py).
+        raise ConfigError(
+            f"run config holdout-site = '{cfg.holdout_site}' works in `fedfuse simulate` only; "
+            "in a deployment, leave that site out and evaluate the exported model there"
+        )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     strategy = make_strategy(
@@ -109,12 +119,26 @@ def run_federation(
                 "incomplete",
                 (f"{len(run_dir.rounds)} of {cfg.num_rounds} rounds finished"),
             )
-        run_dir.finish(
-            state_dict=arrays.to_torch_state_dict() if arrays is not None else None,
-            status=status,
-            reason=reason,
-        )
+        state = arrays.to_torch_state_dict() if arrays is not None else None
+        if holdout is not None and state is not None and status == "completed":
+            run_dir.holdout = held_out_figures(holdout, state, run_dir)
+        run_dir.finish(state_dict=state, status=status, reason=reason)
     return run_dir
+
+
+def held_out_figures(
+    holdout: Callable[..., dict[str, Any]],
+    state: dict[str, torch.Tensor],
+    run_dir: RunDirectory,
+) -> dict[str, Any]:
+    """The held-out site's figures about the final model; a failure there is recorded (its
+    class only: the site's own error text may name its files), not a failed run."""
+    last_round = int(run_dir.rounds[-1]["round"]) if run_dir.rounds else 0
+    try:
+        return holdout(state, run_id=run_dir.run_id, server_round=last_round)
+    except Exception as exc:  # noqa: BLE001
+        log(WARNING, "the held-out site did not evaluate: %s", type(exc).__name__)
+        return {"site": run_dir.cfg.holdout_site, "error": f"{type(exc).__name__} at the site"}
 
 
 def make_server_app(
@@ -123,6 +147,7 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     run_id: str | None = None,
     expect_sites: int | None = None,
+    holdout: Callable[..., dict[str, Any]] | None = None,
 ) -> ServerApp:
     """A ServerApp whose run config is the Flower run config with ``overrides`` on top.
 
@@ -142,7 +167,9 @@ def make_server_app(
         run_dir, checkpoint = open_run(cfg, run_id=run_id)  # a new run, or resume-from's
         if expect_sites:
             wait_for_sites(grid, expect_sites)
-        run_federation(grid, cfg, run_dir=run_dir, on_round=on_round, checkpoint=checkpoint)
+        run_federation(
+            grid, cfg, run_dir=run_dir, on_round=on_round, checkpoint=checkpoint, holdout=holdout
+        )
 
     return server_app
 

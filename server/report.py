@@ -20,6 +20,8 @@ from typing import Any
 from fedfuse.common.errors import ConfigError, FedfuseError
 
 REPORT_NAME = "report.html"
+# The held-out site's figures in the last row of metrics.jsonl (simulations/holdout.py).
+HOLDOUT_KEY = "holdout"
 # Verifying a ledger recomputes every entry's epsilon with two accountants (seconds an entry
 # on a loaded laptop core): the page written at the end of every run skips it, so that no run
 # ends with minutes of auditing; `fedfuse report RUN_DIR` runs it.
@@ -31,6 +33,7 @@ SECTIONS = (
     ("learning", "Learning curves"),
     ("contributions", "Modality contributions"),
     ("clinical", "Clinical evaluation"),
+    ("holdout", "Held-out site"),
     ("wire", "What crossed the wire"),
 )
 # What a site sends besides its masked update by default (README "What crosses the wire"),
@@ -366,10 +369,44 @@ def _clinical_section(run: RunFiles) -> str:
     last = next((r for r in reversed(run.rounds) if "eval-average-precision" in r), None)
     if last is None:
         return '<p class="na">No clinical evaluation recorded (no round was evaluated).</p>'
+    intro = (
+        f"<p>Round {_e(last.get('round'))}, pooled over the sites' test splits "
+        f"({_e(int(float(last.get('eval-records', 0))))} records), from the securely "
+        "aggregated score histograms."
+    )
+    return _clinical_body(last, intro, attr="data-metric")
+
+
+def _holdout_section(run: RunFiles) -> str:
+    held = next((r[HOLDOUT_KEY] for r in reversed(run.rounds) if HOLDOUT_KEY in r), None)
+    if not held:
+        return (
+            '<p class="na" data-holdout="none">No site was held out (<code>fedfuse simulate '
+            "--holdout-site NAME</code>: a site that never trains evaluates the final model).</p>"
+        )
+    name = held.get("site", "?")
+    if "error" in held:
+        why = _e(held["error"])
+        return f'<p class="bad" data-holdout="{_e(name)}">{_e(name)}: not evaluated ({why}).</p>'
+    intro = (
+        f'<p data-holdout="{_e(name)}">Site <b>{_e(name)}</b> never trained: it was sent '
+        "nothing during the run and spent no privacy budget. After round "
+        f"{_e(held.get('round'))} it evaluated the final model on all its "
+        f"{_e(int(float(held.get('eval-records', 0))))} records itself and released these "
+        f"figures (test loss {_val(held.get('eval-loss'))}, accuracy "
+        f"{_val(held.get('eval-accuracy'))}): one site's exact statistics, outside any "
+        "epsilon (README, What crosses the wire). The honest test of a new hospital."
+    )
+    return _clinical_body(held, intro, attr="data-holdout-metric")
+
+
+def _clinical_body(last: dict[str, Any], intro: str, *, attr: str) -> str:
+    """The clinical table and reliability diagram of one record; ``intro`` opens a paragraph
+    that this closes."""
 
     def row(label: str, key: str, bound: str | None) -> str:
         return (
-            f'<tr data-metric="{_e(key)}"><td>{_e(label)}</td><td class="n">'
+            f'<tr {attr}="{_e(key)}"><td>{_e(label)}</td><td class="n">'
             f'{_val(last.get(key))}</td><td class="n">{_val(last.get(key + "-ci-low"))} – '
             f'{_val(last.get(key + "-ci-high"))}</td><td class="n">'
             f"{_val(last.get(bound)) if bound else 'exact'}</td></tr>"
@@ -382,13 +419,11 @@ def _clinical_section(run: RunFiles) -> str:
         for task, bins in diagrams.items()
     )
     return (
-        f"<p>Round {_e(last.get('round'))}, pooled over the sites' test splits "
-        f"({_e(int(float(last.get('eval-records', 0))))} records), from the securely "
-        "aggregated score histograms. Operating point: the highest threshold "
+        intro + " Operating point: the highest threshold "
         f"({_val(last.get('eval-threshold'))}) with sensitivity at least "
-        f"{_num(last.get('eval-sensitivity-target'), 'g')}, chosen on this same pooled split "
+        f"{_num(last.get('eval-sensitivity-target'), 'g')}, chosen on these same records "
         "(so that sensitivity is met by construction; quote the specificity). 95% intervals: "
-        "bootstrap over the pooled counts (records independent; site clustering not "
+        "bootstrap over the counts (records independent; site clustering not "
         "modelled). Resolution: how far a figure can be from the raw scores' own.</p>"
         "<table><tr><th>figure</th><th>value</th><th>95% interval</th><th>resolution</th></tr>"
         + row("AUROC", "eval-auroc", "eval-auroc-full-resolution")
@@ -422,6 +457,14 @@ def _wire_section(run: RunFiles) -> str:
         if secagg
         else "the evaluation-sums vector in the clear (SecAgg+ off: that site's own sums)"
     )
+    holdout = next((r[HOLDOUT_KEY] for r in reversed(run.rounds) if HOLDOUT_KEY in r), None)
+    held = (
+        f"<li>Held-out site {_e(holdout.get('site'))}: nothing during the run; at the end, its "
+        "own figures about the final model (record count, loss, accuracy, AUROC, clinical "
+        "figures, reliability diagram), exact and outside any epsilon.</li>"
+        if holdout
+        else ""
+    )
     opt = (
         '<p class="bad">Shared in the clear, outside any epsilon (node config '
         "<code>share-site-metrics</code>):</p><ul>"
@@ -440,7 +483,7 @@ def _wire_section(run: RunFiles) -> str:
         "its ledger entry's sequence number and hash.</li>"
         f"<li>Evaluation: {evaluation}: record count, loss sum, correct predictions, score "
         "histograms on a public binning, fusion-weight sums.</li>"
-        "<li>Errors: a class and a short reason without paths.</li></ul>" + opt
+        "<li>Errors: a class and a short reason without paths.</li>" + held + "</ul>" + opt
     )
 
 
@@ -461,6 +504,7 @@ def render_report(run_dir: str | Path, *, verify_ledgers: bool = True) -> str:
         "learning": _learning_section(run),
         "contributions": _contributions_section(run),
         "clinical": _clinical_section(run),
+        "holdout": _holdout_section(run),
         "wire": _wire_section(run),
     }
     status = run.privacy.get("status", "?")

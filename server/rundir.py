@@ -24,6 +24,7 @@ from fedfuse.common.provenance import code_digest
 from fedfuse.common.site_state import EVAL_LOG, STATE_DIR
 from fedfuse.server.distributed_dp import ROUND_RECORD_KEY as DDP_ROUND_KEY
 from fedfuse.server.privacy_report import site_privacy
+from fedfuse.server.report import HOLDOUT_KEY
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -57,6 +58,8 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         self.resumed_after: list[int] = []
+        # What a held-out site released about the final model (simulations/holdout.py).
+        self.holdout: dict[str, Any] | None = None
         self.uid = _run_uid(self.path)
         self.write_json("config.json", cfg.to_mapping())
         # Which code ran (the model card of `fedfuse export` quotes it).
@@ -73,6 +76,7 @@ class RunDirectory:
         self.cfg = cfg
         self.path = Path(path)
         self.run_id = self.path.name
+        self.holdout = None
         self.uid = _run_uid(self.path)
         metrics = self.path / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -104,6 +108,12 @@ class RunDirectory:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
 
+    def _rewrite_metrics(self) -> None:
+        path = self.path / "metrics.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(jsonable(r), sort_keys=True) + "\n" for r in self.rounds))
+        tmp.replace(path)
+
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> Path:
         p = self.path / "model.pt"
         torch.save(state_dict, p)
@@ -132,6 +142,10 @@ class RunDirectory:
     ) -> None:
         if state_dict is not None:
             self.save_model(state_dict)
+        if self.holdout is not None and self.rounds:
+            # The held-out site's figures are about the final model: the last round's row.
+            self.rounds[-1][HOLDOUT_KEY] = self.holdout
+            self._rewrite_metrics()
         privacy = {"status": status, "reason": reason, **self.privacy_summary()}
         self.write_json("privacy.json", privacy)
         # Machine-readable outcome: `fedfuse simulate` exits non-zero unless it is "completed".
@@ -254,6 +268,7 @@ class RunDirectory:
             lines += ["", "![epsilon per site](epsilon.png)"]
         if self.rounds:
             lines += clinical_markdown(self.rounds[-1])
+            lines += _holdout_markdown(self.rounds[-1].get(HOLDOUT_KEY))
             lines += contribution_markdown(self.rounds[-1], cfg.modality_names)
         if self.rounds and cfg.task_classes:
             last = self.rounds[-1]
@@ -274,6 +289,30 @@ class RunDirectory:
                     f"{_f(last.get(f'eval-auroc-task-{t}'))} |"
                 )
         return "\n".join(lines) + "\n"
+
+
+def _holdout_markdown(held: dict[str, Any] | None) -> list[str]:
+    """summary.md lines for the held-out site's figures (none without one)."""
+    if not held:
+        return []
+    name = held.get("site", "?")
+    if "error" in held:
+        return ["", f"## Held-out site {name}", "", f"Not evaluated: {held['error']}."]
+    head = [
+        "",
+        f"## Held-out site {name} (never trained)",
+        "",
+        f"Sent nothing and spent no budget; after round {held.get('round')} it evaluated the "
+        f"final model on all its {_g(held.get('eval-records'))} records itself: test loss "
+        f"{_f(held.get('eval-loss'))}, accuracy {_f(held.get('eval-accuracy'))}, AUROC "
+        f"{_f(held.get('eval-auroc'))}. These are one site's exact figures, released by it, "
+        "outside any epsilon (README, What crosses the wire).",
+    ]
+    return head + clinical_markdown(
+        held,
+        heading=f"Clinical evaluation, held-out site {name}",
+        source=f"the score histograms of held-out site {name}'s records",
+    )
 
 
 def _g(x: Any) -> str:

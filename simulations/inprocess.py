@@ -29,6 +29,7 @@ from fedfuse.client.app import app as client_app
 from fedfuse.client.site import simulation_site_dirs
 from fedfuse.server.app import run_federation
 from fedfuse.server.rundir import RunDirectory
+from fedfuse.simulations.holdout import holdout_evaluator, holdout_site_dir
 from fedfuse.simulations.runner import check_run_status, validate_sites
 
 
@@ -164,10 +165,17 @@ def federate_in_process(
     What ``fedfuse.simulations.runner.simulate`` does without Ray: for tests that plant a fault in
     this process (tests/support/faults.py), which Ray's worker processes would not see.
     """
-    validate_sites(simulation_site_dirs(cfg.data_dir)[:num_sites], cfg)
+    dirs = simulation_site_dirs(cfg.data_dir, holdout=cfg.holdout_site)
+    validate_sites(dirs[:num_sites], cfg, evaluate_only=holdout_site_dir(cfg))
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)
     run_dir = RunDirectory(cfg.out_dir, cfg)
-    run_federation(InProcessGrid(client_app, num_sites), cfg, run_dir=run_dir, on_round=on_round)
+    run_federation(
+        InProcessGrid(client_app, num_sites),
+        cfg,
+        run_dir=run_dir,
+        on_round=on_round,
+        holdout=holdout_evaluator(cfg),
+    )
     check_run_status(run_dir.path)
     return Path(run_dir.path)

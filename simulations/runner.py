@@ -25,6 +25,7 @@ from fedfuse.common.data.dataset import manifest_for
 from fedfuse.common.errors import ConfigError, DataValidationError, FedfuseError
 from fedfuse.server.app import make_server_app
 from fedfuse.server.rundir import RoundCallback, new_run_id
+from fedfuse.simulations.holdout import holdout_evaluator, holdout_site_dir
 
 
 class FederationFailedError(FedfuseError):
@@ -48,12 +49,17 @@ def quiet_flower(*, verbose: bool = False) -> None:
         update_console_handler(colored=False)
 
 
-def validate_sites(site_dirs: list[Path], cfg: RunConfig) -> None:
-    """Validate every site folder before anything trains; one error lists every problem."""
+def validate_sites(
+    site_dirs: list[Path], cfg: RunConfig, *, evaluate_only: Path | None = None
+) -> None:
+    """Validate every site folder before anything trains; one error lists every problem.
+    ``evaluate_only`` (a held-out site) needs readable records, not trainable ones."""
     problems: list[str] = []
-    for d in site_dirs:
+    for d in [*site_dirs, *([evaluate_only] if evaluate_only else [])]:
         try:
-            check_trainable(manifest_for(d, cfg))
+            manifest = manifest_for(d, cfg)
+            if d != evaluate_only:
+                check_trainable(manifest)
         except DataValidationError as exc:
             problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
     if problems:
@@ -139,12 +145,15 @@ def simulate(
     Returns the run directory. Leaves no process behind (Ray is shut down at the end).
     """
     quiet_flower(verbose=verbose)
-    dirs = simulation_site_dirs(cfg.data_dir)
+    dirs = simulation_site_dirs(cfg.data_dir, holdout=cfg.holdout_site)
     if num_sites > len(dirs):
+        held = f" besides held-out site '{cfg.holdout_site}'" if cfg.holdout_site else ""
         raise ConfigError(
-            f"--sites {num_sites} but data folder '{cfg.data_dir}' holds {len(dirs)} site folders"
+            f"--sites {num_sites} but data folder '{cfg.data_dir}' holds {len(dirs)} site "
+            f"folders{held}"
         )
-    validate_sites(dirs[:num_sites], cfg)
+    holdout = holdout_evaluator(cfg)
+    validate_sites(dirs[:num_sites], cfg, evaluate_only=holdout_site_dir(cfg))
     check_out_dir(Path(cfg.out_dir))
     bconf = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
     if num_sites < cfg.min_sites:
@@ -157,7 +166,11 @@ def simulate(
     elif (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another run name")
     server_app = make_server_app(
-        cfg.to_mapping(), on_round=on_round, run_id=run_id, expect_sites=num_sites
+        cfg.to_mapping(),
+        on_round=on_round,
+        run_id=run_id,
+        expect_sites=num_sites,
+        holdout=holdout,
     )
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level

@@ -213,6 +213,7 @@ def load_manifest(
     multi_label: bool | None = None,
     dicom_frame: int = 0,
     tasks: Mapping[str, tuple[str, ...]] | None = None,
+    labelled: bool = True,
 ) -> Manifest:
     """Read and validate a site's manifest; report every problem at once.
 
@@ -226,6 +227,9 @@ def load_manifest(
         dicom_frame: the frame a multi-frame DICOM must have (checked with ``check_files``).
         tasks: extra tasks' class names, by task; their labels come from ``label.<task>``
             columns, where an empty cell (or no column) means the record lacks that label.
+        labelled: False also accepts a manifest without a ``label`` column (new records to
+            predict for; each record's labels are then empty). A ``label`` column present is
+            checked as always.
 
     Raises:
         DataValidationError: with one line per problem (file:line: field: reason).
@@ -236,7 +240,9 @@ def load_manifest(
     name = path.name
     if not problems and not rows:
         problems.append(f"{name}: the manifest has no records")
-    for required in ("id", "label"):
+    unlabelled = not labelled and "label" not in columns
+    required_cols = ("id",) if unlabelled else ("id", "label")
+    for required in required_cols:
         if columns and required not in columns:
             problems.append(f"{name}:1: required column '{required}' is missing")
     tab_cols = tuple(c for c in columns if c.startswith("tab."))
@@ -254,7 +260,7 @@ def load_manifest(
                 f"{name}:1: unknown column '{c}' (known: id, image, report, audio, "
                 "tab.<name>, label, label.<task>, split)"
             )
-    if problems and (not rows or not modality_cols or not {"id", "label"} <= set(columns)):
+    if problems and (not rows or not modality_cols or not set(required_cols) <= set(columns)):
         # Without rows, or without a required column, per-row checks would only repeat it.
         raise DataValidationError(problems, source=str(path))
 
@@ -279,7 +285,7 @@ def load_manifest(
             seen[rid] = lineno
         label_raw = raw.get("label", "")
         labels = tuple(dict.fromkeys(lab.strip() for lab in label_raw.split("|") if lab.strip()))
-        if not labels:
+        if not labels and not unlabelled:
             row_problems.append(f"{where}: label: empty label")
         if multi_label is False and len(labels) > 1:
             row_problems.append(

@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,12 @@ from typer.testing import CliRunner
 
 from fedfuse.cli import app
 from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import manifest_for
 from fedfuse.common.data.synthetic import generate
 from fedfuse.common.errors import ConfigError, FedfuseError
 from fedfuse.common.models import build_model
 from fedfuse.common.provenance import code_digest
+from fedfuse.common.site_state import EVAL_LOG, LEDGER_NAME, STATE_DIR, TRAIN_LOG
 from fedfuse.export import load_model, site_records
 from fedfuse.server.report import SECTIONS, write_report
 from fedfuse.simulations.inprocess import federate_in_process
@@ -30,10 +33,11 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 2-site, 1-round private run (SecAgg+ on), its sites under data/."""
+    """A finished 2-site, 1-round private run (SecAgg+ on), its sites under data/: site-0 and
+    site-2 train, site-1 is held out (it only evaluates the final model)."""
     root = tmp_path_factory.mktemp("run")
     # Some records lack a modality: predictions must handle them as training did.
-    generate(root / "data", sites=2, records=160, seed=1, missing_rate=0.3)
+    generate(root / "data", sites=3, records=160, seed=1, missing_rate=0.3)
     cfg = RunConfig(
         data_dir=str(root / "data"),
         out_dir=str(root / "runs"),
@@ -42,8 +46,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         batch_size=64,
         target_epsilon=4.0,
         run_name="tiny",
+        holdout_site=HELD_OUT,
     )
     return federate_in_process(cfg, num_sites=2)
+
+
+HELD_OUT = "site-1"
 
 
 def _last_round(run: Path) -> dict:
@@ -84,8 +92,50 @@ def test_report_in_a_headless_browser(run: Path, tmp_path: Path) -> None:
     for key in ("eval-auroc", "eval-average-precision", "eval-specificity", "eval-ece"):
         value, _ = _shown(dom, f'data-metric="{key}"><td>[^<]*</td><td class="n">')
         assert value == last[key]
-    assert dom.count('data-figure="reliability"') == 1
+    # The pooled one and the held-out site's.
+    assert dom.count('data-figure="reliability"') == 2
+    held = _last_round(run)["holdout"]
+    value, _ = _shown(dom, 'data-holdout-metric="eval-auroc"><td>[^<]*</td><td class="n">')
+    assert value == held["eval-auroc"]
     assert 'data-wire-optin="none"' in dom
+
+
+def test_held_out_site_never_trains_and_is_reported_apart(run: Path) -> None:
+    site = run.parents[1] / "data" / HELD_OUT
+    # Never trained: no ledger, no secret, no training log; its own evaluation log only.
+    state = site / STATE_DIR
+    assert not (state / LEDGER_NAME).exists() and not (state / TRAIN_LOG).exists()
+    (local,) = [json.loads(x) for x in (state / EVAL_LOG).read_text().splitlines()]
+    cfg = RunConfig.from_mapping(json.loads((run / "config.json").read_text()))
+    records = len(site_records(site, cfg))  # every split: it trained on none
+    assert local["run-id"] == "tiny" and local["num-examples"] == records
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert HELD_OUT not in privacy["sites"]
+    last = _last_round(run)
+    assert HELD_OUT not in last["sites"]
+    held = last["holdout"]
+    assert held["site"] == HELD_OUT and held["round"] == last["round"] == 1
+    assert held["eval-records"] == records and 0.0 <= held["eval-auroc"] <= 1.0
+    # Its figures come from its own sums the way the pooled ones do: its AUROC equals the
+    # clear-text one to the histogram's resolution.
+    assert abs(held["eval-auroc"] - local["eval-auroc"]) <= held["eval-auroc-resolution"] + 1e-9
+    for key in ("eval-specificity", "eval-ece", "eval-auroc-ci-low", "eval-average-precision"):
+        assert key in held
+    assert set(held["reliability"]) == {""}
+    summary = (run / "summary.md").read_text()
+    assert f"## Held-out site {HELD_OUT} (never trained)" in summary
+    assert f"## Clinical evaluation, held-out site {HELD_OUT}" in summary
+    assert f'data-holdout="{HELD_OUT}"' in (run / "report.html").read_text()
+
+
+def test_unknown_holdout_site_is_one_line(run: Path) -> None:
+    data = run.parents[1] / "data"
+    res = CliRunner().invoke(
+        app, ["simulate", "--data", str(data), "--holdout-site", "site-9", "--out", str(data)]
+    )
+    assert res.exit_code != 0
+    assert "--holdout-site 'site-9'" in res.output and "site-0, site-1, site-2" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_report_shows_a_rewritten_ledger(run: Path, tmp_path: Path) -> None:
@@ -135,6 +185,7 @@ def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
             missing += int((mask == 0).any(dim=1).sum())
             torch.testing.assert_close(scripted(mask, *xs), eager(mask, *xs), rtol=1e-5, atol=1e-6)
     assert missing > 0  # records with a modality missing went through both
+    _onnx_matches(export, eager, loader)
     # `fedfuse predict` gives the same file from the run and from the export.
     a, b = tmp_path / "run.csv", tmp_path / "export.csv"
     for src, out in ((run, a), (export, b)):
@@ -150,7 +201,7 @@ def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
     # The card: privacy as privacy.json says, evaluation as metrics.jsonl, hashes of the files.
     card = json.loads((export / "model_card.json").read_text())
     privacy = json.loads((run / "privacy.json").read_text())
-    assert set(card["sites"]) == set(privacy["sites"]) == {"site-0", "site-1"}
+    assert set(card["sites"]) == set(privacy["sites"]) == {"site-0", "site-2"}
     assert card["privacy"]["epsilon_max_over_sites"] == max(
         s["epsilon"] for s in privacy["sites"].values()
     )
@@ -159,12 +210,57 @@ def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
     last = _last_round(run)
     assert card["evaluation"]["figures"]["specificity"] == last["eval-specificity"]
     assert card["evaluation"]["figures"]["auroc-ci-low"] == last["eval-auroc-ci-low"]
+    held = card["evaluation"]["held_out_site"]
+    assert held["site"] == HELD_OUT and held["figures"]["auroc"] == last["holdout"]["eval-auroc"]
     digest = hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()
     assert card["hashes"]["weights (model.pt)"] == digest
     code = json.loads((run / "code.json").read_text())["sha256"]
     assert card["hashes"]["code of the run"] == code == code_digest()
     md = (export / "model_card.md").read_text()
     assert digest in md and "## Privacy guarantee" in md and "## Intended use" in md
+    assert f"held-out site {HELD_OUT}, which never trained" in md
+
+
+def test_predict_on_unlabelled_records(run: Path, tmp_path: Path) -> None:
+    """New records come without labels: a manifest with no label column predicts the same
+    probabilities as the labelled copy of the same records."""
+    site = tmp_path / "new"
+    src = run.parents[1] / "data" / "site-0"
+    shutil.copytree(src, site, ignore=shutil.ignore_patterns(".fedfuse"))
+    rows = _read_csv(site / "manifest.csv")
+    with open(site / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[c for c in rows[0] if c not in ("label", "split")])
+        w.writeheader()
+        w.writerows({k: v for k, v in r.items() if k in w.fieldnames} for r in rows)
+    a, b = tmp_path / "labelled.csv", tmp_path / "unlabelled.csv"
+    for data, out in ((src, a), (site, b)):
+        res = CliRunner().invoke(app, ["predict", str(run), "--data", str(data), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    assert len(_read_csv(b)) == len(rows) and a.read_text() == b.read_text()
+    # Training still requires labels.
+    with pytest.raises(FedfuseError, match="required column 'label' is missing"):
+        manifest_for(site, RunConfig())
+
+
+def _onnx_matches(
+    export: Path, eager: torch.nn.Module, loader: torch.utils.data.DataLoader
+) -> None:
+    """The exported ONNX model (onnxruntime) gives the torch model's logits, batch by batch
+    (batch sizes other than the export example's included)."""
+    ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
+    assert (export / "model.onnx").is_file()
+    session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    sizes = set()
+    with torch.no_grad():
+        for mask, *xs, _ in loader:
+            feed = {n: t.numpy() for n, t in zip(names, (mask, *xs), strict=True)}
+            (logits,) = session.run(["logits"], feed)
+            sizes.add(len(mask))
+            torch.testing.assert_close(
+                torch.from_numpy(logits), eager(mask, *xs), rtol=1e-4, atol=1e-5
+            )
+    assert len(sizes) > 1
 
 
 def test_predict_bad_input_is_one_line(run: Path, tmp_path: Path) -> None:
@@ -181,3 +277,67 @@ def test_predict_bad_input_is_one_line(run: Path, tmp_path: Path) -> None:
     assert "manifest.csv" in str(res.exception) and ":4" in str(res.exception)
     with pytest.raises(ConfigError, match="no config.json"):
         load_model(tmp_path)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_tracking_to_tensorboard_and_mlflow_reads_back(run: Path, tmp_path: Path) -> None:
+    """`fedfuse track` (the logging `simulate --track` does during a run) on the tiny run:
+    the event files and the MLflow run hold every round's figures, each site's epsilon, the
+    held-out site's figures, the config as parameters and the run's files as artifacts."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="the 'track' extra is not installed",
+    )
+    mlflow_tracking = pytest.importorskip("mlflow.tracking", reason="no 'track' extra")
+    copy = tmp_path / "tiny"  # TensorBoard writes into the run directory
+    shutil.copytree(run, copy)
+    rows, privacy = _rows(copy), json.loads((copy / "privacy.json").read_text())
+    last = rows[-1]
+    res = CliRunner().invoke(app, ["track", str(copy), "--to", "tensorboard"])
+    assert res.exit_code == 0, res.output
+    acc = event_accumulator.EventAccumulator(str(copy / "tensorboard"))
+    acc.Reload()
+    for key in ("eval-auroc", "eval-loss", "max-epsilon", "eval-specificity"):
+        points = acc.Scalars(key)
+        assert [p.step for p in points] == [r["round"] for r in rows]
+        assert [p.value for p in points] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    for name, site in privacy["sites"].items():
+        assert acc.Scalars(f"epsilon/{name}")[-1].value == pytest.approx(site["epsilon"], rel=1e-6)
+    held = acc.Scalars("holdout/eval-auroc")
+    assert len(held) == 1 and held[0].value == pytest.approx(last["holdout"]["eval-auroc"])
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = CliRunner().invoke(app, ["track", str(copy), "--to", "mlflow", "--uri", uri])
+    assert res.exit_code == 0, res.output
+    client = mlflow_tracking.MlflowClient(tracking_uri=uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("fedfuse").experiment_id])
+    assert found.info.run_name == "tiny" and found.info.status == "FINISHED"
+    config = json.loads((copy / "config.json").read_text())
+    assert found.data.params["holdout-site"] == HELD_OUT
+    assert found.data.params["target-epsilon"] == str(config["target-epsilon"])
+    history = client.get_metric_history(found.info.run_id, "eval-auroc")
+    assert [(m.step, m.value) for m in history] == [(r["round"], r["eval-auroc"]) for r in rows]
+    for name, site in privacy["sites"].items():
+        assert found.data.metrics[f"epsilon/{name}"] == site["epsilon"]
+    assert found.data.metrics["holdout/eval-auroc"] == last["holdout"]["eval-auroc"]
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
+    assert {"report.html", "model.pt", "summary.md", "privacy.json"} <= artifacts
+    # Beside the store, not in the folder the command ran in.
+    assert (tmp_path / "mlflow-artifacts").is_dir()
+
+
+def test_tracking_without_the_extra_is_one_line(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("torch.utils.tensorboard", "mlflow", "mlflow.tracking"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    for kind in ("tensorboard", "mlflow"):
+        res = CliRunner().invoke(app, ["track", str(run), "--to", kind])
+        assert res.exit_code != 0 and isinstance(res.exception, ConfigError)
+        assert "'track' extra" in str(res.exception) and "fedfuse[track]" in str(res.exception)
+    res = CliRunner().invoke(app, ["track", str(run), "--to", "wandb"])
+    assert "unknown tracker; choose one of tensorboard, mlflow" in str(res.exception)
+    assert not (run / "tensorboard").exists()

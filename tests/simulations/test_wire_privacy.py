@@ -19,6 +19,7 @@ from fedfuse.client.app import app as client_app
 from fedfuse.client.site import SiteInfo, site_data
 from fedfuse.client.wire import public_reason
 from fedfuse.common.config import RunConfig
+from fedfuse.common.data.dataset import manifest_for
 from fedfuse.common.data.synthetic import generate
 from fedfuse.common.evaluation import EvalLayout, decode_sums, eval_sums, evaluate_site
 from fedfuse.common.metrics import auroc, histogram_auroc, score_bins
@@ -26,6 +27,7 @@ from fedfuse.common.models import build_model
 from fedfuse.common.secagg.protocol import RECORD_KEY, Key
 from fedfuse.server.app import run_federation
 from fedfuse.server.rundir import RunDirectory
+from fedfuse.simulations.holdout import holdout_evaluator
 from fedfuse.simulations.inprocess import InProcessGrid
 from tests.support.wire import EVAL_COLLECT, PATH_LIKE, REFUSAL, SECAGG_STAGES, TRAIN_COLLECT
 
@@ -40,6 +42,9 @@ TRAIN_CLEAR = {
     **REFUSAL,  # a refusal is the whole reply (no model)
 }
 EVAL_CLEAR = {"eval-sums": {"sums"}, "site": {"name"}}
+# What a held-out site releases at the end of the run (README; simulations/holdout.py), besides
+# the eval-* figures the server derives from one sums vector.
+HOLDOUT_RELEASE = {"site", "round", "reliability"}
 
 
 def _allowed(msg: Message, secagg: bool) -> dict[str, set[str] | None]:
@@ -96,8 +101,10 @@ def test_the_server_receives_only_the_listed_fields(
 ) -> None:
     """Three sites, one of which fails with an error naming its folder: every message the
     server receives holds only the README's fields, no per-site evaluation figure, and no
-    path or traceback reaches the messages or metrics.jsonl."""
-    sites = generate(tmp_path / "data", sites=3, records=60, seed=7)
+    path or traceback reaches the messages or metrics.jsonl. A fourth site, held out, is sent
+    nothing and releases only HOLDOUT_RELEASE at the end."""
+    sites = generate(tmp_path / "data", sites=4, records=60, seed=7)
+    held_out = sites[1]  # not the last folder: the others keep their partitions in order
     real_site_data = client_app_module.site_data
 
     def failing_site_data(site: SiteInfo, cfg: RunConfig):  # type: ignore[no-untyped-def]
@@ -107,11 +114,18 @@ def test_the_server_receives_only_the_listed_fields(
 
     monkeypatch.setattr(client_app_module, "site_data", failing_site_data)
     cfg = _cfg(tmp_path / "data", tmp_path / "runs", secagg=secagg)
+    cfg = cfg.replace(holdout_site=held_out.name)
     grid = InProcessGrid(client_app, 3)
     run_dir = RunDirectory(cfg.out_dir, cfg, run_id="wire")
-    run_federation(grid, cfg, run_dir=run_dir)
+    run_federation(grid, cfg, run_dir=run_dir, holdout=holdout_evaluator(cfg))
 
     reasons = _check_received(grid.received, secagg=secagg, site_root=tmp_path)
+    named = {
+        str(m.content.config_records["site"]["name"])
+        for m in grid.received
+        if m.has_content() and "site" in m.content.config_records
+    }
+    assert held_out.name not in named and named <= {"site-0", "site-2", "site-3"}
     assert reasons and all("OSError: cannot read <path>: disk on fire" in r for r in reasons)
     kinds = {m.metadata.message_type for m in grid.received if not m.has_error()}
     assert kinds == {"train", "evaluate"}
@@ -123,11 +137,18 @@ def test_the_server_receives_only_the_listed_fields(
     for name, site in row["sites"].items():
         assert not any(k.startswith("eval-") for k in site), (name, site)
         assert "noise-multiplier" not in site and "lifetime-epsilon" not in site
-    for site in sites[:2]:
+    for site in (sites[0], sites[3]):
         local = [json.loads(x) for x in (site / ".fedfuse" / "eval.jsonl").read_text().splitlines()]
         assert local[-1]["round"] == 1 and local[-1]["run-id"] == "wire"
         assert "eval-auroc" in local[-1]
     assert "site-2" in row.get("eval-failed", {}) and "site-2" in row["failed"]
+    # The held-out site: no ledger, not among the sites, and only its listed figures.
+    held = row["holdout"]
+    assert held["site"] == held_out.name and held_out.name not in row["sites"]
+    assert not (held_out / ".fedfuse" / "ledger.sqlite").exists()
+    assert all(k in HOLDOUT_RELEASE or k.startswith("eval-") for k in held), sorted(held)
+    assert held["eval-records"] == len(manifest_for(held_out, cfg).records)  # trained on none
+    assert str(tmp_path) not in json.dumps(held)
 
 
 def test_a_site_that_opts_in_shares_its_own_figures(tmp_path: Path) -> None:
