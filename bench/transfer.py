@@ -2,7 +2,7 @@
 
 Run (from the repository, with the venv active):
 
-    python -m bench.transfer --data ../shared/data/pathvqa-yesno --rounds 3 --seeds 0
+    python -m bench.transfer --data ../shared/data/pathvqa-yesno --set classes=no,yes --text-only
 
 No pretrained weights exist on this machine and nothing is downloaded, so the encoder is
 pretrained here, by fedfuse's own code, on data that is no site's: the synthetic generator's
