@@ -11,8 +11,8 @@ either GroupNorm (trainable, the BatchNorm's scale and shift copied) or a frozen
 the pretrained statistics (``image-norm = frozen``). ``freeze`` (:data:`FREEZE_MODES`) fixes
 parts of an encoder: frozen parameters get no gradient, hence no noise and no clipping share.
 
-The optional libraries (``timm``, ``transformers``, ``peft``: the ``transfer`` extra) are
-imported only when a run names them.
+The optional libraries (``timm``, ``transformers``, ``peft``, ``torchxrayvision``: the
+``transfer`` extra) are imported only when a run names them.
 """
 
 from __future__ import annotations
@@ -386,15 +386,17 @@ def _torchvision_resnet(arch: str, *, dim: int, in_channels: int, weights: Path 
 
 
 class _DenseNetFeatures(nn.Module):
-    """torchvision DenseNet's forward without its in-place final ReLU and classifier."""
+    """torchvision DenseNet's forward without its in-place final ReLU and classifier; inputs
+    multiplied by ``scale`` first (a fixed public constant, not a parameter)."""
 
-    def __init__(self, features: nn.Module) -> None:
+    def __init__(self, features: nn.Module, *, scale: float = 1.0) -> None:
         super().__init__()
         self.features = features
+        self.scale = scale
         self.pool = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x))
+        return self.pool(self.features(x * self.scale if self.scale != 1.0 else x))
 
 
 def _torchvision_densenet(
@@ -422,6 +424,36 @@ def _torchvision_densenet(
     )
 
 
+# torchxrayvision's models take pixels in [-1024, 1024] (its ``datasets.normalize``); fedfuse's
+# images arrive normalised to [-1, 1] (common/data/images.py).
+XRV_INPUT_SCALE = 1024.0
+
+
+def _xrv_densenet(arch: str, *, dim: int, in_channels: int, weights: Path | None, norm: str):
+    """torchxrayvision's chest X-ray DenseNet-121 (one input channel), its 18-finding
+    classifier removed. Its architecture comes from the library; its weights only from a local
+    state_dict file (``torch.save(xrv.models.DenseNet(weights=...).state_dict(), FILE)`` once,
+    on a machine with internet): fedfuse never lets the library download or unpickle a model."""
+    xrv = optional_import("torchxrayvision", purpose=f"image-encoder '{arch}'")
+    if in_channels != 1:
+        raise ConfigError(f"image-encoder '{arch}' takes gray images (one channel)")
+    net = xrv.models.DenseNet(weights=None)
+    _load_into(net, weights, arch=f"torchxrayvision {arch}", skip=("classifier.", "op_threshs"))
+    features = net.classifier.in_features
+    body = dp_norms(net.features, norm)
+    _no_inplace(body)
+    wrapped = _DenseNetFeatures(body, scale=XRV_INPUT_SCALE)
+    last = nn.ModuleList([cast(nn.Module, body.denseblock4), cast(nn.Module, body.norm5)])
+    return PretrainedImageEncoder(
+        wrapped,
+        features=features,
+        last_block=last,
+        dim=dim,
+        rgb=False,
+        min_size=DENSENET_MIN_SIZE,
+    )
+
+
 def _register_torchvision(name: str, builder) -> None:  # noqa: ANN001
     def make(
         *, dim: int, in_channels: int = 1, weights: str | Path | None = None, norm: str = "group"
@@ -434,7 +466,9 @@ def _register_torchvision(name: str, builder) -> None:  # noqa: ANN001
             norm=norm,
         )
 
-    make.__doc__ = f"torchvision {name}, BatchNorm made DP-safe (image-norm), one input channel."
+    make.__doc__ = builder.__doc__ or (
+        f"torchvision {name}, BatchNorm made DP-safe (image-norm), one input channel."
+    )
     IMAGE_ENCODERS.register(name)(make)
 
 
@@ -444,6 +478,8 @@ for _name, _builder in (
     ("resnet18", _torchvision_resnet),
     ("resnet50", _torchvision_resnet),
     ("densenet121", _torchvision_densenet),
+    # The chest X-ray DenseNet-121 of torchxrayvision (the `transfer` extra).
+    ("xrv-densenet121", _xrv_densenet),
 ):
     _register_torchvision(_name, _builder)
 

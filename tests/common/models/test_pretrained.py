@@ -167,6 +167,43 @@ def test_timm_architecture_from_a_local_file(tmp_path):
         build_model(_cfg(image_encoder="timm:nope"))
 
 
+def test_torchxrayvision_densenet_from_a_local_file(tmp_path):
+    xrv = pytest.importorskip("torchxrayvision", reason="the 'transfer' extra is not installed")
+    torch.manual_seed(0)
+    ref = xrv.models.DenseNet(weights=None)  # randomly initialised, saved as real weights are
+    with torch.no_grad():
+        ref.features.norm0.running_mean.uniform_(-1, 1)
+    path, digest = _save(tmp_path, ref, "xrv")
+    cfg = _cfg(
+        image_encoder="xrv-densenet121",
+        image_weights=path,
+        image_weights_sha256=digest,
+        image_norm="frozen",
+        image_freeze="head",
+        local_epochs=1,
+        modality_dropout=0.0,
+    )
+    model = build_model(cfg)
+    enc = model.encoders["image"]
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert _trainable(enc) == _trainable(enc.proj) == 4 * 1024 + 4
+    # The pretrained function exactly: our [-1, 1] pixels are xrv's [-1024, 1024] ones.
+    ref.eval()
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(enc.net(x), ref.features2(x * 1024), atol=1e-3, rtol=1e-4)
+    data = TensorDataset(torch.ones(8, 1), torch.rand(8, 1, 32, 32), torch.arange(8) % 2)
+    plan = PrivacyPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_round=2, num_rounds=1)
+    before = {k: v.detach().clone() for k, v in enc.net.state_dict().items()}
+    result = train_round(
+        model, data, cfg=cfg, plan=plan, history=[], seed=0, device=torch.device("cpu")
+    )
+    assert result.epsilon > 0
+    assert all(torch.equal(v, before[k]) for k, v in enc.net.state_dict().items())
+    with pytest.raises(WeightsMismatch):
+        build_model(cfg.replace(image_weights_sha256="0" * 64))
+
+
 def test_frozen_encoder_features_are_computed_once(r18):
     from fedfuse.common.models.pretrained import FEATURE_CACHE
 
