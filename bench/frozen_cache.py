@@ -10,6 +10,11 @@ runs the backbone; cached (common/models/pretrained.py, FeatureCache), the first
 each record's features once and later rounds train only the heads. Prints one CSV row per
 (mode, round): seconds and the cache's hits and misses. Wall times depend on machine load:
 compare the two modes within one run.
+
+With ``--wire``: what one site's update would put on the wire per round for each image
+encoder and ``image-freeze`` (embed-dim 8, image and report): entries of the state dict (all
+of which the update carries today, every float one masked by SecAgg+ as a 32-bit word) against
+the entries that train. No training; prints one CSV row per configuration.
 """
 
 from __future__ import annotations
@@ -32,8 +37,39 @@ from fedfuse.client.training import PrivacyPlan, train_round  # noqa: E402
 from fedfuse.common.config import RunConfig  # noqa: E402
 from fedfuse.common.models import build_model  # noqa: E402
 from fedfuse.common.models.pretrained import FEATURE_CACHE  # noqa: E402
+from fedfuse.common.secagg import masking  # noqa: E402
 
 warnings.filterwarnings("ignore")
+
+
+WIRE_CASES = (
+    ("cnn", "none"),
+    ("cnn", "head"),
+    ("resnet18", "none"),
+    ("resnet18", "last-block"),
+    ("resnet18", "head"),
+    ("resnet18", "all"),
+    ("densenet121", "head"),
+    ("densenet121", "all"),
+)
+
+
+def wire_sizes() -> None:
+    """One CSV row per (encoder, freeze): state-dict entries and bytes sent today, masked
+    vector entries, and the entries that train."""
+    print("image_encoder,image_freeze,state_entries,arrays_mb,masked_mb,trainable_entries,share")
+    for arch, freeze in WIRE_CASES:
+        cfg = RunConfig(image_encoder=arch, image_freeze=freeze, image_norm="frozen")
+        model = build_model(cfg)
+        state = {k: v.numpy() for k, v in model.state_dict().items()}
+        entries = sum(a.size for a in state.values())
+        arrays_mb = sum(a.nbytes for a in state.values()) / 1e6
+        masked_mb = 4 * masking.vector_length(state) / 1e6
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"{arch},{freeze},{entries},{arrays_mb:.3f},{masked_mb:.3f},{trainable},"
+            f"{trainable / entries:.4f}"
+        )
 
 
 def main() -> None:
@@ -43,7 +79,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--wire", action="store_true", help="print update sizes per freeze mode")
     args = ap.parse_args()
+    if args.wire:
+        wire_sizes()
+        return
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp())
     weights = work / f"{args.arch}.pt"
