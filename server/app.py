@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.common.config import RunConfig
 from fedfuse.common.models import build_model
+from fedfuse.common.models.pretrained import wire_state
 from fedfuse.server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
 from fedfuse.server.distributed_dp import make_distributed_dp
 from fedfuse.server.privacy_report import FederationStopped
@@ -75,7 +76,9 @@ def run_federation(
     # show its name beside it.
     config["run-id"] = run_dir.run_id
     config["run-uid"] = run_dir.uid
-    initial_arrays = ArrayRecord(model.state_dict())
+    # Rounds carry all but the fixed pretrained parts, which the server and every site build
+    # from the same checked file (common/models/pretrained.py: wire_state).
+    initial_arrays = ArrayRecord(wire_state(model, cfg))
     if checkpoint is not None:
         initial_arrays = checkpoint.arrays
         restore_strategy_state(sites, checkpoint.strategy)
@@ -110,7 +113,11 @@ def run_federation(
                 (f"{len(run_dir.rounds)} of {cfg.num_rounds} rounds finished"),
             )
         run_dir.finish(
-            state_dict=arrays.to_torch_state_dict() if arrays is not None else None,
+            state_dict=(
+                {**model.state_dict(), **arrays.to_torch_state_dict()}
+                if arrays is not None
+                else None
+            ),
             status=status,
             reason=reason,
         )

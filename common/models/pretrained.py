@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fedfuse.common.config import FREEZE_MODES
+from fedfuse.common.config import FREEZE_MODES, RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 
@@ -153,6 +153,58 @@ def freeze_encoder(encoder: nn.Module, mode: str) -> nn.Module:
         if id(p) not in keep:
             p.requires_grad_(False)
     return encoder
+
+
+# --- what a round sends ---------------------------------------------------------------------
+
+
+def fixed_state_keys(model: nn.Module, cfg: RunConfig) -> frozenset[str]:
+    """State-dict entries of ``model`` that no round changes and every party already holds.
+
+    Those of a pretrained backbone loaded from its SHA-256-checked file (``image-weights``;
+    the ``bert`` checkpoint) that do not train: its frozen parameters (LoRA adapters excepted:
+    their starting values are random, not the file's) and its buffers (constants such as
+    frozen BatchNorm statistics). The server and every site build them from the same file, so
+    the global model and every update leave them out (:func:`wire_state`): a frozen ResNet-18
+    no longer sends 11 million unchanged values masked every round (docs/BENCHMARKS.md). A
+    projection or head is never fixed this way, frozen or not: its start is random.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    prefixes = []
+    for modality, enc in getattr(model, "encoders", {}).items():
+        from_file = (modality == "image" and bool(cfg.image_weights)) or (
+            modality == "report" and cfg.text_encoder == "bert"
+        )
+        if from_file and hasattr(enc, "freeze_parts"):
+            prefixes.append(names[id(enc.freeze_parts()[0])] + ".")
+    if not prefixes:
+        return frozenset()
+    params = {n for n, p in model.named_parameters() if p.requires_grad or "lora_" in n}
+    return frozenset(
+        k
+        for k in model.state_dict(keep_vars=True)
+        if k.startswith(tuple(prefixes)) and k not in params
+    )
+
+
+def wire_state(model: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The part of ``model``'s state a round sends (global model and updates): all of it but
+    :func:`fixed_state_keys`."""
+    fixed = fixed_state_keys(model, cfg)
+    return {k: v for k, v in model.state_dict().items() if k not in fixed}
+
+
+def load_wire_state(model: nn.Module, cfg: RunConfig, state: dict[str, torch.Tensor]) -> None:
+    """Load a global model as :func:`wire_state` sent it; the fixed entries stay the ones
+    ``model`` was built with from the checked file. The names must be exactly those."""
+    expected = set(wire_state(model, cfg))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ConfigError(
+            f"the global model's parameter names differ (missing {missing[:3]}, unexpected "
+            f"{extra[:3]})"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 # --- images ---------------------------------------------------------------------------------
