@@ -11,10 +11,10 @@ each record's features once and later rounds train only the heads. Prints one CS
 (mode, round): seconds and the cache's hits and misses. Wall times depend on machine load:
 compare the two modes within one run.
 
-With ``--wire``: what one site's update would put on the wire per round for each image
-encoder and ``image-freeze`` (embed-dim 8, image and report): entries of the state dict (all
-of which the update carries today, every float one masked by SecAgg+ as a 32-bit word) against
-the entries that train. No training; prints one CSV row per configuration.
+With ``--wire``: what one site's update puts on the wire per round for each image encoder and
+``image-freeze`` (embed-dim 8, image and report): entries of the state dict (what every update
+carried before the fixed parts stayed home; SecAgg+ masks each float entry as a 32-bit word)
+against the entries a round sends now. No training; prints one CSV row per configuration.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from fedfuse.client.training import PrivacyPlan, train_round  # noqa: E402
 from fedfuse.common.config import RunConfig  # noqa: E402
 from fedfuse.common.models import build_model  # noqa: E402
-from fedfuse.common.models.pretrained import FEATURE_CACHE  # noqa: E402
+from fedfuse.common.models.pretrained import FEATURE_CACHE, wire_state  # noqa: E402
 from fedfuse.common.secagg import masking  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -44,7 +44,6 @@ warnings.filterwarnings("ignore")
 
 WIRE_CASES = (
     ("cnn", "none"),
-    ("cnn", "head"),
     ("resnet18", "none"),
     ("resnet18", "last-block"),
     ("resnet18", "head"),
@@ -55,20 +54,34 @@ WIRE_CASES = (
 
 
 def wire_sizes() -> None:
-    """One CSV row per (encoder, freeze): state-dict entries and bytes sent today, masked
-    vector entries, and the entries that train."""
-    print("image_encoder,image_freeze,state_entries,arrays_mb,masked_mb,trainable_entries,share")
+    """One CSV row per (encoder, freeze): state-dict entries (what a round sent before fixed
+    parts stayed home) and their masked megabytes, the entries a round sends now
+    (``wire_state``) and their masked kilobytes, and the entries that train. Torchvision
+    backbones come from a weights file (random values, checked by SHA-256, as real ones)."""
+    work = Path(tempfile.mkdtemp())
+    print(
+        "image_encoder,image_freeze,state_entries,masked_mb_before,sent_entries,"
+        "masked_kb_now,trainable_entries"
+    )
     for arch, freeze in WIRE_CASES:
-        cfg = RunConfig(image_encoder=arch, image_freeze=freeze, image_norm="frozen")
+        weights = {}
+        if arch != "cnn":
+            path = work / f"{arch}.pt"
+            if not path.exists():
+                torch.save(getattr(models, arch)(weights=None).state_dict(), path)
+            weights = {
+                "image_weights": str(path),
+                "image_weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+        cfg = RunConfig(image_encoder=arch, image_freeze=freeze, image_norm="frozen", **weights)
         model = build_model(cfg)
         state = {k: v.numpy() for k, v in model.state_dict().items()}
-        entries = sum(a.size for a in state.values())
-        arrays_mb = sum(a.nbytes for a in state.values()) / 1e6
-        masked_mb = 4 * masking.vector_length(state) / 1e6
+        sent = {k: v.numpy() for k, v in wire_state(model, cfg).items()}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
-            f"{arch},{freeze},{entries},{arrays_mb:.3f},{masked_mb:.3f},{trainable},"
-            f"{trainable / entries:.4f}"
+            f"{arch},{freeze},{sum(a.size for a in state.values())},"
+            f"{4 * masking.vector_length(state) / 1e6:.3f},{sum(a.size for a in sent.values())},"
+            f"{4 * masking.vector_length(sent) / 1e3:.1f},{trainable}"
         )
 
 
