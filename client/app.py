@@ -43,6 +43,7 @@ from fedfuse.common.config import SERVER_KEYS, RunConfig, seeds_noise
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY, site_evaluation
 from fedfuse.common.models import build_model
+from fedfuse.common.models.pretrained import load_wire_state, wire_state
 from fedfuse.common.privacy.accounting import epsilon_from_events
 from fedfuse.common.privacy.client_level_dp import clip_update_
 from fedfuse.common.privacy.refusal import REFUSAL_KEY, Refusal
@@ -65,7 +66,7 @@ def _config(msg: Message) -> tuple[RunConfig, int]:
 
 def _model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
     model = build_model(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    load_wire_state(model, cfg, msg.content["arrays"].to_torch_state_dict())
     return model
 
 
@@ -93,7 +94,7 @@ def refusal_before_key_exchange(msg: Message, context: Context) -> Refusal | Non
         # model has the shapes any global model it accepts must have (train() checks), and the
         # threshold comes with this setup message. (It also refuses a sum that could wrap.)
         params = RoundParams.from_record(msg.content.config_records[RECORD_KEY])
-        own = {k: v.numpy() for k, v in build_model(cfg).state_dict().items()}
+        own = {k: v.numpy() for k, v in wire_state(build_model(cfg), cfg).items()}
         ddp_event = distributed_dp.site_round(
             cfg,
             own,
@@ -129,15 +130,16 @@ def train(msg: Message, context: Context) -> Message:
     model = build_model(cfg)
     # A global model this site's model cannot hold unchanged (names, shapes, dtypes) is refused
     # before training: a round whose update could not be sent must not be charged to the ledger.
+    # The global model leaves out what the site built from its checked weights file.
     mismatch = check_local_update(
         {k: v.numpy() for k, v in global_state.items()},
-        {k: v.numpy() for k, v in model.state_dict().items()},
+        {k: v.numpy() for k, v in wire_state(model, cfg).items()},
     )
     if mismatch:
         reason = f"site {site.name} refused round {server_round}: the global model {mismatch}"
         log(WARNING, "%s", reason)
         return Message(Error(code=0, reason=reason), reply_to=msg)
-    model.load_state_dict(global_state)
+    load_wire_state(model, cfg, global_state)
     run_id, run_name = _run_key(msg)
     budget = resolve_budget(node, site.data_path)
     # Distributed DP: the round's mechanism (raises if SecAgg+ is off or the sum could wrap).
@@ -218,7 +220,8 @@ def train(msg: Message, context: Context) -> Message:
     if node.share_site_metrics:
         shared.update({**own, **privacy_metrics(budget, permit, entry)})
     metrics = MetricRecord(shared)
-    state = model.to("cpu").state_dict()
+    # The update: all but the fixed pretrained parts (common/models/pretrained.py).
+    state = wire_state(model.to("cpu"), cfg)
     if cfg.client_level_dp:
         # Client-level DP: bound this site's update here, before it is sent (or masked).
         clip_update_(state, global_state, clip_norm=cfg.client_clip_norm)

@@ -180,8 +180,8 @@ class RunConfig:
     # Training-image augmentation (torchvision.transforms.v2): "none" or "light".
     augment: str = "none"
     # Training-only augmentation of report tokens (dropout, span deletion, window swap) and of
-    # recordings (noise at a random SNR, time shift, time/frequency masking): "none" or
-    # "light" (common/data/augment_text_audio.py). Off until a benchmark shows they help.
+    # recordings (speed and pitch, noise at a random SNR, time shift, time/frequency masking):
+    # "none" or "light" (common/data/augment_text_audio.py). Off until a benchmark shows they help.
     text_augment: str = "none"
     audio_augment: str = "none"
     # "multi-label": labels like "a|b", a sigmoid per class, per-class AUROC.

@@ -8,6 +8,8 @@ Two views, computed where the data is (at a site; only these scalars leave it):
 * **weights**, for heads that have them (``gated``: gate values; ``attention``: the [CLS]
   token's attention; ``late``: combination weights): the mean weight of each modality over the
   records that have it.
+* **tasks**, for runs with extra tasks (run config ``tasks``): each task's AUROC, accuracy and
+  loss over the records labelled for it, and its AUROC with each modality hidden.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from torch.utils.data import Dataset
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import load_site
 from fedfuse.common.errors import ConfigError
-from fedfuse.common.metrics import Predictions, predict_variants, scores
+from fedfuse.common.metrics import Predictions, predict, predict_variants, scores
 from fedfuse.common.models import build_model
+from fedfuse.common.models.multitask import AllTasks, task_slices
 
 
 def modality_contributions(
@@ -81,6 +84,62 @@ def contribution_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def task_contributions(
+    model: nn.Module, dataset: Dataset, *, cfg: RunConfig, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """Per extra task (run config ``tasks``): ``{records, auroc, accuracy, loss,
+    auroc-without: {modality: AUROC}}`` over the records labelled for that task (a record
+    without the task's label, or a site without its column, counts for no task figure).
+    Empty for a run without extra tasks. AUROC from the raw scores (exact, unlike the
+    federation's histogram figure); NaN where a task has no labelled records or one class."""
+    if not cfg.task_classes:
+        return {}
+    view = dataset.with_task_labels()  # type: ignore[attr-defined]
+    all_tasks = AllTasks(model)
+    names = cfg.modality_names
+    runs = [predict(all_tasks, view, device=device)]
+    runs += [predict(all_tasks, view, device=device, hide=i) for i in range(len(names))]
+    out: dict[str, dict[str, Any]] = {}
+    for k, (task, cols) in enumerate(task_slices(cfg).items()):
+        y = runs[0].labels[:, 1 + k].long()
+        has = y >= 0
+
+        full = _task_scores(runs[0], y, has, cols, cfg.task_classes[task])
+        out[task] = {
+            "records": int(has.sum()),
+            "auroc": full["auroc"],
+            "accuracy": full["accuracy"],
+            "loss": full["loss"],
+            "auroc-without": {
+                m: _task_scores(runs[1 + i], y, has, cols, cfg.task_classes[task])["auroc"]
+                for i, m in enumerate(names)
+            },
+        }
+    return out
+
+
+def _task_scores(
+    pred: Predictions, y: torch.Tensor, has: torch.Tensor, cols: slice, classes: tuple[str, ...]
+) -> dict[str, float]:
+    """One task's :func:`scores` over its labelled records ``has`` (its columns ``cols``)."""
+    sub = Predictions(
+        labels=y[has], logits=pred.logits[:, cols][has], mask=pred.mask[has], weights=None
+    )
+    return scores(sub, multi_label=False, class_names=classes)
+
+
+def task_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Rows (task, labelled records, AUROC, accuracy, AUROC drop per modality) of a report."""
+    rows = []
+    for task, t in report.get("tasks", {}).items():
+        drops = [
+            _f(t["auroc"] - w if not (math.isnan(t["auroc"]) or math.isnan(w)) else math.nan)
+            for w in t["auroc-without"].values()
+        ]
+        rows.append([task, str(t["records"]), _f(t["auroc"]), _f(t["accuracy"]), *drops])
+    return rows
+
+
 def _f(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -124,7 +183,8 @@ def contribution_markdown(record: dict[str, Any], modalities: tuple[str, ...]) -
 def explain_run(
     run_dir: str | Path, site_dir: str | Path, *, split: str = "test"
 ) -> tuple[RunConfig, dict[str, Any]]:
-    """Contributions of a run's final global model on one site's split (``fedfuse explain``).
+    """Contributions of a run's final global model on one site's split (``fedfuse explain``);
+    with extra tasks, the report's ``tasks`` holds :func:`task_contributions`.
 
     Raises:
         ConfigError: the run directory lacks config.json or model.pt, or ``split`` is unknown.
@@ -147,6 +207,8 @@ def explain_run(
     report = modality_contributions(
         model, ds, device=torch.device("cpu"), multi_label=cfg.multi_label
     )
+    if cfg.task_classes:
+        report["tasks"] = task_contributions(model, ds, cfg=cfg, device=torch.device("cpu"))
     return cfg, report
 
 

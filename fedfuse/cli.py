@@ -811,7 +811,7 @@ def explain(
 ) -> None:
     """Per-modality contributions of a run's global model on one site's data."""
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
-    from fedfuse.common.explain import explain_run, report_rows, run_status
+    from fedfuse.common.explain import explain_run, report_rows, run_status, task_rows
 
     try:
         cfg, report = explain_run(run_dir, data, split=split)
@@ -836,6 +836,17 @@ def explain(
     for row in report_rows(report):
         table.add_row(*row)
     console.print(table)
+    if report.get("tasks"):
+        tasks = Table(
+            title="Tasks (records labelled for the task; AUROC drop with a modality hidden)"
+        )
+        for col in ("task", "labelled records", "AUROC", "accuracy"):
+            tasks.add_column(col)
+        for m in cfg.modality_names:
+            tasks.add_column(f"drop {m}")
+        for row in task_rows(report):
+            tasks.add_row(*row)
+        console.print(tasks)
 
 
 # `fedfuse audit PATH` (the audit group's default command) = `fedfuse audit ledger PATH`.

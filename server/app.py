@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.models import build_model
+from fedfuse.common.models.pretrained import wire_state
 from fedfuse.server.checkpoint import Checkpoint, open_run, restore_rng, restore_strategy_state
 from fedfuse.server.distributed_dp import make_distributed_dp
 from fedfuse.server.privacy_report import FederationStopped
@@ -85,7 +86,9 @@ def run_federation(
     # show its name beside it.
     config["run-id"] = run_dir.run_id
     config["run-uid"] = run_dir.uid
-    initial_arrays = ArrayRecord(model.state_dict())
+    # Rounds carry all but the fixed pretrained parts, which the server and every site build
+    # from the same checked file (common/models/pretrained.py: wire_state).
+    initial_arrays = ArrayRecord(wire_state(model, cfg))
     if checkpoint is not None:
         initial_arrays = checkpoint.arrays
         restore_strategy_state(sites, checkpoint.strategy)
@@ -119,7 +122,11 @@ def run_federation(
                 "incomplete",
                 (f"{len(run_dir.rounds)} of {cfg.num_rounds} rounds finished"),
             )
-        state = arrays.to_torch_state_dict() if arrays is not None else None
+        state = (
+            {**model.state_dict(), **arrays.to_torch_state_dict()}
+            if arrays is not None
+            else None
+        )
         if holdout is not None and state is not None and status == "completed":
             run_dir.holdout = held_out_figures(holdout, state, run_dir)
         run_dir.finish(state_dict=state, status=status, reason=reason)

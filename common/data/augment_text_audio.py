@@ -14,15 +14,18 @@ Text (Wei & Zou 2019, "EDA", arXiv:1901.11196): token dropout, deletion of one r
 and one swap of two tokens within a small window, on the tokenizer's ids (hashed or a
 pretrained tokenizer's), with padding kept at the end and the length unchanged.
 
-Audio (Park et al. 2019, "SpecAugment", arXiv:1904.08779): additive white noise at a random
-SNR and a random time shift on the waveform, then time and frequency masking
-(``torchaudio.transforms``) on the spectrogram.
+Audio (Park et al. 2019, "SpecAugment", arXiv:1904.08779): speed perturbation
+(``torchaudio.transforms.SpeedPerturbation``; Ko et al. 2015, "Audio augmentation for speech
+recognition") and a pitch shift of a few semitones (``torchaudio.transforms.PitchShift``), the
+clip cut or padded back to its length, then additive white noise at a random SNR and a random
+time shift on the waveform, then time and frequency masking on the spectrogram.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torchaudio
@@ -104,20 +107,32 @@ class AudioAugment:
         shift: largest time shift, as a share of the clip (zeros fill the gap).
         time_mask: largest time mask, as a share of the spectrogram's frames.
         freq_mask: largest frequency mask, as a share of its bins.
+        rate: the waveform's sample rate in Hz; 0 turns speed and pitch changes off (both
+            need it).
+        speeds: speed factors, one drawn per record (1.0 = unchanged).
+        pitch_steps: largest pitch shift in semitones, up or down (an integer drawn per
+            record; 0 = off).
     """
 
     snr_db: tuple[float, float] = (10.0, 30.0)
     shift: float = 0.1
     time_mask: float = 0.1
     freq_mask: float = 0.125
+    rate: int = 0
+    # +-10%: heart rates and breathing vary far more than that between patients.
+    speeds: tuple[float, ...] = (0.9, 1.0, 1.1)
+    pitch_steps: int = 2
 
     def waveform(
         self, wav: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Noise at a random SNR, then a random shift; ``(n,)`` in, ``(n,)`` out."""
+        """Speed and pitch changes (with ``rate``), noise at a random SNR, then a random shift;
+        ``(n,)`` in, ``(n,)`` out."""
         n = wav.numel()
-        u = torch.rand(2, generator=generator)
+        u = torch.rand(3, generator=generator)
         noise = torch.randn(n, generator=generator)
+        if self.rate > 0:
+            wav = self._speed_and_pitch(wav, pitch_u=float(u[2]), generator=generator)
         snr = self.snr_db[0] + float(u[0]) * (self.snr_db[1] - self.snr_db[0])
         power = wav.pow(2).mean().clamp_min(1e-12)
         noisy = wav + noise * torch.sqrt(power / (10.0 ** (snr / 10.0)))
@@ -128,6 +143,22 @@ class AudioAugment:
         else:
             out[:k] = noisy[-k:]
         return out
+
+    def _speed_and_pitch(
+        self, wav: torch.Tensor, *, pitch_u: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        n = wav.numel()
+        speed = torchaudio.transforms.SpeedPerturbation(self.rate, list(self.speeds))
+        # SpeedPerturbation draws its factor from torch's global generator: run it on a seed
+        # from ``generator`` (one draw, whatever the factor), so a seeded run repeats.
+        out = _with_generator(lambda: speed(wav.unsqueeze(0))[0], generator).squeeze(0)
+        steps = round(-self.pitch_steps + pitch_u * 2 * self.pitch_steps)
+        if steps != 0:
+            with torch.no_grad():
+                out = _pitch_shift(self.rate, steps, _n_fft(out.numel()))(out.unsqueeze(0))[0]
+        if out.numel() >= n:  # the clip keeps its length: the encoder's input shape
+            return out[:n].contiguous()
+        return torch.nn.functional.pad(out, (0, n - out.numel()))
 
     def spectrogram(
         self, spec: torch.Tensor, *, generator: torch.Generator | None = None
@@ -142,12 +173,27 @@ class AudioAugment:
         return _with_generator(lambda: masks(spec), generator)
 
 
-def audio_augmentation(kind: str) -> AudioAugment | None:
-    """The ``audio-augment`` preset: ``none`` -> None, ``light`` -> :class:`AudioAugment`."""
+@lru_cache(maxsize=32)
+def _pitch_shift(rate: int, steps: int, n_fft: int) -> torchaudio.transforms.PitchShift:
+    # Cached: the transform builds its resampling kernel on first use.
+    return torchaudio.transforms.PitchShift(rate, steps, n_fft=n_fft)
+
+
+def _n_fft(n: int) -> int:
+    """torchaudio's default FFT size (512), or the largest power of two a short clip holds."""
+    size = 512
+    while size > 16 and size > n:
+        size //= 2
+    return size
+
+
+def audio_augmentation(kind: str, *, rate: int = 0) -> AudioAugment | None:
+    """The ``audio-augment`` preset: ``none`` -> None, ``light`` -> :class:`AudioAugment`
+    (speed and pitch changes with ``rate``, the waveform's sample rate)."""
     if kind == "none":
         return None
     if kind == "light":
-        return AudioAugment()
+        return AudioAugment(rate=rate)
     raise ValueError(f"audio-augment must be one of {list(AUGMENT_CHOICES)}; found {kind!r}")
 
 

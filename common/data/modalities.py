@@ -187,7 +187,10 @@ def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...
             out.append(ReportInput(tok, augment=aug))
         elif name == "audio":
             out.append(
-                AudioInput(audio_features(cfg), augment=audio_augmentation(cfg.audio_augment))
+                AudioInput(
+                    audio_features(cfg),
+                    augment=audio_augmentation(cfg.audio_augment, rate=cfg.audio_rate),
+                )
             )
         elif name == "tabular":
             train_rows = [r.tabular for r in manifest.split("train")]

@@ -11,8 +11,8 @@ either GroupNorm (trainable, the BatchNorm's scale and shift copied) or a frozen
 the pretrained statistics (``image-norm = frozen``). ``freeze`` (:data:`FREEZE_MODES`) fixes
 parts of an encoder: frozen parameters get no gradient, hence no noise and no clipping share.
 
-The optional libraries (``timm``, ``transformers``, ``peft``: the ``transfer`` extra) are
-imported only when a run names them.
+The optional libraries (``timm``, ``transformers``, ``peft``, ``torchxrayvision``: the
+``transfer`` extra) are imported only when a run names them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fedfuse.common.config import FREEZE_MODES
+from fedfuse.common.config import FREEZE_MODES, RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 
@@ -153,6 +153,58 @@ def freeze_encoder(encoder: nn.Module, mode: str) -> nn.Module:
         if id(p) not in keep:
             p.requires_grad_(False)
     return encoder
+
+
+# --- what a round sends ---------------------------------------------------------------------
+
+
+def fixed_state_keys(model: nn.Module, cfg: RunConfig) -> frozenset[str]:
+    """State-dict entries of ``model`` that no round changes and every party already holds.
+
+    Those of a pretrained backbone loaded from its SHA-256-checked file (``image-weights``;
+    the ``bert`` checkpoint) that do not train: its frozen parameters (LoRA adapters excepted:
+    their starting values are random, not the file's) and its buffers (constants such as
+    frozen BatchNorm statistics). The server and every site build them from the same file, so
+    the global model and every update leave them out (:func:`wire_state`): a frozen ResNet-18
+    no longer sends 11 million unchanged values masked every round (docs/BENCHMARKS.md). A
+    projection or head is never fixed this way, frozen or not: its start is random.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    prefixes = []
+    for modality, enc in getattr(model, "encoders", {}).items():
+        from_file = (modality == "image" and bool(cfg.image_weights)) or (
+            modality == "report" and cfg.text_encoder == "bert"
+        )
+        if from_file and hasattr(enc, "freeze_parts"):
+            prefixes.append(names[id(enc.freeze_parts()[0])] + ".")
+    if not prefixes:
+        return frozenset()
+    params = {n for n, p in model.named_parameters() if p.requires_grad or "lora_" in n}
+    return frozenset(
+        k
+        for k in model.state_dict(keep_vars=True)
+        if k.startswith(tuple(prefixes)) and k not in params
+    )
+
+
+def wire_state(model: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The part of ``model``'s state a round sends (global model and updates): all of it but
+    :func:`fixed_state_keys`."""
+    fixed = fixed_state_keys(model, cfg)
+    return {k: v for k, v in model.state_dict().items() if k not in fixed}
+
+
+def load_wire_state(model: nn.Module, cfg: RunConfig, state: dict[str, torch.Tensor]) -> None:
+    """Load a global model as :func:`wire_state` sent it; the fixed entries stay the ones
+    ``model`` was built with from the checked file. The names must be exactly those."""
+    expected = set(wire_state(model, cfg))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ConfigError(
+            f"the global model's parameter names differ (missing {missing[:3]}, unexpected "
+            f"{extra[:3]})"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -386,15 +438,17 @@ def _torchvision_resnet(arch: str, *, dim: int, in_channels: int, weights: Path 
 
 
 class _DenseNetFeatures(nn.Module):
-    """torchvision DenseNet's forward without its in-place final ReLU and classifier."""
+    """torchvision DenseNet's forward without its in-place final ReLU and classifier; inputs
+    multiplied by ``scale`` first (a fixed public constant, not a parameter)."""
 
-    def __init__(self, features: nn.Module) -> None:
+    def __init__(self, features: nn.Module, *, scale: float = 1.0) -> None:
         super().__init__()
         self.features = features
+        self.scale = scale
         self.pool = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x))
+        return self.pool(self.features(x * self.scale if self.scale != 1.0 else x))
 
 
 def _torchvision_densenet(
@@ -422,6 +476,36 @@ def _torchvision_densenet(
     )
 
 
+# torchxrayvision's models take pixels in [-1024, 1024] (its ``datasets.normalize``); fedfuse's
+# images arrive normalised to [-1, 1] (common/data/images.py).
+XRV_INPUT_SCALE = 1024.0
+
+
+def _xrv_densenet(arch: str, *, dim: int, in_channels: int, weights: Path | None, norm: str):
+    """torchxrayvision's chest X-ray DenseNet-121 (one input channel), its 18-finding
+    classifier removed. Its architecture comes from the library; its weights only from a local
+    state_dict file (``torch.save(xrv.models.DenseNet(weights=...).state_dict(), FILE)`` once,
+    on a machine with internet): fedfuse never lets the library download or unpickle a model."""
+    xrv = optional_import("torchxrayvision", purpose=f"image-encoder '{arch}'")
+    if in_channels != 1:
+        raise ConfigError(f"image-encoder '{arch}' takes gray images (one channel)")
+    net = xrv.models.DenseNet(weights=None)
+    _load_into(net, weights, arch=f"torchxrayvision {arch}", skip=("classifier.", "op_threshs"))
+    features = net.classifier.in_features
+    body = dp_norms(net.features, norm)
+    _no_inplace(body)
+    wrapped = _DenseNetFeatures(body, scale=XRV_INPUT_SCALE)
+    last = nn.ModuleList([cast(nn.Module, body.denseblock4), cast(nn.Module, body.norm5)])
+    return PretrainedImageEncoder(
+        wrapped,
+        features=features,
+        last_block=last,
+        dim=dim,
+        rgb=False,
+        min_size=DENSENET_MIN_SIZE,
+    )
+
+
 def _register_torchvision(name: str, builder) -> None:  # noqa: ANN001
     def make(
         *, dim: int, in_channels: int = 1, weights: str | Path | None = None, norm: str = "group"
@@ -434,7 +518,9 @@ def _register_torchvision(name: str, builder) -> None:  # noqa: ANN001
             norm=norm,
         )
 
-    make.__doc__ = f"torchvision {name}, BatchNorm made DP-safe (image-norm), one input channel."
+    make.__doc__ = builder.__doc__ or (
+        f"torchvision {name}, BatchNorm made DP-safe (image-norm), one input channel."
+    )
     IMAGE_ENCODERS.register(name)(make)
 
 
@@ -444,6 +530,8 @@ for _name, _builder in (
     ("resnet18", _torchvision_resnet),
     ("resnet50", _torchvision_resnet),
     ("densenet121", _torchvision_densenet),
+    # The chest X-ray DenseNet-121 of torchxrayvision (the `transfer` extra).
+    ("xrv-densenet121", _xrv_densenet),
 ):
     _register_torchvision(_name, _builder)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
+from typer.testing import CliRunner
 
+from fedfuse.cli import app
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.manifest import stable_split
 from fedfuse.common.data.synthetic import _SYMPTOMS_POS, generate
+from fedfuse.common.explain import explain_run
 from fedfuse.simulations.runner import simulate
 
 
@@ -57,3 +61,18 @@ def test_two_tasks_one_site_lacking_the_second(tmp_path):
         assert 0 < float(s["epsilon"]) <= cfg.target_epsilon + 1e-6
     summary = (run_dir / "summary.md").read_text()
     assert "## Tasks" in summary and "| symptoms |" in summary
+    # fedfuse explain: per-task figures over the records labelled for the task.
+    _, report = explain_run(run_dir, sites[0])
+    task = report["tasks"]["symptoms"]
+    assert task["records"] == site0_test
+    assert task["auroc"] > 0.5, task
+    # The task's label is in the note: hiding the report must cost it more than the image.
+    drop = {m: task["auroc"] - a for m, a in task["auroc-without"].items()}
+    assert drop["report"] > drop["image"], drop
+    _, report1 = explain_run(run_dir, sites[1])  # no label.symptoms column at site-1
+    assert report1["tasks"]["symptoms"]["records"] == 0
+    assert math.isnan(report1["tasks"]["symptoms"]["auroc"])
+    result = CliRunner().invoke(app, ["explain", str(run_dir), "--data", str(sites[0])])
+    assert result.exit_code == 0, result.output
+    assert "Tasks" in result.output and "symptoms" in result.output
+    assert f"{task['auroc']:.4f}" in result.output

@@ -15,15 +15,23 @@ from flwr.app import Context, RecordDict
 
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.synthetic import generate
-from fedfuse.common.models.pretrained import weights_sha256
+from fedfuse.common.models import build_model
+from fedfuse.common.models.pretrained import fixed_state_keys, weights_sha256, wire_state
+from fedfuse.common.secagg import masking
+from fedfuse.common.secagg.protocol import MASKED_ARRAY, MASKED_KEY
+from fedfuse.simulations import runner
 from fedfuse.simulations.inprocess import InProcessGrid
 from fedfuse.simulations.runner import simulate
 
 transformers = pytest.importorskip("transformers", reason="the 'transfer' extra is not installed")
 
 
+GRIDS: list[InProcessGrid] = []
+
+
 def _in_process(*, server_app, client_app, num_supernodes, **_: object) -> None:
     grid = InProcessGrid(client_app, num_supernodes)
+    GRIDS.append(grid)
     server_app(
         grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     )
@@ -69,6 +77,7 @@ def test_a_federated_round_with_pretrained_encoders(tmp_path, monkeypatch):
         target_epsilon=8.0,
     )
     monkeypatch.setattr(flwr.simulation, "run_simulation", _in_process)
+    monkeypatch.setattr(runner, "run_simulation", _in_process)  # the runner's own import
     run_dir = simulate(cfg, num_sites=2)
     (round1,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert set(round1["sites"]) == {"site-0", "site-1"}, round1
@@ -83,6 +92,25 @@ def test_a_federated_round_with_pretrained_encoders(tmp_path, monkeypatch):
     stem = next(k for k in ref if k.endswith("conv1.weight") or k.endswith("conv.weight"))
     assert torch.equal(state[f"encoders.image.net.{stem}"], ref[stem])
     assert any("lora_A" in k for k in state)
+
+    # The fixed backbones (frozen, from the checked files) never travel: each site's masked
+    # update holds exactly the entries that train (and the frozen, randomly started projection).
+    model = build_model(cfg)
+    wire = {k: v.numpy() for k, v in wire_state(model, cfg).items()}
+    fixed = fixed_state_keys(model, cfg)
+    assert not any(k.startswith("encoders.image.net.") for k in wire)
+    assert any("lora_A" in k for k in wire) and not any(".bert." in k and "lora_" not in k
+                                                        for k in wire)  # fmt: skip
+    assert fixed and set(state) == set(wire) | fixed  # model.pt: the whole model
+    vectors = [
+        m.content.array_records[MASKED_KEY][MASKED_ARRAY].numpy()
+        for m in GRIDS[-1].received
+        if m.metadata.message_type == "train" and MASKED_KEY in m.content.array_records
+    ]
+    assert len(vectors) == 2
+    assert all(v.size == masking.vector_length(wire) for v in vectors)
+    full = masking.vector_length({k: v.numpy() for k, v in model.state_dict().items()})
+    assert masking.vector_length(wire) < full / 2, (masking.vector_length(wire), full)
 
     # A site whose copy of the weights differs refuses; the run says so and names no path.
     bad = cfg.replace(run_name="bad", image_weights_sha256="0" * 64)

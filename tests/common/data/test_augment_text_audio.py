@@ -5,13 +5,14 @@ augmented record's gradient to the bound."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from opacus import GradSampleModule
 
 from fedfuse.common.config import RunConfig
-from fedfuse.common.data.augment_text_audio import AudioAugment, TextAugment
+from fedfuse.common.data.augment_text_audio import AudioAugment, TextAugment, audio_augmentation
 from fedfuse.common.data.dataset import load_site
 from fedfuse.common.data.synthetic import generate
 from fedfuse.common.models import build_model
@@ -67,6 +68,36 @@ def test_audio_augment_is_seeded_and_keeps_shapes():
     assert torch.equal(torch.random.get_rng_state(), state)  # global generator untouched
     assert torch.equal(m1, m2) and m1.shape == spec.shape
     assert (m1 == 0).sum() > (spec == 0).sum()  # something was masked
+
+
+def _peak_hz(wav: torch.Tensor, rate: int) -> float:
+    spectrum = torch.fft.rfft(wav).abs()
+    return float(spectrum.argmax()) * rate / wav.numel()
+
+
+def test_speed_and_pitch_change_the_frequency_and_keep_the_length():
+    rate = 1000
+    wav = torch.sin(2 * math.pi * 100 * torch.arange(rate) / rate)  # 1 s of 100 Hz
+    quiet = dict(snr_db=(300.0, 300.0), shift=0.0)  # no noise, no shift: speed/pitch alone
+    fast = AudioAugment(rate=rate, speeds=(1.1,), pitch_steps=0, **quiet)
+    out = fast.waveform(wav, generator=_gen(0))
+    # 10% faster: 110 Hz, and the clip ends after 1/1.1 s (zero padding keeps the length).
+    assert out.shape == wav.shape and abs(_peak_hz(out, rate) - 110) <= 1
+    assert out[-60:].abs().max() < 1e-6 and out[: rate * 9 // 10].abs().max() > 0.5
+    pitch = AudioAugment(rate=rate, speeds=(1.0,), pitch_steps=2, **quiet)
+    state = torch.random.get_rng_state()
+    peaks = set()
+    for seed in range(8):
+        a, b = pitch.waveform(wav, generator=_gen(seed)), pitch.waveform(wav, generator=_gen(seed))
+        assert torch.equal(a, b) and a.shape == wav.shape  # deterministic under the seed
+        peak = _peak_hz(a, rate)
+        # A whole number of semitones, at most 2 up or down: 100 * 2**(k/12).
+        assert min(abs(peak - 100 * 2 ** (k / 12)) for k in range(-2, 3)) <= 1.5, peak
+        peaks.add(round(peak))
+    assert len(peaks) > 1  # the shift is drawn per record
+    assert torch.equal(torch.random.get_rng_state(), state)  # global generator untouched
+    # The preset turns them on with the run's sample rate.
+    assert audio_augmentation("light", rate=rate).rate == rate
 
 
 @pytest.fixture(scope="module")

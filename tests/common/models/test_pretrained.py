@@ -20,7 +20,13 @@ from fedfuse.client.training import PrivacyPlan, train_round
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError, FedfuseError
 from fedfuse.common.models import build_model
-from fedfuse.common.models.pretrained import WeightsMismatch, weights_sha256
+from fedfuse.common.models.pretrained import (
+    WeightsMismatch,
+    fixed_state_keys,
+    load_wire_state,
+    weights_sha256,
+    wire_state,
+)
 
 
 def _save(tmp_path, net: nn.Module, name: str) -> tuple[str, str]:
@@ -165,6 +171,68 @@ def test_timm_architecture_from_a_local_file(tmp_path):
     train_round(model, data, cfg=cfg, plan=plan, history=[], seed=0, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="image-encoder 'timm:nope'"):
         build_model(_cfg(image_encoder="timm:nope"))
+
+
+def test_torchxrayvision_densenet_from_a_local_file(tmp_path):
+    xrv = pytest.importorskip("torchxrayvision", reason="the 'transfer' extra is not installed")
+    torch.manual_seed(0)
+    ref = xrv.models.DenseNet(weights=None)  # randomly initialised, saved as real weights are
+    with torch.no_grad():
+        ref.features.norm0.running_mean.uniform_(-1, 1)
+    path, digest = _save(tmp_path, ref, "xrv")
+    cfg = _cfg(
+        image_encoder="xrv-densenet121",
+        image_weights=path,
+        image_weights_sha256=digest,
+        image_norm="frozen",
+        image_freeze="head",
+        local_epochs=1,
+        modality_dropout=0.0,
+    )
+    model = build_model(cfg)
+    enc = model.encoders["image"]
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert _trainable(enc) == _trainable(enc.proj) == 4 * 1024 + 4
+    # The pretrained function exactly: our [-1, 1] pixels are xrv's [-1024, 1024] ones.
+    ref.eval()
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(enc.net(x), ref.features2(x * 1024), atol=1e-3, rtol=1e-4)
+    data = TensorDataset(torch.ones(8, 1), torch.rand(8, 1, 32, 32), torch.arange(8) % 2)
+    plan = PrivacyPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_round=2, num_rounds=1)
+    before = {k: v.detach().clone() for k, v in enc.net.state_dict().items()}
+    result = train_round(
+        model, data, cfg=cfg, plan=plan, history=[], seed=0, device=torch.device("cpu")
+    )
+    assert result.epsilon > 0
+    assert all(torch.equal(v, before[k]) for k, v in enc.net.state_dict().items())
+    with pytest.raises(WeightsMismatch):
+        build_model(cfg.replace(image_weights_sha256="0" * 64))
+
+
+def test_rounds_send_all_but_the_fixed_pretrained_backbone(r18):
+    _, path, digest = r18
+    cfg = _cfg(image_encoder="resnet18", image_weights=path, image_weights_sha256=digest,
+               image_freeze="head", image_norm="frozen")  # fmt: skip
+    model = build_model(cfg)
+    wire = wire_state(model, cfg)
+    # Exactly what trains: the projection and the rest of the model; no backbone entry.
+    assert set(wire) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(wire) | fixed_state_keys(model, cfg) == set(model.state_dict())
+    # A site loads the global model into the model it built from the same checked file.
+    other = build_model(cfg)
+    load_wire_state(other, cfg, {k: v + 1 for k, v in wire.items()})
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, wire[k] + 1 if k in wire else model.state_dict()[k]), k
+    with pytest.raises(ConfigError, match="parameter names differ"):
+        load_wire_state(other, cfg, model.state_dict())  # the fixed part is never accepted
+    # freeze = all: the projection is frozen too, but its start is random: it still travels.
+    cfg_all = cfg.replace(image_freeze="all")
+    assert any(k.startswith("encoders.image.proj.") for k in wire_state(build_model(cfg_all),
+                                                                       cfg_all))  # fmt: skip
+    # Without a weights file nothing is fixed: frozen random weights differ between parties.
+    plain = _cfg(image_encoder="resnet18", image_freeze="head", image_norm="frozen")
+    assert fixed_state_keys(build_model(plain), plain) == frozenset()
 
 
 def test_frozen_encoder_features_are_computed_once(r18):
