@@ -123,9 +123,7 @@ def run_federation(
                 (f"{len(run_dir.rounds)} of {cfg.num_rounds} rounds finished"),
             )
         state = (
-            {**model.state_dict(), **arrays.to_torch_state_dict()}
-            if arrays is not None
-            else None
+            {**model.state_dict(), **arrays.to_torch_state_dict()} if arrays is not None else None
         )
         if holdout is not None and state is not None and status == "completed":
             run_dir.holdout = held_out_figures(holdout, state, run_dir)
