@@ -33,6 +33,7 @@ from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
 from fedfuse.cli import app
+from fedfuse.simulations import runner as sim_runner
 from fedfuse.simulations.inprocess import InProcessGrid
 from fedfuse.simulations.scenarios import load_scenario
 
@@ -152,8 +153,14 @@ def shrink(argv: list[str], *, keep_rounds: bool) -> list[str]:
     return argv
 
 
+# One entry per federation run over InProcessGrid: a federation that ran elsewhere (Ray) is a
+# broken patch, found by the test instead of costing minutes unnoticed.
+IN_PROCESS: list[int] = []
+
+
 def _in_process(*, server_app, client_app, num_supernodes, **_: object) -> None:
     """``flwr.simulation.run_simulation`` without Ray: the same apps over an in-process Grid."""
+    IN_PROCESS.append(num_supernodes)
     grid = InProcessGrid(client_app, num_supernodes)
     server_app(
         grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -184,6 +191,23 @@ TIMINGS: list[dict[str, object]] = []
 RAN: dict[tuple[str, ...], str] = {}
 
 
+def same_run_key(small: list[str]) -> tuple[str, ...] | None:
+    """What makes a test-size command's run distinct; None for a command that always runs.
+
+    A simulate without ``--run-name`` is its whole command line. An experiment is its flags in
+    any order without ``--out``: the README's utility-vs-epsilon lines on the smoke, utility-3 and
+    utility-large scenarios all shrink to the same smoke sweep, and where a sweep's CSV and runs
+    go is checked by the first run (and by tests/simulations/test_scenarios_experiments.py).
+    """
+    if small[0] == "simulate" and "--run-name" not in small:
+        return tuple(small)
+    if small[0] == "experiment" and all(a.startswith("--") for a in small[2::2]):
+        flags = zip(small[2::2], small[3::2], strict=True)
+        pairs = sorted((f, v) for f, v in flags if f != "--out")
+        return (*small[:2], *(x for pair in pairs for x in pair))
+    return None
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     """One scratch folder for every block, in README order, as a reader's shell would be."""
@@ -196,7 +220,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         (ROOT / "simulations" / "scenarios" / "smoke.toml").read_text()
     )
     with pytest.MonkeyPatch.context() as mp:
+        # Both names: runner imports run_simulation at its top, so patching Flower's module alone
+        # would leave every README federation on Ray (10-18 s start-up each).
         mp.setattr(flwr.simulation, "run_simulation", _in_process)
+        mp.setattr(sim_runner, "run_simulation", _in_process)
         mp.chdir(work)
         mp.setenv("HOME", str(work / "home"))
         mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
@@ -236,15 +263,16 @@ def test_readme_block_runs(block: Block, workspace, capsys):
         if argv[:1] == ["fedfuse"]:
             before = {p.parent for p in work.glob("runs/**/privacy.json")}
             small = shrink(argv[1:], keep_rounds=keep_rounds)
-            if small[0] == "simulate" and "--run-name" not in small and tuple(small) in RAN:
+            key = same_run_key(small)
+            if key in RAN:
                 shown = "fedfuse " + " ".join(small)
-                TIMINGS.append(
-                    {"block": block.source, "command": shown, "same_as": RAN[tuple(small)]}
-                )
+                TIMINGS.append({"block": block.source, "command": shown, "same_as": RAN[key]})
                 with capsys.disabled():
-                    print(f"\n{block.source}: {shown}: same as {RAN[tuple(small)]}, not rerun")
+                    print(f"\n{block.source}: {shown}: same as {RAN[key]}, not rerun")
                 continue
-            RAN.setdefault(tuple(small), block.source)
+            if key is not None:
+                RAN[key] = block.source
+            federations = len(IN_PROCESS)
             res = runner.invoke(app, small)
             out, code = res.output, res.exit_code
             assert res.exception is None or isinstance(res.exception, SystemExit), (
@@ -264,6 +292,7 @@ def test_readme_block_runs(block: Block, workspace, capsys):
         assert code == 0, (block.source, shown, out[-3000:])
         # What the text says each command produces.
         if argv[:2] == ["fedfuse", "simulate"]:
+            assert len(IN_PROCESS) == federations + 1, (shown, "did not run in process")
             new = _new_run_dirs(work, before)
             assert len(new) == 1, (shown, out[-2000:])
             private = "--epsilon inf" not in command
