@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
 from fedfuse.cli import app
-from fedfuse.simulations import runner as sim_runner
-from fedfuse.simulations.inprocess import InProcessGrid
 from fedfuse.simulations.scenarios import load_scenario
+from tests.support import inprocess
+from tests.support.inprocess import patch_simulation
 
 ROOT = Path(__file__).resolve().parents[2]
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s+(.*?)\s*-->")
@@ -153,20 +152,6 @@ def shrink(argv: list[str], *, keep_rounds: bool) -> list[str]:
     return argv
 
 
-# One entry per federation run over InProcessGrid: a federation that ran elsewhere (Ray) is a
-# broken patch, found by the test instead of costing minutes unnoticed.
-IN_PROCESS: list[int] = []
-
-
-def _in_process(*, server_app, client_app, num_supernodes, **_: object) -> None:
-    """``flwr.simulation.run_simulation`` without Ray: the same apps over an in-process Grid."""
-    IN_PROCESS.append(num_supernodes)
-    grid = InProcessGrid(client_app, num_supernodes)
-    server_app(
-        grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    )
-
-
 # What a block's text says it produces, checked after the block ran (by the README line).
 RUN_FILES = (
     "config.json",
@@ -211,8 +196,6 @@ def same_run_key(small: list[str]) -> tuple[str, ...] | None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     """One scratch folder for every block, in README order, as a reader's shell would be."""
-    import flwr.simulation
-
     work = tmp_path_factory.mktemp("readme") / "work"
     (work / "home").mkdir(parents=True)
     # The README's "your own scenario file": the reader writes it; here a copy of smoke.
@@ -220,10 +203,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         (ROOT / "simulations" / "scenarios" / "smoke.toml").read_text()
     )
     with pytest.MonkeyPatch.context() as mp:
-        # Both names: runner imports run_simulation at its top, so patching Flower's module alone
-        # would leave every README federation on Ray (10-18 s start-up each).
-        mp.setattr(flwr.simulation, "run_simulation", _in_process)
-        mp.setattr(sim_runner, "run_simulation", _in_process)
+        patch_simulation(mp)
         mp.chdir(work)
         mp.setenv("HOME", str(work / "home"))
         mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
@@ -272,7 +252,7 @@ def test_readme_block_runs(block: Block, workspace, capsys):
                 continue
             if key is not None:
                 RAN[key] = block.source
-            federations = len(IN_PROCESS)
+            federations = len(inprocess.RUNS)
             res = runner.invoke(app, small)
             out, code = res.output, res.exit_code
             assert res.exception is None or isinstance(res.exception, SystemExit), (
@@ -292,7 +272,7 @@ def test_readme_block_runs(block: Block, workspace, capsys):
         assert code == 0, (block.source, shown, out[-3000:])
         # What the text says each command produces.
         if argv[:2] == ["fedfuse", "simulate"]:
-            assert len(IN_PROCESS) == federations + 1, (shown, "did not run in process")
+            assert len(inprocess.RUNS) == federations + 1, (shown, "did not run in process")
             new = _new_run_dirs(work, before)
             assert len(new) == 1, (shown, out[-2000:])
             private = "--epsilon inf" not in command
