@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedfuse.common.privacy.ddgauss import DdgEvent, epsilon_from_rdp, orders_for
 
@@ -117,18 +116,12 @@ def rdp_epsilon(events: Iterable[DpSgdEvent | DdgEvent], *, delta: float) -> flo
 def _plan_fresh(
     target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
-    """Opacus' search, memoised: a pure function of its arguments that takes seconds (PRV's
-    domain bound evaluates RDP at fractional orders), asked again by every run on the same data
-    and by each site of an in-process federation."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-        )
-    )
+    """The search of :func:`_plan_after` with no prior spend, memoised: a pure function of its
+    arguments, asked again by every run on the same data and by each site of an in-process
+    federation. Same contract as Opacus' ``get_noise_multiplier`` (epsilon within 1% below the
+    target), in about 4 PRV evaluations instead of its ~20 bisection steps (1 s instead of
+    2-5 s per plan here: PRV's domain bound evaluates RDP at fractional orders)."""
+    return _plan_after((), target_epsilon, target_delta, sample_rate, steps, accountant)
 
 
 def plan_noise_multiplier(

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
 from fedfuse.cli import app
-from fedfuse.simulations.inprocess import InProcessGrid
 from fedfuse.simulations.scenarios import load_scenario
+from tests.support import inprocess
+from tests.support.inprocess import patch_simulation
 
 ROOT = Path(__file__).resolve().parents[2]
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s+(.*?)\s*-->")
@@ -152,14 +152,6 @@ def shrink(argv: list[str], *, keep_rounds: bool) -> list[str]:
     return argv
 
 
-def _in_process(*, server_app, client_app, num_supernodes, **_: object) -> None:
-    """``flwr.simulation.run_simulation`` without Ray: the same apps over an in-process Grid."""
-    grid = InProcessGrid(client_app, num_supernodes)
-    server_app(
-        grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    )
-
-
 # What a block's text says it produces, checked after the block ran (by the README line).
 RUN_FILES = (
     "config.json",
@@ -184,11 +176,26 @@ TIMINGS: list[dict[str, object]] = []
 RAN: dict[tuple[str, ...], str] = {}
 
 
+def same_run_key(small: list[str]) -> tuple[str, ...] | None:
+    """What makes a test-size command's run distinct; None for a command that always runs.
+
+    A simulate without ``--run-name`` is its whole command line. An experiment is its flags in
+    any order without ``--out``: the README's utility-vs-epsilon lines on the smoke, utility-3 and
+    utility-large scenarios all shrink to the same smoke sweep, and where a sweep's CSV and runs
+    go is checked by the first run (and by tests/simulations/test_scenarios_experiments.py).
+    """
+    if small[0] == "simulate" and "--run-name" not in small:
+        return tuple(small)
+    if small[0] == "experiment" and all(a.startswith("--") for a in small[2::2]):
+        flags = zip(small[2::2], small[3::2], strict=True)
+        pairs = sorted((f, v) for f, v in flags if f != "--out")
+        return (*small[:2], *(x for pair in pairs for x in pair))
+    return None
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     """One scratch folder for every block, in README order, as a reader's shell would be."""
-    import flwr.simulation
-
     work = tmp_path_factory.mktemp("readme") / "work"
     (work / "home").mkdir(parents=True)
     # The README's "your own scenario file": the reader writes it; here a copy of smoke.
@@ -196,7 +203,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         (ROOT / "simulations" / "scenarios" / "smoke.toml").read_text()
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flwr.simulation, "run_simulation", _in_process)
+        patch_simulation(mp)
         mp.chdir(work)
         mp.setenv("HOME", str(work / "home"))
         mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
@@ -236,15 +243,16 @@ def test_readme_block_runs(block: Block, workspace, capsys):
         if argv[:1] == ["fedfuse"]:
             before = {p.parent for p in work.glob("runs/**/privacy.json")}
             small = shrink(argv[1:], keep_rounds=keep_rounds)
-            if small[0] == "simulate" and "--run-name" not in small and tuple(small) in RAN:
+            key = same_run_key(small)
+            if key in RAN:
                 shown = "fedfuse " + " ".join(small)
-                TIMINGS.append(
-                    {"block": block.source, "command": shown, "same_as": RAN[tuple(small)]}
-                )
+                TIMINGS.append({"block": block.source, "command": shown, "same_as": RAN[key]})
                 with capsys.disabled():
-                    print(f"\n{block.source}: {shown}: same as {RAN[tuple(small)]}, not rerun")
+                    print(f"\n{block.source}: {shown}: same as {RAN[key]}, not rerun")
                 continue
-            RAN.setdefault(tuple(small), block.source)
+            if key is not None:
+                RAN[key] = block.source
+            federations = len(inprocess.RUNS)
             res = runner.invoke(app, small)
             out, code = res.output, res.exit_code
             assert res.exception is None or isinstance(res.exception, SystemExit), (
@@ -264,6 +272,7 @@ def test_readme_block_runs(block: Block, workspace, capsys):
         assert code == 0, (block.source, shown, out[-3000:])
         # What the text says each command produces.
         if argv[:2] == ["fedfuse", "simulate"]:
+            assert len(inprocess.RUNS) == federations + 1, (shown, "did not run in process")
             new = _new_run_dirs(work, before)
             assert len(new) == 1, (shown, out[-2000:])
             private = "--epsilon inf" not in command

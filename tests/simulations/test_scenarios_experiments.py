@@ -4,17 +4,16 @@ import csv
 import json
 import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from fedfuse.cli import app
 from fedfuse.common.errors import ConfigError
 from fedfuse.simulations.scenarios import list_scenarios, load_scenario
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import inprocess
+from tests.support.inprocess import patch_simulation
 
 
 def test_every_scenario_parses():
@@ -58,20 +57,18 @@ def test_site_lacks_writes_sites_without_that_modality(tmp_path):
 
 
 @pytest.mark.e2e
-def test_utility_vs_epsilon_tiny_grid_on_the_smoke_scenario(tmp_path):
-    """Runs the smoke scenario end to end twice (epsilon 2 and no DP) plus the baseline."""
+def test_utility_vs_epsilon_tiny_grid_on_the_smoke_scenario(tmp_path, monkeypatch):
+    """Runs the smoke scenario end to end twice (epsilon 2 and no DP) plus the baseline, through
+    the command line, over the in-process grid (the sweep's logic is the claim here, not Ray's;
+    Flower's engine runs in tests/simulations/test_e2e_simulation.py)."""
     out = tmp_path / "exp"
-    env = {
-        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "PYTHONPATH": str(ROOT),
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-    res = subprocess.run(
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    patch_simulation(monkeypatch)
+    before = len(inprocess.RUNS)
+    res = CliRunner().invoke(
+        app,
         [
-            sys.executable,
-            "-m",
-            "fedfuse.cli",
             "experiment",
             "utility-vs-epsilon",
             "--scenario",
@@ -83,16 +80,12 @@ def test_utility_vs_epsilon_tiny_grid_on_the_smoke_scenario(tmp_path):
             "--out",
             str(out),
         ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
     )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.exit_code == 0, res.output[-3000:] + repr(res.exception)
+    assert len(inprocess.RUNS) == before + 2  # the two federations (the baseline is central)
     # Run N of M, with an estimate of what is left from the second run on.
-    assert "run 1 of 3: centralised baseline, seed 0 (estimate after the first run)" in res.stdout
-    assert re.search(r"run 3 of 3: epsilon inf, seed 0 \(about \d+ (s|min) left\)", res.stdout)
+    assert "run 1 of 3: centralised baseline, seed 0 (estimate after the first run)" in res.output
+    assert re.search(r"run 3 of 3: epsilon inf, seed 0 \(about \d+ (s|min) left\)", res.output)
     rows = list(csv.DictReader((out / "utility_vs_epsilon.csv").open()))
     variants = [(r["variant"], float(r["epsilon"])) for r in rows]
     assert variants == [("centralised", math.inf), ("federated", 2.0), ("federated", math.inf)]

@@ -1,0 +1,37 @@
+"""``flwr.simulation.run_simulation`` without Ray, for tests whose claim is not about Ray.
+
+Flower's simulation engine starts Ray for every federation (10-18 s here); these tests run the
+same ServerApp and ClientApp over :class:`fedfuse.simulations.inprocess.InProcessGrid` instead.
+The engine itself stays covered by tests/simulations/test_e2e_simulation.py and the other
+federations that call :func:`fedfuse.simulations.runner.simulate` directly.
+"""
+
+from __future__ import annotations
+
+import flwr.simulation
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedfuse.simulations import runner
+from fedfuse.simulations.inprocess import InProcessGrid
+
+# One entry (the number of sites) per federation run in process: a test can check that its
+# federations did not leave for Ray, e.g. after a refactoring that imports the name elsewhere.
+RUNS: list[int] = []
+
+
+def run_simulation_in_process(*, server_app, client_app, num_supernodes, **_: object) -> None:  # noqa: ANN001
+    """The signature of ``flwr.simulation.run_simulation``: the apps over an in-process Grid."""
+    RUNS.append(num_supernodes)
+    grid = InProcessGrid(client_app, num_supernodes)
+    server_app(
+        grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    )
+
+
+def patch_simulation(mp: pytest.MonkeyPatch) -> None:
+    """Every federation started through :func:`fedfuse.simulations.runner.simulate` (the CLI,
+    experiments, the empirical audit) runs in process while ``mp`` is active. runner imports
+    ``run_simulation`` at its top, so its own name is the one to replace."""
+    mp.setattr(flwr.simulation, "run_simulation", run_simulation_in_process)
+    mp.setattr(runner, "run_simulation", run_simulation_in_process)
