@@ -22,16 +22,17 @@ import importlib
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fedfuse.common.config import FREEZE_MODES, RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+
+if TYPE_CHECKING:
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
 # DenseNet's transitions pool without padding: below 32 pixels (five halvings) its map would
 # shrink to 0x0, so smaller images are upsampled for it.
@@ -210,40 +211,46 @@ def load_wire_state(model: nn.Module, cfg: RunConfig, state: dict[str, torch.Ten
 # --- images ---------------------------------------------------------------------------------
 
 
-class _BasicBlockNoInplace(BasicBlock):
-    """torchvision's ResNet BasicBlock with an out-of-place residual addition."""
+@lru_cache(maxsize=1)
+def _no_inplace_blocks() -> dict[type, type]:
+    """torchvision's ResNet blocks -> subclasses with an out-of-place residual addition."""
+    # lazy: torchvision takes about a second to import, paid by every ClientApp process
+    # (a deployed site starts several a round); only pretrained image encoders need it
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+    class _BasicBlockNoInplace(BasicBlock):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(out + identity)
 
+    class _BottleneckNoInplace(Bottleneck):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(out + identity)
 
-class _BottleneckNoInplace(Bottleneck):
-    """torchvision's ResNet Bottleneck with an out-of-place residual addition."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+    return {BasicBlock: _BasicBlockNoInplace, Bottleneck: _BottleneckNoInplace}
 
 
 def _no_inplace(net: nn.Module) -> None:
     # In-place ops (ReLU(inplace=True), "out += identity") would edit the outputs of Opacus'
     # backward hooks, which autograd forbids.
+    blocks = _no_inplace_blocks()
     for m in net.modules():
         if hasattr(m, "inplace") and isinstance(m.inplace, bool):
             m.inplace = False
-        if type(m) is BasicBlock:
-            m.__class__ = _BasicBlockNoInplace
-        elif type(m) is Bottleneck:
-            m.__class__ = _BottleneckNoInplace
+        if type(m) in blocks:
+            m.__class__ = blocks[type(m)]
 
 
 def _frozen_bn(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    # lazy: see _no_inplace_blocks
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     f = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
     with torch.no_grad():
         if bn.affine:
