@@ -457,7 +457,8 @@ def _run_simulation(
         _fail(str(exc))
     _close_tracker(tracker, where)
     privacy = _print_privacy(run_dir)
-    _print_holdout(run_dir)
+    if cfg.holdout_site:
+        _print_holdout(run_dir)
     console.print(f"Run directory: [bold]{run_dir}[/]")
     if privacy.get("status", "completed") != "completed":
         _fail(f"the run {privacy['status']}: {privacy.get('reason', '')}", code=1)
@@ -465,7 +466,8 @@ def _run_simulation(
 
 def _print_holdout(run_dir: Path) -> None:
     """One line on the held-out site's figures, when the run held one out."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
     held = json.loads(lines[-1]).get("holdout") if lines else None
     if not held:
         return
