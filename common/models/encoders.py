@@ -115,6 +115,54 @@ class SmallCNN(nn.Module):
         return torch.relu(self.proj(self.tower(x)))
 
 
+@IMAGE_ENCODERS.register("pool")
+class PooledLinear(nn.Module):
+    """Average-pooled pixels (a ``grid`` x ``grid`` map of cell means) -> a Linear layer.
+
+    The default image encoder: under DP-SGD every parameter receives noise, and this encoder
+    has ``grid**2 * in_channels * dim + dim`` of them (136 by default) against the CNN's ~7,000.
+    Cell means keep what a small bright finding adds to its cell, with the pixel noise averaged
+    away. The CNN's random-walking weights add noise to every record's logit and its ReLU
+    outputs die, so on the demo it learned nothing from the image in 3 rounds (the model stalled
+    at the report's ceiling); this one does (docs/BENCHMARKS.md#the-demo-make-demo). No ReLU on
+    the output: a linear feature cannot die.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        in_channels: int = 1,
+        grid: int = 4,
+        weights: str = "",
+        norm: str = "group",
+    ) -> None:
+        # ``norm`` is accepted for a uniform signature: there is no normalisation layer.
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten())
+        self.proj = nn.Linear(in_channels * grid * grid, dim)
+        self.out_dim = dim
+        if weights:
+            state = _load_local_weights(self, weights, "pool")
+            try:
+                self.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"'image-weights' file '{weights}' does not fit the pool encoder "
+                    f"(embed-dim {dim}): {exc}"
+                ) from exc
+
+    def freeze_parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(backbone, its last block, head) for ``image-freeze``: the pooling has no weights."""
+        return self.pool, self.pool, self.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Centred on mid-grey (pixels are in [0, 1]): uncentred inputs give the Linear a large
+        # common component, and each Adam step at the DP learning rate then moves every
+        # record's logit by about lr * 8, so training oscillates instead of converging.
+        return self.proj(self.pool(x) - 0.5)
+
+
 class _HashedText(nn.Module):
     def __init__(self, *, dim: int, num_buckets: int) -> None:
         super().__init__()

@@ -176,7 +176,7 @@ def test_ghost_embedding_norms_match_per_sample_gradients():
 
 
 def test_ghost_coverage_names_the_layers_that_fall_back_to_hooks():
-    cov = ghost_coverage(build_model(RunConfig()))
+    cov = ghost_coverage(build_model(RunConfig(image_encoder="cnn")))
     assert "GhostEmbedding x1" in cov["ghost"] and any("Linear" in c for c in cov["ghost"])
     assert any("Conv2d" in c for c in cov["per-sample-hooks"])
 
