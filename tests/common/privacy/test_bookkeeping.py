@@ -93,13 +93,14 @@ def _model_inputs(cfg: RunConfig, n: int) -> list[torch.Tensor]:
     "cfg",
     [
         RunConfig(),
+        RunConfig(image_encoder="cnn"),
         small_cfg(fusion="concat"),
         small_cfg(fusion="gated"),
         small_cfg(fusion="attention"),
         small_cfg(fusion="late", text_encoder="hash-attention"),
         small_cfg(modalities="image", image_encoder="resnet18"),
     ],
-    ids=["default", "concat", "gated", "attention", "late-hash-attention", "resnet18"],
+    ids=["default", "default-cnn", "concat", "gated", "attention", "late-hash-attention", "resnet18"],
 )
 def test_models_match_hooks_mode(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small chunks, so the chunked per-record convolution gradients cross chunk boundaries.
@@ -114,7 +115,13 @@ def test_models_match_hooks_mode(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch
         inputs = _model_inputs(cfg, n)
     y = torch.arange(n) % len(cfg.class_names)
     kinds = assert_matches_hooks(model, inputs, y)
-    if cfg == RunConfig():
+    if cfg == RunConfig():  # the `pool` image encoder: a Linear over cell means
+        assert sorted(set(kinds.values())) == ["embedding", "linear"]
+        assert bookkeeping_coverage(build_model(cfg)) == {
+            "embedding": ["GhostEmbedding x1"],
+            "linear": ["Linear x2"],
+        }
+    if cfg == RunConfig(image_encoder="cnn"):
         assert sorted(set(kinds.values())) == ["conv", "embedding", "group-norm", "linear"]
         assert bookkeeping_coverage(build_model(cfg)) == {
             "conv": ["DPConv2d x3"],
