@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 from fedfuse.common.errors import ImageReadError
 
@@ -162,12 +166,16 @@ def to_model_tensor(arr: np.ndarray, size: int) -> torch.Tensor:
     """A [0, 1] grayscale array -> ``(1, size, size)`` float tensor, still in [0, 1]."""
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).unsqueeze(0)
     if t.shape[-2:] != (size, size):
-        t = v2.functional.resize(t, [size, size], antialias=True).clamp_(0.0, 1.0)
+        # torchvision's tensor resize is exactly this call; torchvision itself is not imported
+        # here because every site process (SecAgg+ stages included) would pay ~1 s for it.
+        t = F.interpolate(
+            t[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )[0].clamp_(0.0, 1.0)
     return t
 
 
 def normalise(t: torch.Tensor) -> torch.Tensor:
-    return v2.functional.normalize(t, mean=[NORM_MEAN], std=[NORM_STD])
+    return (t - NORM_MEAN) / NORM_STD
 
 
 def train_augmentation(kind: str) -> v2.Transform | None:
@@ -179,6 +187,9 @@ def train_augmentation(kind: str) -> v2.Transform | None:
     if kind == "none":
         return None
     if kind == "light":
+        # lazy: torchvision takes about a second to import; only augmented training needs it
+        from torchvision.transforms import v2
+
         return v2.Compose(
             [
                 v2.RandomAffine(degrees=7, translate=(0.06, 0.06), scale=(0.93, 1.07)),
