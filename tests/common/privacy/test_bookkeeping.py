@@ -100,7 +100,15 @@ def _model_inputs(cfg: RunConfig, n: int) -> list[torch.Tensor]:
         small_cfg(fusion="late", text_encoder="hash-attention"),
         small_cfg(modalities="image", image_encoder="resnet18"),
     ],
-    ids=["default", "default-cnn", "concat", "gated", "attention", "late-hash-attention", "resnet18"],
+    ids=[
+        "default",
+        "default-cnn",
+        "concat",
+        "gated",
+        "attention",
+        "late-hash-attention",
+        "resnet18",
+    ],
 )
 def test_models_match_hooks_mode(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small chunks, so the chunked per-record convolution gradients cross chunk boundaries.
