@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     variants: list[float] = ([] if args.no_private_baseline else [math.inf]) + epsilons
+    if not variants:
+        ap.error("nothing to run: give --epsilons or drop --no-private-baseline")
     args.out.mkdir(parents=True, exist_ok=True)
     total = len(seeds) * (len(variants) + (0 if args.no_private_baseline else 1))
     rows: list[dict[str, Any]] = []
