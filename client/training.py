@@ -53,9 +53,9 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     # says so with its ``learning_rate_scale`` (see AttentionHead).
     lr = cfg.learning_rate * getattr(getattr(model, "head", None), "learning_rate_scale", 1.0)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     # Momentum averages the DP noise over steps (De et al. 2022, arXiv:2204.13650).
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,9 @@ def _tokenizer(cfg: RunConfig) -> HashingTokenizer:
         return checkpoint_tokenizer(  # type: ignore[return-value]
             cfg.text_weights, sha256=cfg.text_weights_sha256, max_tokens=cfg.max_tokens
         )
-    return HashingTokenizer(num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens)
+    return HashingTokenizer(
+        num_buckets=cfg.text_buckets, max_tokens=cfg.max_tokens, ngrams=cfg.text_ngrams
+    )
 
 
 def build_inputs(cfg: RunConfig, manifest: Manifest) -> tuple[ModalityInput, ...]:

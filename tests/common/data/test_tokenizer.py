@@ -45,3 +45,13 @@ def test_negation_bigrams_and_truncation():
     short = HashingTokenizer(num_buckets=4096, max_tokens=3)
     assert short("a b c d e f").tolist() == short.ids("a b c")
     assert short("").tolist() == [PAD_ID] * 3
+
+
+def test_trigrams_add_ids_after_the_bigrams():
+    words = HashingTokenizer(num_buckets=4096, max_tokens=200, ngrams=1).ids("is fever present")
+    bi = HashingTokenizer(num_buckets=4096, max_tokens=200, ngrams=2).ids("is fever present")
+    tri = HashingTokenizer(num_buckets=4096, max_tokens=200, ngrams=3).ids("is fever present")
+    assert len(words) == 3 and bi[:3] == words and len(bi) == 5
+    assert tri[:5] == bi and len(tri) == 6
+    # the trigram is its own feature: not any of the words' or bigrams' ids by construction
+    assert tri[5] == HashingTokenizer(num_buckets=4096, max_tokens=200)._bucket("is_fever_present")

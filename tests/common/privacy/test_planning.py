@@ -75,7 +75,7 @@ def test_text_buckets_shrink_with_the_budget_and_grow_without_noise():
     assert plan_text_buckets(2400, target_epsilon=4.0) == 2048  # 1,200 records' worth
     assert plan_text_buckets(2400, target_epsilon=1.0) == 1024
     assert plan_text_buckets(100_000, target_epsilon=8.0) == 4096
-    assert plan_text_buckets(300, target_epsilon=math.inf) == 16384
+    assert plan_text_buckets(300, target_epsilon=math.inf) == 65536
 
 
 def test_keys_the_user_set_are_kept():
@@ -91,7 +91,12 @@ def test_keys_the_user_set_are_kept():
 def test_no_dp_plans_no_noise():
     plan = plan_training(COUNTS, target_epsilon=math.inf, target_delta=1e-5)
     assert all(s.noise_multiplier is None and math.isinf(s.epsilon) for s in plan.sites)
-    assert plan.settings["text-buckets"] == 16384
+    assert plan.settings["text-buckets"] == 65536
+    # Without noise: word trigrams (room for their ids) and an L2 penalty; under DP neither.
+    private = plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5).settings
+    assert (plan.settings["text-ngrams"], private["text-ngrams"]) == (3, 2)
+    assert (plan.settings["max-tokens"], private["max-tokens"]) == (96, 64)
+    assert plan.settings["weight-decay"] > 0 and private["weight-decay"] == 0
     assert (
         plan.settings["learning-rate"]
         < plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5).settings["learning-rate"]
