@@ -196,7 +196,6 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     ceiling; middle and right: the federation's per-round test AUROC and training loss (mean over
     seeds, one line per epsilon)."""
     from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     from fedfuse.common import plots  # noqa: F401  (selects the headless backend)
 
@@ -232,27 +231,38 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
         (axes[1], "round_auroc", "sites' test AUROC (server's figure)"),
         (axes[2], "round_train_loss", "sites' mean training loss (kept at the sites)"),
     ):
-        for i, e in enumerate(eps_values):
-            curves = [
-                [float(x) for x in str(r[key]).split()] for r in fed if float(r["epsilon"]) == e
+        groups = {
+            "no DP" if math.isinf(e) else f"epsilon {e:g}": [
+                r[key] for r in fed if float(r["epsilon"]) == e
             ]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            mean = [statistics.fmean(c[j] for c in curves) for j in range(n)]
-            label = "no DP" if math.isinf(e) else f"epsilon {e:g}"
-            ax.plot(range(1, n + 1), mean, "o-", color=f"C{i}", label=label)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            for e in eps_values
+        }
+        plot_round_curves(ax, groups, ylabel=ylabel)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_round_curves(ax: Any, groups: dict[str, list[str]], *, ylabel: str) -> None:
+    """One line per group on ``ax``: the mean over its runs of a per-round figure, each run's
+    given as the CSV's space-separated string (runs of different lengths are cut to the
+    shortest); a group with no figures is left out."""
+    from matplotlib.ticker import MaxNLocator
+
+    for i, (label, texts) in enumerate(groups.items()):
+        curves = [c for c in ([float(x) for x in str(t).split()] for t in texts) if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [statistics.fmean(c[j] for c in curves) for j in range(n)]
+        ax.plot(range(1, n + 1), mean, "o-", color=f"C{i}", label=label)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from bench.real_data import copy_sites, run_federation
+from bench.real_data import copy_sites, plot_round_curves, run_federation
 from fedfuse.client.training import train_round
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import load_site
@@ -114,7 +114,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     """Left: final pooled test AUROC per variant (mean, and each seed); right: AUROC per round."""
     from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     from fedfuse.common import plots  # noqa: F401  (selects the headless backend)
 
@@ -141,18 +140,11 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     ax.set_ylabel("pooled test AUROC (final model)")
     ax.grid(alpha=0.3, axis="y")
     ax = axes[1]
-    for i, v in enumerate(variants):
-        curves = [
-            [float(x) for x in str(r["round_auroc"]).split()] for r in rows if r["variant"] == v
-        ]
-        n = min(len(c) for c in curves)
-        mean = [statistics.fmean(c[j] for c in curves) for j in range(n)]
-        ax.plot(range(1, n + 1), mean, "o-", color=f"C{i}", label=v)
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("sites' test AUROC (server's figure)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    plot_round_curves(
+        ax,
+        {v: [r["round_auroc"] for r in rows if r["variant"] == v] for v in variants},
+        ylabel="sites' test AUROC (server's figure)",
+    )
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
