@@ -33,8 +33,6 @@ def test_four_modalities_with_missing_records(tmp_path):
         tabular_columns=",".join(TABULAR_COLUMNS),
         tabular_ranges=TABULAR_RANGES,
         fusion="attention",
-        # The CNN: this federation's figure above chance was measured with it (BENCHMARKS).
-        image_encoder="cnn",
         num_rounds=3,
         local_epochs=2,
         batch_size=128,

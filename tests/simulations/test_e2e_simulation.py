@@ -41,11 +41,6 @@ def test_two_site_two_round_private_federation(tmp_path, synth_root):
             "local-epochs=2",
             "--set",
             "batch-size=64",
-            # The image encoder this test was measured with. The default `pool` (issue 19's
-            # third pass) failed to learn on these 200-record sites in 2 of 3 runs here (round-2
-            # AUROC 0.45-0.49, test loss rising): an open point of issue 19, not hidden here.
-            "--set",
-            "image-encoder=cnn",
         ],
         cwd=tmp_path,
         capture_output=True,
