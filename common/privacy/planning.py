@@ -51,12 +51,12 @@ MIN_BATCH = 32
 # the rate alone sets the step (Li et al. 2022, arXiv:2110.05679, on clipping every record).
 MAX_GRAD_NORM = 1.0
 PRIVATE_LEARNING_RATE = 0.1
-# ... at a median site of PRIVATE_RATE_RECORDS records or more; smaller sites get
-# PRIVATE_LEARNING_RATE * sqrt(median / PRIVATE_RATE_RECORDS): their batches (a third of the
-# site) average fewer records against the same noise, and Adam moves a noise-dominated weight by
-# the full rate each step. On 140-320-record synthetic sites (2 rounds, epsilon 4) the round-2
-# AUROC averaged 0.66 at Adam 0.1, 0.74 at 0.03, 0.81 at 0.01 (5 seeds); PathVQA's 2,300-2,600-
-# record sites were tuned at 0.1 (docs/BENCHMARKS.md#the-demo-make-demo, fourth pass).
+# That rate holds from a median site of PRIVATE_RATE_RECORDS training records up; smaller sites
+# get PRIVATE_LEARNING_RATE * sqrt(median / PRIVATE_RATE_RECORDS): their batches (a third of the
+# site) average fewer records against the same noise, and Adam moves a weight whose gradient is
+# mostly noise by about the full rate each step. The square root interpolates between measured
+# points (docs/BENCHMARKS.md#the-demo-make-demo, fourth pass): 140-320-record synthetic sites
+# learned best at 0.01-0.03, PathVQA's 2,300-2,600-record sites at 0.1.
 PRIVATE_RATE_RECORDS = 2048
 # Without noise a smaller step: the larger one overfits the training records in a few rounds.
 NON_PRIVATE_LEARNING_RATE = 0.03
