@@ -68,8 +68,9 @@ class RunConfig:
     local_epochs: int = 3
     # Large batches: DP noise is added once per batch, so its share of the update falls as 1/B.
     batch_size: int = 256
-    # Adam at 0.1 with clipping norm 1: what `fedfuse plan` chooses under DP (see
-    # common/privacy/planning.py; measured in docs/BENCHMARKS.md#real-data-pathvqa).
+    # Adam at 0.1 with clipping norm 1: what `fedfuse plan` chooses under DP for sites of 2,048
+    # records or more, less for smaller ones (common/privacy/planning.py `plan_learning_rate`;
+    # measured in docs/BENCHMARKS.md#real-data-pathvqa).
     learning_rate: float = 0.1
     # Adam reached a higher AUROC than SGD+momentum under DP on the synthetic task (see
     # docs/BENCHMARKS.md); "sgd" is kept for users who prefer it.

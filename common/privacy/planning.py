@@ -54,6 +54,13 @@ MIN_BATCH = 32
 # the rate alone sets the step (Li et al. 2022, arXiv:2110.05679, on clipping every record).
 MAX_GRAD_NORM = 1.0
 PRIVATE_LEARNING_RATE = 0.1
+# That rate holds from a median site of PRIVATE_RATE_RECORDS training records up; smaller sites
+# get PRIVATE_LEARNING_RATE * sqrt(median / PRIVATE_RATE_RECORDS): their batches (a third of the
+# site) average fewer records against the same noise, and Adam moves a weight whose gradient is
+# mostly noise by about the full rate each step. The square root interpolates between measured
+# points (docs/BENCHMARKS.md#the-demo-make-demo, fourth pass): 140-320-record synthetic sites
+# learned best at 0.01-0.03, PathVQA's 2,300-2,600-record sites at 0.1.
+PRIVATE_RATE_RECORDS = 2048
 # Without noise a smaller step: the larger one overfits the training records in a few rounds.
 NON_PRIVATE_LEARNING_RATE = 0.03
 LOCAL_EPOCHS = 3
@@ -273,7 +280,7 @@ def plan_training(
         "num-rounds": ROUNDS,
         "local-epochs": LOCAL_EPOCHS,
         "batch-size": max(MIN_BATCH, math.ceil(median / STEPS_PER_EPOCH)),
-        "learning-rate": PRIVATE_LEARNING_RATE if private else NON_PRIVATE_LEARNING_RATE,
+        "learning-rate": plan_learning_rate(median) if private else NON_PRIVATE_LEARNING_RATE,
         "max-grad-norm": MAX_GRAD_NORM,
         "text-buckets": plan_text_buckets(median, target_epsilon=target_epsilon),
         "text-ngrams": TEXT_NGRAMS["private" if private else "non-private"],
@@ -317,6 +324,12 @@ def plan_training(
         target_delta=target_delta,
         explanation=_explain(settings, sites, median=median, private=private),
     )
+
+
+def plan_learning_rate(median: int) -> float:
+    """Adam's rate under DP for sites whose median holds ``median`` training records."""
+    scale = math.sqrt(min(1.0, median / PRIVATE_RATE_RECORDS))
+    return float(f"{PRIVATE_LEARNING_RATE * scale:.2g}")
 
 
 def plan_text_buckets(median: int, *, target_epsilon: float) -> int:

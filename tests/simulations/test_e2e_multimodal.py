@@ -33,7 +33,9 @@ def test_four_modalities_with_missing_records(tmp_path):
         tabular_columns=",".join(TABULAR_COLUMNS),
         tabular_ranges=TABULAR_RANGES,
         fusion="attention",
-        # The CNN: this federation's figure above chance was measured with it (BENCHMARKS).
+        # The CNN: this federation's figure above chance was measured with it (BENCHMARKS). With
+        # the default `pool` it passed 3 of 3 runs but at 0.615, 0.572, 0.507 (issue 19, fourth
+        # pass): too thin a margin to rely on. Its config is not planned (RunConfig directly).
         image_encoder="cnn",
         num_rounds=3,
         local_epochs=2,

@@ -41,11 +41,6 @@ def test_two_site_two_round_private_federation(tmp_path, synth_root):
             "local-epochs=2",
             "--set",
             "batch-size=64",
-            # The image encoder this test was measured with. The default `pool` (issue 19's
-            # third pass) failed to learn on these 200-record sites in 2 of 3 runs here (round-2
-            # AUROC 0.45-0.49, test loss rising): an open point of issue 19, not hidden here.
-            "--set",
-            "image-encoder=cnn",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -66,7 +61,9 @@ def test_two_site_two_round_private_federation(tmp_path, synth_root):
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     r1, r2 = rounds
-    assert r2["eval-auroc"] > 0.5 or r2["eval-loss"] < r1["eval-loss"]
+    # The plan's rate for these ~150-300-record sites learns: round-2 AUROC 0.82-0.90 in three
+    # runs; Adam at 0.1 (the rate for large sites) gave 0.45-0.64 (docs/BENCHMARKS.md, the demo).
+    assert r2["eval-auroc"] > 0.7, (r1, r2)
     assert set(r1["sites"]) == set(r2["sites"]) == {"site-0", "site-1"}
     privacy = json.loads((run_dir / "privacy.json").read_text())
     for site in ("site-0", "site-1"):

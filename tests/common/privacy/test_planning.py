@@ -103,6 +103,17 @@ def test_no_dp_plans_no_noise():
     )
 
 
+def test_the_private_rate_shrinks_on_small_sites():
+    rates = [
+        plan_training({"a": n}, target_epsilon=8.0, target_delta=1e-5).settings["learning-rate"]
+        for n in (150, 600, 2048, 2500)
+    ]
+    assert rates == sorted(rates) and rates[0] < 0.03 and rates[2] == rates[3] == 0.1
+    # Without DP the rate does not depend on the site's size.
+    plain = plan_training({"a": 150}, target_epsilon=math.inf, target_delta=1e-5)
+    assert plain.settings["learning-rate"] == 0.03
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="no site"):
         plan_training({}, target_epsilon=8.0, target_delta=1e-5)
@@ -117,7 +128,7 @@ def test_auto_and_unset_keys_take_the_plan_and_set_keys_survive(synth_sites):
     plan, cfg = plan_for_sites(synth_sites, raw, build=RunConfig.from_mapping)
     assert plan is not None
     assert cfg.batch_size == 40 and "batch-size" not in plan.chosen
-    assert cfg.learning_rate == plan.settings["learning-rate"] == 0.1
+    assert cfg.learning_rate == plan.settings["learning-rate"] < 0.1  # 300-record sites
     assert cfg.num_rounds == plan.settings["num-rounds"]
     assert all(s.epsilon <= 3.0 for s in plan.sites)
     # Client-level DP is not planned: the keys keep their configured values.
