@@ -314,6 +314,8 @@ def _check_ledger_example(work: Path) -> None:
     }
     for run in ("first", "second"):
         assert sites[run]["site-1"]["rounds"] >= 1, (run, sites[run]["site-1"])
+    # More noise in the second run: what it may spend is what the first left of the budget.
+    assert sites["second"]["site-1"]["epsilon"] < sites["first"]["site-1"]["epsilon"], sites
     third = sites["third"]["site-1"]
     assert third["rounds"] == 0 and third["refused"][0]["round"] == 1, third
     assert "privacy budget exhausted" in third["refused"][0]["reason"], third
