@@ -32,6 +32,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedfuse.cli import app
+from fedfuse.common.privacy.ledger import Ledger, cumulative_epsilon
+from fedfuse.common.site_state import ledger_file
 from fedfuse.simulations.scenarios import load_scenario
 from tests.support import inprocess
 from tests.support.inprocess import patch_simulation
@@ -219,8 +221,11 @@ def test_readme_block_runs(block: Block, workspace, capsys):
     work, mp = workspace
     if block.skip:
         pytest.skip(block.skip)
+    # The ledger example's claims (the second run stays within site-1's lifetime budget, the
+    # third is refused at round 1) hold for any number of rounds, as a run's epsilon is planned
+    # for the whole run: it runs one round (:func:`_check_ledger_example` checks the claims).
     keep_rounds = "--rounds 2" in " ".join(block.commands) and any(
-        "ledger" in c or "client-dp" in c or "ddp" in c for c in block.commands
+        "client-dp" in c or "ddp" in c for c in block.commands
     )
     runner = CliRunner()
     needs_docker = False
@@ -295,6 +300,35 @@ def test_readme_block_runs(block: Block, workspace, capsys):
             assert "Results:" in out, out
             csv_path = Path(out.split("Results:")[1].split(" and ")[0].strip())
             assert csv_path.is_file() and csv_path.with_suffix(".png").is_file()
+    if any("data/ledger-demo" in c for c in block.commands):
+        _check_ledger_example(work)
+
+
+def _check_ledger_example(work: Path) -> None:
+    """What the README says the ledger example shows: site-1 (budget 5) takes part in the first
+    two runs within its lifetime budget, and is refused at the start of the third, with its
+    figures as fields; the sites without a budget train in every run."""
+    sites = {
+        run: json.loads((work / "runs" / run / "privacy.json").read_text())["sites"]
+        for run in ("first", "second", "third")
+    }
+    for run in ("first", "second"):
+        assert sites[run]["site-1"]["rounds"] >= 1, (run, sites[run]["site-1"])
+    # More noise in the second run: what it may spend is what the first left of the budget.
+    assert sites["second"]["site-1"]["epsilon"] < sites["first"]["site-1"]["epsilon"], sites
+    third = sites["third"]["site-1"]
+    assert third["rounds"] == 0 and third["refused"][0]["round"] == 1, third
+    assert "privacy budget exhausted" in third["refused"][0]["reason"], third
+    for run in sites.values():
+        assert run["site-0"]["rounds"] >= 1 and run["site-2"]["rounds"] >= 1, run
+    refusal = json.loads((work / "runs" / "third" / "metrics.jsonl").read_text().splitlines()[0])[
+        "refusals"
+    ]["site-1"]
+    assert refusal["budget"] == 5.0 and refusal["spent"] <= 5.0, refusal
+    # The second run started where the first ended and stopped within the budget of 5.
+    ledger = Ledger(ledger_file(work / "data" / "ledger-demo" / "site-1"), create=False)
+    lifetime = cumulative_epsilon(ledger.entries(), delta=1e-5)
+    assert sites["first"]["site-1"]["epsilon"] < lifetime <= 5.0, lifetime
 
 
 def test_readme_blocks_parse_and_every_skip_has_a_reason():

@@ -324,25 +324,44 @@ def _site_line(fed: Federation, *, key: Path, certs: Path | None = None, insecur
     return line + " --max-retries 2"
 
 
-def _run_refused(fed: Federation, name: str, line: str) -> tuple[int, str]:
-    proc = fed.tracker.start(name, ["bash", "-c", "exec " + line], may_exit=True)
+def _wait_refused(fed: Federation, proc: Managed) -> tuple[int, str]:
     try:
         proc.popen.wait(timeout=90)
     except subprocess.TimeoutExpired:
         fed.tracker.stop(proc)
-        pytest.fail(f"{name} still running after 90 s: it was not refused\n{proc.tail()}")
+        pytest.fail(f"{proc.name} still running after 90 s: it was not refused\n{proc.tail()}")
     return int(proc.popen.returncode), proc.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def refused_sites(federation: Federation) -> dict[str, tuple[int, str]]:
+    """Three SuperNodes that must not get in, started together (each spends most of its ~12 s
+    in start-up and retry back-off, so side by side they take the time of one): an unregistered
+    key, a CA other than the federation's, and no TLS. Name -> (exit code, log)."""
+    fed = federation
+    private, _ = make_node_key("intruder")
+    intruder_key = fed.tmp / "intruder.key"
+    intruder_key.write_bytes(private)
+    intruder_key.chmod(0o600)
+    other = make_certs(fed.tmp / "other-ca", server_host="127.0.0.1", sites=1)
+    site_1_key = fed.certs / "supernodes" / "site-1.key"
+    lines = {
+        "intruder": _site_line(fed, key=intruder_key),
+        "wrong-ca": _site_line(fed, key=site_1_key, certs=other.root),
+        "plaintext": _site_line(fed, key=site_1_key, insecure=True),
+    }
+    procs = {
+        name: fed.tracker.start(name, ["bash", "-c", "exec " + line], may_exit=True)
+        for name, line in lines.items()
+    }
+    return {name: _wait_refused(fed, proc) for name, proc in procs.items()}
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_deploy_unregistered_key_is_refused(federation):
+def test_deploy_unregistered_key_is_refused(federation, refused_sites):
     fed = federation
-    private, public = make_node_key("intruder")
-    key = fed.tmp / "intruder.key"
-    key.write_bytes(private)
-    key.chmod(0o600)
-    code, log = _run_refused(fed, "intruder", _site_line(fed, key=key))
+    code, log = refused_sites["intruder"]
     # Flower's SuperNode reports exit code 305 (its process exits 1) when it cannot activate;
     # the SuperLink says why: it does not know the key.
     assert code != 0 and "Exit Code: 305" in log and "Failed to activate SuperNode" in log, log
@@ -353,11 +372,9 @@ def test_deploy_unregistered_key_is_refused(federation):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_deploy_wrong_ca_cannot_connect(federation):
+def test_deploy_wrong_ca_cannot_connect(federation, refused_sites):
     fed = federation
-    other = make_certs(fed.tmp / "other-ca", server_host="127.0.0.1", sites=1)
-    key = fed.certs / "supernodes" / "site-1.key"
-    code, log = _run_refused(fed, "wrong-ca", _site_line(fed, key=key, certs=other.root))
+    code, log = refused_sites["wrong-ca"]
     assert code != 0, log[-3000:]
     assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log, log[-3000:]
     assert fed.nodes_online() == 2
@@ -365,7 +382,7 @@ def test_deploy_wrong_ca_cannot_connect(federation):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_deploy_plaintext_client_cannot_talk_to_tls_superlink(federation):
+def test_deploy_plaintext_client_cannot_talk_to_tls_superlink(federation, refused_sites):
     fed = federation
     # A plain HTTP request gets no HTTP answer from the TLS port...
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)) as exc:
@@ -379,8 +396,7 @@ def test_deploy_plaintext_client_cannot_talk_to_tls_superlink(federation):
         with ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
     # And a SuperNode without TLS (--insecure, registered key) cannot join.
-    key = fed.certs / "supernodes" / "site-1.key"
-    code, log = _run_refused(fed, "plaintext", _site_line(fed, key=key, insecure=True))
+    code, log = refused_sites["plaintext"]
     assert code != 0, log[-3000:]
     assert fed.nodes_online() == 2
 
