@@ -493,7 +493,8 @@ def _open_tracker(cfg: Any, track: str, uri: str) -> tuple[Any, Any, Path | None
     from fedfuse.server.rundir import new_run_id
 
     if not cfg.run_name and not cfg.resume_from:
-        cfg = cfg.replace(run_name=new_run_id(cfg))  # the tracker needs the folder's name now
+        # the tracker needs the folder's name now
+        cfg = cfg.replace(run_name=new_run_id(cfg, cfg.out_dir))
     where = Path(cfg.resume_from) if cfg.resume_from else Path(cfg.out_dir) / cfg.run_name
     try:
         tracker = open_tracker(track, run_dir=where, uri=uri or None)

@@ -40,8 +40,24 @@ def _run_uid(path: Path) -> str:
     return uid
 
 
-def new_run_id(cfg: RunConfig) -> str:
-    return cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+def new_run_id(cfg: RunConfig, root: str | Path | None = None) -> str:
+    """The run's folder name: ``run-name``, or the start time. With ``root``, a timed name is
+    claimed there (its folder made) and gets a suffix ``-2``, ``-3`` ... when a run that started
+    in the same second holds it: two runs must never share a folder."""
+    if cfg.run_name:
+        return cfg.run_name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if root is None:
+        return stamp
+    Path(root).mkdir(parents=True, exist_ok=True)
+    name, n = stamp, 1
+    while True:
+        try:
+            (Path(root) / name).mkdir()
+            return name
+        except FileExistsError:
+            n += 1
+            name = f"{stamp}-{n}"
 
 
 class RunDirectory:
@@ -49,7 +65,7 @@ class RunDirectory:
 
     def __init__(self, root: str | Path, cfg: RunConfig, *, run_id: str | None = None) -> None:
         self.cfg = cfg
-        self.run_id = run_id or new_run_id(cfg)
+        self.run_id = run_id or new_run_id(cfg, root)
         self.path = Path(root) / self.run_id
         if (self.path / "metrics.jsonl").exists():
             raise FileExistsError(

@@ -159,7 +159,7 @@ def simulate(
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)
 
-    run_id = new_run_id(cfg)
+    run_id = new_run_id(cfg) if cfg.resume_from else new_run_id(cfg, cfg.out_dir)
     run_dir = Path(cfg.out_dir) / run_id
     if cfg.resume_from:  # a resumed run continues in its own directory (server/checkpoint.py)
         run_dir = Path(cfg.resume_from)
