@@ -88,6 +88,15 @@ def test_keys_the_user_set_are_kept():
     assert small.steps == math.ceil(300 / 50) * plan.settings["local-epochs"] * 7
 
 
+def test_the_explanation_names_the_penalty_only_when_there_is_one():
+    planned = plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5)
+    assert f"L2 penalty of {planned.settings['weight-decay']:g}" in planned.explanation
+    unset = plan_training(
+        COUNTS, target_epsilon=8.0, target_delta=1e-5, fixed={"weight-decay": 0.0}
+    )
+    assert "L2 penalty" not in unset.explanation
+
+
 def test_no_dp_plans_no_noise():
     plan = plan_training(COUNTS, target_epsilon=math.inf, target_delta=1e-5)
     assert all(s.noise_multiplier is None and math.isinf(s.epsilon) for s in plan.sites)
