@@ -37,7 +37,7 @@ from fedfuse.common.data.dataset import load_site  # noqa: E402
 from fedfuse.common.data.synthetic import generate  # noqa: E402
 from fedfuse.common.models import build_model  # noqa: E402
 from fedfuse.common.models.dp_layers import GhostEmbedding, ghost_coverage  # noqa: E402
-from fedfuse.common.models.objectives import make_criterion  # noqa: E402
+from fedfuse.common.models.objectives import make_objective  # noqa: E402
 from fedfuse.common.privacy.bookkeeping import (  # noqa: E402
     bookkeeping_coverage,
     make_private_bookkeeping,
@@ -78,7 +78,7 @@ class Trainer:
         if mode == "ghost-stock-embedding":
             model = stock_embeddings(model)
         optimizer = make_optimizer(model, cfg)
-        criterion = make_criterion(cfg)
+        criterion = make_objective(cfg, model)
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
         if mode == "bookkeeping":
             engine = PrivacyEngine(accountant="prv")

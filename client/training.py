@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedfuse.common.config import RunConfig
 from fedfuse.common.models.multitask import AllTasks
-from fedfuse.common.models.objectives import make_criterion, modality_dropout
+from fedfuse.common.models.objectives import WithAuxiliaryLoss, make_objective, modality_dropout
 from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events
 from fedfuse.common.privacy.bookkeeping import make_private_bookkeeping
 from fedfuse.common.privacy.planning import PrivacyPlan, batches_per_epoch
@@ -90,6 +90,7 @@ def train_round(
     ``seed``, reproducible -- and predictable by whoever knows
     the seed, hence Opacus' "Secure RNG turned off" warning.
     """
+    fusion = model
     if cfg.task_classes and hasattr(train_set, "with_task_labels"):
         # Extra tasks: train on every task's logits and labels (the same parameters).
         model, train_set = AllTasks(model), train_set.with_task_labels()
@@ -107,7 +108,10 @@ def train_round(
         train_set, batch_size=cfg.batch_size, shuffle=plan is None, generator=data_gen
     )
     optimizer = make_optimizer(model, cfg)
-    criterion: nn.Module = make_criterion(cfg)
+    # The task's loss plus the model's own per-record terms (the pool encoder's centring):
+    # one loss per record, clipped and noised as one under DP.
+    objective = make_objective(cfg, fusion)
+    criterion: nn.Module = objective
     # Modality dropout: from the secure generator at a deployed site; in a simulation from its
     # own keyed stream (reproducible). Independent of the data either way.
     drop_gen: torch.Generator | SecureRandom = (
@@ -118,7 +122,7 @@ def train_round(
             model,
             loader,
             optimizer,
-            criterion,
+            objective,
             cfg=cfg,
             device=device,
             anchor=anchor,
@@ -181,6 +185,7 @@ def train_round(
             anchor=anchor,
             params=list(model.parameters()),
             drop_gen=drop_gen,
+            objective=objective,
         )
     finally:
         # Leave the caller's model as it was given: no Opacus hooks or per-sample state.
@@ -223,6 +228,7 @@ def _dp_epochs(
     anchor=None,
     params=None,
     drop_gen=None,
+    objective=None,
 ):  # noqa: ANN001
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -239,7 +245,12 @@ def _dp_epochs(
             loss.backward()
             dp_optimizer.step()
             proximal_step(params or [], anchor, lr=cfg.learning_rate, mu=cfg.proximal_mu)
-            total += float(loss.detach()) * len(labels)
+            # The training loss reported is the task's alone (without the centring term).
+            total += (
+                objective.task_loss_sum
+                if objective is not None
+                else float(loss.detach()) * len(labels)
+            )
             count += len(labels)
     return total, count
 
@@ -248,7 +259,7 @@ def _train_plain(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
+    criterion: WithAuxiliaryLoss,
     *,
     cfg: RunConfig,
     device: torch.device,
@@ -268,6 +279,6 @@ def _train_plain(
             proximal_step(
                 list(model.parameters()), anchor, lr=cfg.learning_rate, mu=cfg.proximal_mu
             )
-            total += float(loss.detach()) * len(labels)
+            total += criterion.task_loss_sum  # the task's loss alone
             count += len(labels)
     return RoundResult(total / max(count, 1), len(loader.dataset), None, math.inf)  # type: ignore[arg-type]

@@ -105,8 +105,9 @@ class RunConfig:
     # noise to land on; on real data it beat the MLP head ("concat") under DP-SGD
     # (docs/BENCHMARKS.md#real-data-pathvqa).
     fusion: str = "linear"
-    # Average-pooled pixels into a Linear (136 parameters): the CNN's noisy weights drowned the
-    # demo's image finding under DP-SGD (docs/BENCHMARKS.md#the-demo-make-demo).
+    # Average-pooled pixels, centred on their learned population mean, into a Linear (152
+    # parameters): the CNN's noisy weights drowned the demo's image finding under DP-SGD
+    # (docs/BENCHMARKS.md#the-demo-make-demo).
     image_encoder: str = "pool"
     text_encoder: str = "hash-bag"
     # Comma-separated class names; every site's labels must be among them.

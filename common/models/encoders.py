@@ -115,17 +115,37 @@ class SmallCNN(nn.Module):
         return torch.relu(self.proj(self.tower(x)))
 
 
+# Weight of the ``pool`` encoder's centring loss: each record adds
+# ``CENTRE_WEIGHT / 2 * ||cell means - centre||^2`` to its loss. Small against the task's
+# gradient (the clipping norm is shared), large enough that the centre settles within a round.
+CENTRE_WEIGHT = 0.1
+
+
 @IMAGE_ENCODERS.register("pool")
 class PooledLinear(nn.Module):
-    """Average-pooled pixels (a ``grid`` x ``grid`` map of cell means) -> a Linear layer.
+    """Average-pooled pixels (a ``grid`` x ``grid`` map of cell means), centred, -> a Linear.
 
     The default image encoder: under DP-SGD every parameter receives noise, and this encoder
-    has ``grid**2 * in_channels * dim + dim`` of them (136 by default) against the CNN's ~7,000.
-    Cell means keep what a small bright finding adds to its cell, with the pixel noise averaged
-    away. The CNN's random-walking weights add noise to every record's logit and its ReLU
-    outputs die, so on the demo it learned nothing from the image in 3 rounds (the model stalled
-    at the report's ceiling); this one does (docs/BENCHMARKS.md#the-demo-make-demo). No ReLU on
-    the output: a linear feature cannot die.
+    has ``grid**2 * in_channels * (dim + 1) + dim`` of them (152 by default) against the CNN's
+    ~7,000. Cell means keep what a small bright finding adds to its cell, with the pixel noise
+    averaged away. The CNN's random-walking weights add noise to every record's logit and its
+    ReLU outputs die, so on the demo it learned nothing from the image in 3 rounds (the model
+    stalled at the report's ceiling); this one does (docs/BENCHMARKS.md#the-demo-make-demo). No
+    ReLU on the output: a linear feature cannot die.
+
+    **Centring.** The cell means are centred on ``centre``, the population's mean cell values,
+    learned with the rest of the model: each record's loss gains the centring loss
+    ``CENTRE_WEIGHT / 2 * ||cell means - centre||^2``, whose gradient reaches only ``centre``
+    (the projection reads the centre detached, and the centring loss reads the cell means
+    detached). So the centre is estimated by DP-SGD itself: its per-record gradient is clipped
+    with the record's whole gradient and noised with it, and the accounting covers it as it
+    covers every weight. Federated averaging averages it like any weight. Uncentred features
+    gave the Linear a common component (the anatomy every image shares): the first steps push
+    every logit towards the label's prior, Adam moves each image weight as far as the one bias,
+    and the image weights then carried each site's prior instead of the finding (the image
+    part of the model was inverted after round 1 on the demo; docs/BENCHMARKS.md, "Sixth
+    pass"). ``centre`` starts at 0.5 (the fixed centre before it was learned), so a weights
+    file without it loads as it did.
     """
 
     def __init__(
@@ -139,11 +159,19 @@ class PooledLinear(nn.Module):
     ) -> None:
         # ``norm`` is accepted for a uniform signature: there is no normalisation layer.
         super().__init__()
+        cells = in_channels * grid * grid
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten())
-        self.proj = nn.Linear(in_channels * grid * grid, dim)
+        self.proj = nn.Linear(cells, dim)
+        # A Linear on a constant 1: Opacus clips and noises its per-record gradient as any
+        # Linear's (a bare Parameter would have no per-sample gradient rule).
+        self.centre = nn.Linear(1, cells, bias=False)
+        nn.init.constant_(self.centre.weight, 0.5)
         self.out_dim = dim
+        # Each record's centring loss from the last forward (FusionModel.auxiliary_loss).
+        self.centring_loss: torch.Tensor | None = None
         if weights:
             state = _load_local_weights(self, weights, "pool")
+            state.setdefault("centre.weight", self.centre.weight.detach().clone())
             try:
                 self.load_state_dict(state)
             except RuntimeError as exc:
@@ -157,10 +185,10 @@ class PooledLinear(nn.Module):
         return self.pool, self.pool, self.proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Centred on mid-grey (pixels are in [0, 1]): uncentred inputs give the Linear a large
-        # common component, and each Adam step at the DP learning rate then moves every
-        # record's logit by about lr * 8, so training oscillates instead of converging.
-        return self.proj(self.pool(x) - 0.5)
+        cells = self.pool(x)
+        centre = self.centre(cells.new_ones(len(cells), 1))
+        self.centring_loss = 0.5 * CENTRE_WEIGHT * (centre - cells.detach()).square().sum(dim=1)
+        return self.proj(cells - centre.detach())
 
 
 class _HashedText(nn.Module):

@@ -212,6 +212,9 @@ class FusionModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.head = head
         self.task_heads = nn.ModuleDict(task_heads or {})
+        # Per record, from the last forward: what training adds to the task's loss
+        # (:class:`~fedfuse.common.models.objectives.WithAuxiliaryLoss`); None when nothing.
+        self.auxiliary_loss: torch.Tensor | None = None
 
     def _features(self, mask: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         if len(inputs) != len(self.modalities):
@@ -224,7 +227,20 @@ class FusionModel(nn.Module):
                 f"mask has {mask.shape[-1]} columns; the model has {len(self.modalities)} "
                 f"modalities ({', '.join(self.modalities)})"
             )
-        return [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
+        feats = [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
+        self.auxiliary_loss = self._auxiliary(mask)
+        return feats
+
+    def _auxiliary(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """Each record's encoders' extra losses from this forward (the ``pool`` encoder's
+        centring loss), counted only where the record has the modality."""
+        total = None
+        for i, m in enumerate(self.modalities):
+            extra = getattr(self.encoders[m], "centring_loss", None)
+            if extra is not None:
+                term = extra * mask[:, i].to(extra.dtype)
+                total = term if total is None else total + term
+        return total
 
     def forward(self, mask: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         return self.head(self._features(mask, inputs), mask)

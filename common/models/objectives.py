@@ -30,6 +30,41 @@ class MultiLabelLoss(nn.Module):
         return per.sum() if self.reduction == "sum" else per.mean()
 
 
+class WithAuxiliaryLoss(nn.Module):
+    """The task's loss plus ``model.auxiliary_loss`` (each record's extra loss from the
+    model's last forward, e.g. the ``pool`` encoder's centring loss), one value per record.
+
+    Both are one per-record loss, so Opacus clips a record's whole gradient and noises it as
+    one. ``reduction`` follows the same convention as the task's loss (Opacus' ghost clipping
+    sets it to ``"none"``). ``task_loss_sum`` holds the last batch's summed task loss alone:
+    the training loss a site reports is the task's.
+    """
+
+    def __init__(self, task: nn.Module, model: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+        self.task.reduction = "none"  # type: ignore[assignment]
+        self.reduction = "mean"
+        self._model = [model]  # a list: not a submodule (no second copy of its parameters)
+        self.task_loss_sum = 0.0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per = self.task(logits, target)
+        self.task_loss_sum = float(per.detach().sum())
+        extra = getattr(self._model[0], "auxiliary_loss", None)
+        if extra is not None:
+            per = per + extra
+        if self.reduction == "none":
+            return per
+        return per.sum() if self.reduction == "sum" else per.mean()
+
+
+def make_objective(cfg: RunConfig, model: nn.Module) -> WithAuxiliaryLoss:
+    """What a site minimises for ``model`` (a :class:`FusionModel`): the task's loss
+    (:func:`make_criterion`) plus the model's own per-record terms."""
+    return WithAuxiliaryLoss(make_criterion(cfg), model)
+
+
 def make_criterion(cfg: RunConfig) -> nn.Module:
     """Softmax cross-entropy (single-label) or per-class sigmoid (multi-label); with extra
     ``tasks``, the weighted multi-task loss over :class:`~.multitask.AllTasks`' logits."""

@@ -25,7 +25,7 @@ from fedfuse.common.models import (
     build_model,
 )
 from fedfuse.common.models.dp_layers import GhostEmbedding, ghost_coverage
-from fedfuse.common.models.objectives import make_criterion
+from fedfuse.common.models.objectives import make_objective
 from tests.support.models import SUBSETS, random_inputs, small_cfg, subset_mask
 
 
@@ -63,7 +63,7 @@ def check_contract(cfg: RunConfig) -> None:
     pmodel, popt, crit, ploader = engine.make_private(
         module=model,
         optimizer=optimizer,
-        criterion=make_criterion(cfg),
+        criterion=make_objective(cfg, model),  # as a site trains
         data_loader=loader,
         noise_multiplier=1.0,
         max_grad_norm=1.0,

@@ -2,12 +2,12 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.models import build_model
+from fedfuse.common.models.objectives import make_objective
 
 
 def _batch(n=16, cfg=RunConfig()):
@@ -44,17 +44,18 @@ def test_one_opacus_step_changes_every_parameter(mode):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = TensorDataset(*_batch(n=32, cfg=cfg))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    objective = make_objective(cfg, model)  # as a site trains: the centring loss included
     made = PrivacyEngine().make_private(
         module=model,
         optimizer=opt,
-        criterion=nn.CrossEntropyLoss(),
+        criterion=objective,
         data_loader=DataLoader(ds, batch_size=16),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         grad_sample_mode=mode,
     )
     pmodel, popt = made[0], made[1]
-    crit = made[2] if mode == "ghost" else nn.CrossEntropyLoss()
+    crit = made[2] if mode == "ghost" else objective
     mask, image, tokens, labels = ds.tensors
     loss = crit(pmodel(mask[:16], image[:16], tokens[:16]), labels[:16])
     loss.backward()

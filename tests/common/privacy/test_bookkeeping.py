@@ -15,6 +15,7 @@ import fedfuse.common.privacy.bookkeeping as bk
 from fedfuse.common.config import RunConfig
 from fedfuse.common.models import build_model
 from fedfuse.common.models.dp_layers import DPConv2d, GhostEmbedding
+from fedfuse.common.models.objectives import make_objective
 from fedfuse.common.privacy.bookkeeping import (
     BookKeepingClipper,
     bookkeeping_coverage,
@@ -61,7 +62,10 @@ def reference(model, inputs, y, loss_fn, clip, by_autograd=False):  # noqa: ANN0
 
 
 def assert_matches_hooks(model, inputs, y, loss_fn=None, clip=None, by_autograd=False):  # noqa: ANN001, ANN201
-    loss_fn = loss_fn or (lambda out, t: nn.functional.cross_entropy(out, t, reduction="none"))
+    if loss_fn is None:
+        # What a site minimises: the task's loss and the model's own per-record terms.
+        loss_fn = make_objective(RunConfig(), model)
+        loss_fn.reduction = "none"
     model.train()
     norms, clipped, c = reference(model, inputs, y, loss_fn, clip, by_autograd)
     clipper = BookKeepingClipper(model, max_grad_norm=c)
@@ -127,7 +131,7 @@ def test_models_match_hooks_mode(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch
         assert sorted(set(kinds.values())) == ["embedding", "linear"]
         assert bookkeeping_coverage(build_model(cfg)) == {
             "embedding": ["GhostEmbedding x1"],
-            "linear": ["Linear x2"],
+            "linear": ["Linear x3"],  # the projection, its centre, the head
         }
     if cfg == RunConfig(image_encoder="cnn"):
         assert sorted(set(kinds.values())) == ["conv", "embedding", "group-norm", "linear"]
@@ -268,7 +272,7 @@ def test_one_dp_step_equals_opacus_ghost_clipping() -> None:
         kwargs = dict(
             module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-            criterion=nn.CrossEntropyLoss(),
+            criterion=make_objective(cfg, model),
             data_loader=DataLoader(data, batch_size=n),
             noise_multiplier=0.5,
             max_grad_norm=0.05,  # small: most records are clipped
