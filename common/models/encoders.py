@@ -186,7 +186,9 @@ class PooledLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cells = self.pool(x)
-        centre = self.centre(cells.new_ones(len(cells), 1))
+        # ones_like, not new_ones(len(...)): a traced export (TorchScript, ONNX) keeps the batch
+        # size free.
+        centre = self.centre(torch.ones_like(cells[:, :1]))
         self.centring_loss = 0.5 * CENTRE_WEIGHT * (centre - cells.detach()).square().sum(dim=1)
         return self.proj(cells - centre.detach())
 
