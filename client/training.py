@@ -228,7 +228,7 @@ def _dp_epochs(
     anchor=None,
     params=None,
     drop_gen=None,
-    objective=None,
+    objective,
 ):  # noqa: ANN001
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -245,12 +245,7 @@ def _dp_epochs(
             loss.backward()
             dp_optimizer.step()
             proximal_step(params or [], anchor, lr=cfg.learning_rate, mu=cfg.proximal_mu)
-            # The training loss reported is the task's alone (without the centring term).
-            total += (
-                objective.task_loss_sum
-                if objective is not None
-                else float(loss.detach()) * len(labels)
-            )
+            total += objective.task_loss_sum  # the task's loss alone (no centring term)
             count += len(labels)
     return total, count
 

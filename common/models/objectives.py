@@ -10,6 +10,13 @@ from fedfuse.common.models.multitask import MultiTaskLoss
 from fedfuse.common.privacy.secure_rng import SecureRandom
 
 
+def reduce_per_record(per: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``per`` (one loss per record) reduced as torch's losses do: ``none``, ``sum``, ``mean``."""
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.mean()
+
+
 class MultiLabelLoss(nn.Module):
     """Binary cross-entropy per class, averaged over classes, one value per record.
 
@@ -25,9 +32,7 @@ class MultiLabelLoss(nn.Module):
         per = nn.functional.binary_cross_entropy_with_logits(
             logits, target.to(logits.dtype), reduction="none"
         ).mean(dim=1)
-        if self.reduction == "none":
-            return per
-        return per.sum() if self.reduction == "sum" else per.mean()
+        return reduce_per_record(per, self.reduction)
 
 
 class WithAuxiliaryLoss(nn.Module):
@@ -54,9 +59,7 @@ class WithAuxiliaryLoss(nn.Module):
         extra = getattr(self._model[0], "auxiliary_loss", None)
         if extra is not None:
             per = per + extra
-        if self.reduction == "none":
-            return per
-        return per.sum() if self.reduction == "sum" else per.mean()
+        return reduce_per_record(per, self.reduction)
 
 
 def make_objective(cfg: RunConfig, model: nn.Module) -> WithAuxiliaryLoss:
