@@ -1,11 +1,12 @@
 """The `fedfuse` command as a user runs it (a real subprocess)."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.sites import copy_site
 
 FEDFUSE = [sys.executable, "-m", "fedfuse.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def test_bad_arguments_are_refused_and_nothing_is_written(tmp_path, args, needle
 def test_broken_site_folder_stops_before_training_listing_every_problem(tmp_path, synth_sites):
     data = tmp_path / "data"
     for s in synth_sites[:2]:
-        shutil.copytree(s, data / s.name)
+        copy_site(s, data / s.name)
     m = data / "site-1" / "manifest.csv"
     lines = m.read_text().splitlines()
     lines[3] = lines[3].replace(".png", "-gone.png")  # missing image (row 4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.privacy.accounting import DpSgdEvent, epsilon_from_events
 from fedfuse.common.privacy.ledger import Ledger
+from tests.support.sites import copy_site
 
 ROOT = Path(__file__).resolve().parents[2]
 # RDP plans the run's noise in a fraction of PRV's time; the ledger always composes with PRV.
@@ -238,8 +238,7 @@ def _site_process(site: Path, rnd: int, *, repeat: bool = False) -> list[dict]:
 
 def test_a_site_killed_between_rounds_continues_from_its_ledger(tmp_path: Path, synth_sites):
     site = tmp_path / "site"
-    # Without any ledger another test may have left in the shared fixture.
-    shutil.copytree(synth_sites[0], site, ignore=shutil.ignore_patterns(".fedfuse"))
+    copy_site(synth_sites[0], site)
     (r1,) = _site_process(site, 1)
     assert "error" not in r1, r1
     # A new process: nothing in memory, a fresh Flower Context; the same run goes on.
@@ -282,7 +281,7 @@ def test_a_refusal_without_secagg_travels_as_fields(
     from tests.support.requests import _train_request
 
     site = tmp_path / "site-1"
-    shutil.copytree(synth_sites[1], site)
+    copy_site(synth_sites[1], site)
     earlier = Ledger(resolve_budget({}, site).ledger_path).append(
         site=site.name,
         run_id="an-earlier-federation",

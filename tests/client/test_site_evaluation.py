@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,14 @@ from fedfuse.common.evaluation import (
 )
 from fedfuse.common.models import build_model
 from fedfuse.common.site_state import eval_log
+from tests.support.sites import copy_site
 
 
 def test_one_evaluate_request_is_one_pass_over_the_test_split(
     tmp_path: Path, synth_sites: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     site = tmp_path / "site-0"
-    shutil.copytree(synth_sites[0], site)
+    copy_site(synth_sites[0], site)
     cfg = RunConfig(num_rounds=1, data_dir=str(tmp_path))
     assert len(cfg.modality_names) >= 2  # hidden-modality variants exist
     batches: list[int] = []  # the number of rows of each forward call

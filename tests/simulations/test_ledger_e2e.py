@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from fedfuse.common.privacy.ledger import Ledger
 from fedfuse.common.privacy.ledger_audit import audit
 from fedfuse.ledger_report import plot_epsilon
 from fedfuse.simulations.runner import FederationFailedError, simulate
+from tests.support.sites import copy_site
 
 
 def _ledger(site: Path) -> Ledger:
@@ -40,8 +40,7 @@ def _independent_epsilon(ledger: Ledger, delta: float) -> float:
 def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tmp_path):
     data = tmp_path / "data"
     for s in synth_sites[:2]:
-        # Without any ledger another test may have left in the shared fixture.
-        shutil.copytree(s, data / s.name, ignore=shutil.ignore_patterns(".fedfuse"))
+        copy_site(s, data / s.name)
     sites = [data / "site-0", data / "site-1"]
     cfg = small_cfg.replace(data_dir=str(data), accountant="rdp")
 

@@ -8,6 +8,7 @@ from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import load_site
 from fedfuse.common.data.manifest import load_manifest, stable_split
 from fedfuse.common.errors import DataValidationError
+from tests.support.sites import copy_site
 
 CLASSES = ("no_finding", "pneumonia")
 
@@ -34,7 +35,7 @@ def test_good_site_loads_with_all_records(synth_sites):
 
 def test_every_bad_row_is_reported_at_once_and_nothing_changes(tmp_path, synth_sites):
     site = tmp_path / "site"
-    shutil.copytree(synth_sites[0], site)
+    copy_site(synth_sites[0], site)
     (site / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (site / "empty.txt").write_text("   \n")
     good_image = next((site / "images").glob("*.png")).relative_to(site)

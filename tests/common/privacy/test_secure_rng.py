@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from fedfuse.common.privacy.secure_rng import (
     use_secure_noise,
 )
 from tests.support.requests import _train_request
+from tests.support.sites import copy_site
 
 KEY = bytes(range(32))  # a fixed key: these statistical tests are then deterministic
 
@@ -115,7 +115,7 @@ def test_a_deployed_site_trains_with_the_secure_generator(
     SecureRandom whose noise DP-SGD really draws; a virtual site of a simulation keeps the keyed
     generator (reproducible)."""
     site = tmp_path / "site-0"
-    shutil.copytree(synth_sites[0], site)
+    copy_site(synth_sites[0], site)
     cfg = RunConfig(
         num_rounds=1,
         local_epochs=1,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from fedfuse.common.privacy.site_secret import (
     secret_path,
 )
 from tests.support.requests import _train_request
+from tests.support.sites import copy_site
 
 
 def test_a_new_site_gets_a_random_private_secret(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_the_noise_depends_on_the_site_secret_not_only_on_public_values(
     changes with the site's secret, so the server cannot regenerate the noise and batches; the
     same secret repeats the update exactly (reproducible at the site)."""
     site = tmp_path / "site-0"
-    shutil.copytree(synth_sites[0], site)
+    copy_site(synth_sites[0], site)
     first = _train_once(site)
     again = _train_once(site)
     for k in first:
@@ -108,7 +108,7 @@ def test_the_noise_depends_on_the_site_secret_not_only_on_public_values(
 def test_a_deployed_site_refuses_public_noise_seeds(tmp_path: Path, synth_sites: list[Path]):
     """`noise-seed = public` is for simulations: a site started with a data path refuses it."""
     site = tmp_path / "site-0"
-    shutil.copytree(synth_sites[0], site)
+    copy_site(synth_sites[0], site)
     cfg = RunConfig(num_rounds=1, local_epochs=1, batch_size=64, noise_seed="public")
     msg, context = _train_request(cfg, site, **{"run-uid": "u-public"})
     reply = app(msg, context)  # the ClientApp's outermost mod turns it into an error reply
@@ -126,7 +126,7 @@ def test_secagg_settings_feed_the_seed_only_when_they_size_the_noise(
     from fedfuse.client.site import SiteInfo
 
     site = tmp_path / "site-0"
-    shutil.copytree(synth_sites[0], site)
+    copy_site(synth_sites[0], site)
     info = SiteInfo("site-0", site)
 
     def seed(**changes: object) -> int:
