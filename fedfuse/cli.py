@@ -309,7 +309,7 @@ def _apply_plan(data: Path, sites: int, raw: dict[str, Any]) -> Any:
 def _print_plan(plan: Any, *, brief: bool = False) -> None:
     """The plan as a table of settings and one of sites (``brief``: one line of settings)."""
     keys = ", ".join(
-        f"{k} {v:g}{'' if k in plan.chosen else ' (yours)'}" for k, v in plan.settings.items()
+        f"{k} {_value(v)}{'' if k in plan.chosen else ' (yours)'}" for k, v in plan.settings.items()
     )
     if brief:
         console.print(f"Plan: {keys}")
@@ -318,7 +318,7 @@ def _print_plan(plan: Any, *, brief: bool = False) -> None:
     console.print(f"[bold]Training plan[/] ({eps}, delta {plan.target_delta:g} per site)")
     settings = Table("key", "value", "from")
     for k, v in plan.settings.items():
-        settings.add_row(k, f"{v:g}", "plan" if k in plan.chosen else "yours")
+        settings.add_row(k, _value(v), "plan" if k in plan.chosen else "yours")
     _table_console().print(settings)
     sites = Table("site", "train records", "sample rate", "steps", "noise multiplier", "epsilon")
     for s in plan.sites:
@@ -333,8 +333,15 @@ def _print_plan(plan: Any, *, brief: bool = False) -> None:
         )
     _table_console().print(sites)
     console.print(plan.explanation)
-    keys_set = ",".join(f"{k}={v:g}" for k, v in plan.settings.items())
-    console.print(f'Use it with: flwr run . --run-config "{keys_set.replace(",", " ")}"')
+    # run-config values are TOML: a string goes in single quotes inside the shell's double ones
+    keys_set = " ".join(
+        f"{k}='{v}'" if isinstance(v, str) else f"{k}={v:g}" for k, v in plan.settings.items()
+    )
+    console.print(f'Use it with: flwr run . --run-config "{keys_set}"')
+
+
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else f"{v:g}"
 
 
 @app.command()

@@ -11,6 +11,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from fedfuse.common.config import RunConfig
 from fedfuse.common.privacy.planning import (
     PLANNED_KEYS,
+    PROXIMAL_MU,
     plan_for_sites,
     plan_site_privacy,
     plan_text_buckets,
@@ -121,6 +122,36 @@ def test_the_private_rate_shrinks_on_small_sites():
     # Without DP the rate does not depend on the site's size.
     plain = plan_training({"a": 150}, target_epsilon=math.inf, target_delta=1e-5)
     assert plain.settings["learning-rate"] == 0.03
+
+
+def test_under_dp_the_plan_pulls_sites_toward_the_global_model():
+    """Under DP the plan trains with FedProx (mu set, named in the explanation); without DP,
+    FedAvg and no mu. A strategy the user set is kept, and only FedProx gets a planned mu."""
+    private = plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5)
+    assert private.settings["strategy"] == "fedprox"
+    assert private.settings["proximal-mu"] == PROXIMAL_MU > 0
+    assert f"FedProx's pull (mu {PROXIMAL_MU:g})" in private.explanation
+    plain = plan_training(COUNTS, target_epsilon=math.inf, target_delta=1e-5)
+    assert plain.settings["strategy"] == "fedavg" and "proximal-mu" not in plain.settings
+    assert "FedProx" not in plain.explanation
+    mine = plan_training(
+        COUNTS, target_epsilon=8.0, target_delta=1e-5, fixed={"strategy": "fedadam"}
+    )
+    assert mine.settings["strategy"] == "fedadam" and "proximal-mu" not in mine.settings
+    assert "strategy" not in mine.chosen and "FedProx" not in mine.explanation
+    # A user's FedProx without DP gets the plan's mu; a user's mu is kept.
+    theirs = plan_training(
+        COUNTS, target_epsilon=math.inf, target_delta=1e-5, fixed={"strategy": "fedprox"}
+    )
+    assert theirs.settings["proximal-mu"] == PROXIMAL_MU
+    kept = plan_training(COUNTS, target_epsilon=8.0, target_delta=1e-5, fixed={"proximal-mu": 0.05})
+    assert kept.settings["proximal-mu"] == 0.05 and "proximal-mu" not in kept.chosen
+
+
+def test_the_planned_run_config_trains_with_the_proximal_step(synth_sites):
+    plan, cfg = plan_for_sites(synth_sites, {"target-epsilon": "8"}, build=RunConfig.from_mapping)
+    assert plan is not None
+    assert (cfg.strategy, cfg.proximal_mu) == ("fedprox", PROXIMAL_MU)
 
 
 def test_bad_input_is_refused():
