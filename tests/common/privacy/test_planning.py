@@ -201,3 +201,26 @@ def test_one_noise_planner_for_the_site_the_plan_and_the_tests(tmp_path):
     assert permit.plan == direct
     assert planned.noise_multiplier == direct.noise_multiplier
     assert (planned.sample_rate, planned.steps) == (direct.sample_rate, direct.planned_steps)
+
+
+def test_fedfuse_plan_hands_over_a_run_config_flower_parses(synth_sites):
+    """The printed `flwr run` line, strings quoted, parses (by Flower's own parser) back to the
+    plan's settings: what a deployment copies is what was planned."""
+    import shlex
+
+    from flwr.common.config import parse_config_args
+    from typer.testing import CliRunner
+
+    from fedfuse.cli import app
+
+    data = synth_sites[0].parent
+    res = CliRunner().invoke(app, ["plan", "--data", str(data), "--epsilon", "8"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("Use it with: "))
+    args = shlex.split(line.removeprefix("Use it with: "))
+    assert args[:4] == ["flwr", "run", ".", "--run-config"]
+    plan, _ = plan_for_sites(
+        synth_sites, {"target-epsilon": 8.0, "data-dir": str(data)}, build=RunConfig.from_mapping
+    )
+    assert plan is not None and plan.settings["strategy"] == "fedprox"
+    assert parse_config_args([args[4]]) == plan.settings
