@@ -76,7 +76,7 @@ def site_round(
     off or the sum could wrap.
 
     Needs only the parameters' shapes, so the site can also ask it at the SecAgg+ setup stage,
-    with its own model, before any key exchange (``client/app.py``).
+    with its own model, before any key exchange (``client/handlers.py``).
     """
     if secagg is None:
         raise SecAggProtocolError(

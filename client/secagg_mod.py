@@ -48,11 +48,9 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
-from fedfuse.client import distributed_dp as site_ddp
 from fedfuse.client.node_config import NodeConfig
-from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
 from fedfuse.common.privacy.refusal import Refusal
-from fedfuse.common.secagg import crypto, distributed_dp, masking
+from fedfuse.common.secagg import crypto, masking
 from fedfuse.common.secagg.params import RoundParams
 from fedfuse.common.secagg.protocol import (
     ARRAYS_KEY,
@@ -325,6 +323,11 @@ def _collect_masked_vector(
     ctxt: Context,
     call_next: ClientAppCallable,
 ) -> RecordDict:
+    # lazy: distributed DP's modules load Opacus' accountant, which only the collect stages
+    # need (client/app.py: the key exchange's messages start without torch or Opacus)
+    from fedfuse.client import distributed_dp as site_ddp
+    from fedfuse.common.secagg import distributed_dp
+
     _receive_shares(state, ins)
     params = state.round_params
     if ARRAYS_KEY not in msg.content.array_records:
@@ -450,6 +453,10 @@ def _collect_eval_sums(
     call_next: ClientAppCallable,
 ) -> RecordDict:
     """Evaluate (the wrapped evaluate function) and upload only its sums vector, masked."""
+    # lazy: torch and Opacus' accountant, which only the collect stages need (client/app.py)
+    from fedfuse.common.evaluation import EVAL_SUMS_ARRAY, EVAL_SUMS_KEY
+    from fedfuse.common.secagg import distributed_dp
+
     _receive_shares(state, ins)
     params = state.round_params
     reply = call_next(msg, ctxt)

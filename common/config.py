@@ -22,7 +22,7 @@ from fedfuse.common.secagg.params import SecAggSettings
 class KeyFacts:
     """What a run-config key means beyond its value; declared on the key (``_key``)."""
 
-    # Feeds the seed of a site's round randomness (client/app.py, ``_round_seed``): any change
+    # Feeds the seed of a site's round randomness (client/handlers.py, ``_round_seed``): any change
     # to what a site computes must draw fresh noise. False for keys that only name or place the
     # run or tune the server's side.
     seeds_noise: bool = True

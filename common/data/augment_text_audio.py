@@ -8,7 +8,7 @@ seen by the records after it.
 
 Randomness is passed in: a seeded ``torch.Generator`` (tests, reproducible runs) or ``None``
 for torch's global generator, which a site seeds per round before training (as it does for
-image augmentation; client/app.py). ``light`` is the only preset; off (``none``) by default.
+image augmentation; client/handlers.py). ``light`` is the only preset; off (``none``) by default.
 
 Text (Wei & Zou 2019, "EDA", arXiv:1901.11196): token dropout, deletion of one random span,
 and one swap of two tokens within a small window, on the tokenizer's ids (hashed or a

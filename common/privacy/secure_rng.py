@@ -13,7 +13,7 @@ secure mode does (``opacus.optimizers.optimizer._generate_noise``, after Holohan
 arXiv:2107.10138, section 5.1): each noise value is the sum of four independent draws of
 N(0, std^2), divided by 2, so its low-order bits no longer reveal which draw produced it.
 
-Simulations keep the keyed, reproducible generators (``noise-seed``; client/app.py).
+Simulations keep the keyed, reproducible generators (``noise-seed``; client/handlers.py).
 """
 
 from __future__ import annotations

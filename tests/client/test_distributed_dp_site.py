@@ -75,7 +75,7 @@ def test_the_train_reply_of_a_deployed_site_carries_fresh_noise(
     """The ClientApp's train function at a deployed site (no partition-id): the same request
     twice (same secret, model and round: the same keyed seed) sends different noise, whose
     difference has the planned spread; a simulated site would send the same vector twice."""
-    from fedfuse.client.app import secure_randomness, train
+    from fedfuse.client.handlers import secure_randomness, train
     from fedfuse.common.models import build_model
     from tests.support.secagg import fresh_sites
 

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedfuse.client.app as client_app
+import fedfuse.client.handlers as client_handlers
 from fedfuse.client.site import SiteInfo, site_data
 from fedfuse.common.config import RunConfig
 from fedfuse.common.evaluation import (
@@ -49,7 +50,7 @@ def test_one_evaluate_request_is_one_pass_over_the_test_split(
         model.forward = spy  # type: ignore[method-assign]
         return model
 
-    monkeypatch.setattr(client_app, "build_model", counted_model)
+    monkeypatch.setattr(client_handlers, "build_model", counted_model)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 99, 7, 1
     config = ConfigRecord({**cfg.to_mapping(), "server-round": 1, "run-uid": "u-eval"})
     msg = Message(

@@ -14,7 +14,7 @@ import torch
 from flwr.app import Message
 from torch.utils.data import ConcatDataset
 
-import fedfuse.client.app as client_app_module
+import fedfuse.client.handlers as client_handlers
 from fedfuse.client.app import app as client_app
 from fedfuse.client.site import SiteInfo, site_data
 from fedfuse.client.wire import public_reason
@@ -105,14 +105,14 @@ def test_the_server_receives_only_the_listed_fields(
     nothing and releases only HOLDOUT_RELEASE at the end."""
     sites = generate(tmp_path / "data", sites=4, records=60, seed=7)
     held_out = sites[1]  # not the last folder: the others keep their partitions in order
-    real_site_data = client_app_module.site_data
+    real_site_data = client_handlers.site_data
 
     def failing_site_data(site: SiteInfo, cfg: RunConfig):  # type: ignore[no-untyped-def]
         if site.name == "site-2":
             raise OSError(f"cannot read {site.data_path / 'manifest.jsonl'}: disk on fire")
         return real_site_data(site, cfg)
 
-    monkeypatch.setattr(client_app_module, "site_data", failing_site_data)
+    monkeypatch.setattr(client_handlers, "site_data", failing_site_data)
     cfg = _cfg(tmp_path / "data", tmp_path / "runs", secagg=secagg)
     cfg = cfg.replace(holdout_site=held_out.name)
     grid = InProcessGrid(client_app, 3)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedfuse.client.app as client_app
+import fedfuse.client.handlers as client_handlers
 from fedfuse.client.training import train_round
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.dataset import load_site
@@ -126,7 +127,7 @@ def test_a_deployed_site_trains_with_the_secure_generator(
     )
     passed: list[SecureRandom | None] = []
     drawn: list[int] = []
-    real_train, real_noise = client_app.train_round, SecureRandom.gaussian_noise
+    real_train, real_noise = client_handlers.train_round, SecureRandom.gaussian_noise
 
     def spy_train(*args, **kwargs):  # the real training; what it was given is kept
         passed.append(kwargs.get("secure_rng"))
@@ -136,7 +137,7 @@ def test_a_deployed_site_trains_with_the_secure_generator(
         drawn.append(reference.numel())
         return real_noise(self, reference, std=std)
 
-    monkeypatch.setattr(client_app, "train_round", spy_train)
+    monkeypatch.setattr(client_handlers, "train_round", spy_train)
     monkeypatch.setattr(SecureRandom, "gaussian_noise", spy_noise)
     msg, context = _train_request(cfg, site, **{"run-id": "rng", "run-uid": "u-rng"})
     if not deployed:

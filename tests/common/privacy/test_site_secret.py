@@ -122,7 +122,7 @@ def test_secagg_settings_feed_the_seed_only_when_they_size_the_noise(
     """Under distributed DP the threshold and modulus size the site's noise share: a server
     asking for the same round at two thresholds must get independent noise, or it could solve
     for the update. Under DP-SGD they only change how the same update travels."""
-    from fedfuse.client.app import _round_seed
+    from fedfuse.client.handlers import _round_seed
     from fedfuse.client.site import SiteInfo
 
     site = tmp_path / "site-0"
