@@ -24,9 +24,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Two workers (pytest-xdist), one test file each at a time: the deployment tests mostly wait on
+# Flower's polling, and the other worker runs the rest meanwhile (tests/conftest.py starts the
+# longest files first). `$(BIN)/python -m pytest` alone runs the same suite in one process.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Unit tests only (no federation), for a quick loop while editing.
 test-fast: $(STAMP)

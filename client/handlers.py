@@ -166,10 +166,10 @@ def train(msg: Message, context: Context) -> Message:
         )
     except RoundRefused as refused:
         return _refuse(msg, site, server_round, refused)
-    seed = _round_seed(msg, context, cfg, site, server_round, global_state, permit.plan)
+    seed = _round_seed(msg, context, node, cfg, site, server_round, global_state, permit.plan)
     torch.manual_seed(seed)
     # One secure generator for the round's DP noise, batches and modality dropout (deployed).
-    secure_rng = secure_randomness(context)
+    secure_rng = secure_randomness(node)
     result = train_round(
         model,
         datasets["train"],
@@ -245,18 +245,19 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def secure_randomness(context: Context) -> SecureRandom | None:
+def secure_randomness(node: NodeConfig) -> SecureRandom | None:
     """A deployed site's DP noise (DP-SGD's and distributed DP's), Poisson batches and modality
     dropout come from a cryptographically secure generator with a fresh random key
     (common/privacy/secure_rng.py): nobody, the site's own secret included, can regenerate them.
     Virtual sites of a simulation (``partition-id``) keep the keyed generators, so that runs are
     reproducible (``noise-seed``)."""
-    return None if NodeConfig.parse(context.node_config).simulated else SecureRandom()
+    return None if node.simulated else SecureRandom()
 
 
 def _round_seed(
     msg: Message,
     context: Context,
+    node: NodeConfig,
     cfg: RunConfig,
     site: SiteInfo,
     server_round: int,
@@ -271,7 +272,7 @@ def _round_seed(
     (simulation only) seeds from (seed, site, round), as controlled comparisons need.
     """
     if cfg.noise_seed == "public":
-        if not NodeConfig.parse(context.node_config).simulated:
+        if not node.simulated:
             raise ConfigError(
                 f"site {site.name}: run config noise-seed = 'public' lets the server regenerate "
                 "the site's DP noise; a deployed site accepts only noise-seed = 'secret'"

@@ -36,3 +36,14 @@ def small_cfg(synth_root: Path, tmp_path: Path) -> RunConfig:
         batch_size=64,
         target_epsilon=4.0,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with `slow` tests first, then files with `e2e` tests, each group in collection
+    order: under `make test`'s two workers (one file at a time each) the longest files start at
+    once, the deployment tests beside the rest, and the short files fill in at the end."""
+    marked: dict[Path, int] = {}
+    for item in items:
+        rank = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
+        marked[item.path] = min(rank, marked.get(item.path, 2))
+    items.sort(key=lambda item: marked[item.path])

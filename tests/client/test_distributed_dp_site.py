@@ -14,6 +14,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedfuse.client import distributed_dp as client_ddp
+from fedfuse.client.node_config import NodeConfig
 from fedfuse.common.config import RunConfig
 from fedfuse.common.errors import ConfigError
 from fedfuse.common.privacy.secure_rng import SecureRandom
@@ -101,7 +102,7 @@ def test_the_train_reply_of_a_deployed_site_carries_fresh_noise(
             state=RecordDict({ROUND_KEY: ConfigRecord(secagg)}),
             run_config={},
         )
-        assert isinstance(secure_randomness(ctxt), SecureRandom)
+        assert isinstance(secure_randomness(NodeConfig.parse(ctxt.node_config)), SecureRandom)
         with pytest.warns(UserWarning) if vectors else contextlib.nullcontext():
             reply = train(Message(content, dst_node_id=5, message_type="train"), ctxt)
         assert not reply.has_error(), reply.error

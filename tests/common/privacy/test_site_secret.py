@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedfuse.client.app import app
+from fedfuse.client.node_config import NodeConfig
 from fedfuse.common.config import RunConfig
 from fedfuse.common.data.synthetic import generate
 from fedfuse.common.privacy.site_secret import (
@@ -133,7 +134,8 @@ def test_secagg_settings_feed_the_seed_only_when_they_size_the_noise(
         cfg = RunConfig().replace(**changes)
         msg, context = _train_request(cfg, site)
         state = msg.content["arrays"].to_torch_state_dict()
-        return _round_seed(msg, context, cfg, info, 1, state, None)
+        node = NodeConfig.parse(context.node_config)
+        return _round_seed(msg, context, node, cfg, info, 1, state, None)
 
     torch.manual_seed(0)
     base = seed(dp_level="distributed", reconstruction_threshold=2)
