@@ -19,9 +19,12 @@ into ``<site>/.fedfuse/``, and the data may be read-only). ``--train-records N``
 records per site (seeded; test records are all kept), the small-hospital setting.
 
 AUROC is the final global model's on the pooled test splits of all sites, the metric of the
-centralised baseline. Writes ``real_data.csv`` (one row per run, with its per-round curve) and
-``real_data.png`` (AUROC against epsilon with error bars and the centralised ceiling; the
-federation's per-round test AUROC and training loss) into ``--out``, and prints a table.
+centralised baseline. Each federated row also says where the sites trained (``device``: ``cpu``,
+or ``cuda`` on a machine with a GPU) and the mean wall time of one local epoch
+(``epoch_seconds``, the training loop alone), read from the sites' own logs. Writes
+``real_data.csv`` (one row per run, with its per-round curve) and ``real_data.png`` (AUROC
+against epsilon with error bars and the centralised ceiling; the federation's per-round test
+AUROC and training loss) into ``--out``, and prints a table.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ FIELDS = [
     "max_epsilon",
     "rounds",
     "seconds",
+    "device",
+    "epoch_seconds",
     "round_auroc",
     "round_train_loss",
 ]
@@ -143,6 +148,7 @@ def run_federation(
         "seconds": round(seconds, 1),
         "round_auroc": " ".join(f"{_num(r.get('eval-auroc')):.4f}" for r in rounds),
         "round_train_loss": " ".join(f"{x:.4f}" for x in site_train_loss(data, name)),
+        **site_epoch_time(data, name, epochs=cfg.local_epochs),
     }
     return run_dir, row
 
@@ -157,6 +163,27 @@ def site_train_loss(data: Path, run_id: str) -> list[float]:
             if row.get("run-id") == run_id and row.get("train-loss") is not None:
                 per_round.setdefault(int(row["round"]), []).append(float(row["train-loss"]))
     return [statistics.fmean(v) for _, v in sorted(per_round.items())]
+
+
+def site_epoch_time(data: Path, run_id: str, *, epochs: int) -> dict[str, Any]:
+    """Where the sites of run ``run_id`` trained (``cpu``, ``cuda``) and the mean wall time of
+    one local epoch, over sites and rounds: from each site's own ``train.jsonl`` (the training
+    loop alone, as ``client/training.py`` times it; nothing of it leaves a site)."""
+    devices: set[str] = set()
+    seconds: list[float] = []
+    for log in sorted(data.glob("*/.fedfuse/train.jsonl")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("run-id") != run_id:
+                continue
+            if row.get("device"):
+                devices.add(str(row["device"]))
+            if row.get("train-seconds") is not None:
+                seconds.append(float(row["train-seconds"]) / max(epochs, 1))
+    return {
+        "device": "+".join(sorted(devices)),
+        "epoch_seconds": round(statistics.fmean(seconds), 3) if seconds else "",
+    }
 
 
 def _num(value: Any) -> float:

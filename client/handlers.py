@@ -170,6 +170,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     # One secure generator for the round's DP noise, batches and modality dropout (deployed).
     secure_rng = secure_randomness(node)
+    device = pick_device()
     result = train_round(
         model,
         datasets["train"],
@@ -177,7 +178,7 @@ def train(msg: Message, context: Context) -> Message:
         plan=permit.plan,
         history=permit.run_events,
         seed=seed,
-        device=pick_device(),
+        device=device,
         secure_rng=secure_rng,
     )
     try:
@@ -215,7 +216,14 @@ def train(msg: Message, context: Context) -> Message:
         "noise-multiplier": plan.noise_multiplier if plan else 0.0,
         "steps": sum(e.steps for e in permit.run_events) + (plan.steps_per_round if plan else 0),
     }
-    log_training(site.data_path, run_id=run_name or run_id, server_round=server_round, figures=own)
+    # The site's own log also holds how long its local epochs took and where (cpu or cuda):
+    # for the site's engineers and bench/real_data.py; it is not in `own`, so never in a reply.
+    log_training(
+        site.data_path,
+        run_id=run_name or run_id,
+        server_round=server_round,
+        figures={**own, "train-seconds": round(result.seconds, 3), "device": device.type},
+    )
     if node.share_site_metrics:
         shared.update({**own, **privacy_metrics(budget, permit, entry)})
     metrics = MetricRecord(shared)

@@ -7,8 +7,10 @@ one :class:`DpSgdEvent` to the site's history, from which epsilon is recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -64,6 +66,9 @@ class RoundResult:
     num_examples: int
     event: DpSgdEvent | None
     epsilon: float
+    # Wall time of the local epochs (the training loop alone: no Opacus set-up, no accounting);
+    # it stays at the site (its train.jsonl; bench/real_data.py compares devices with it).
+    seconds: float = math.nan
 
 
 def train_round(
@@ -118,7 +123,8 @@ def train_round(
         secure_rng if secure_rng is not None else torch.Generator().manual_seed(seed + 2)
     )
     if plan is None:
-        return _train_plain(
+        started = time.perf_counter()
+        plain = _train_plain(
             model,
             loader,
             optimizer,
@@ -128,6 +134,7 @@ def train_round(
             anchor=anchor,
             drop_gen=drop_gen,
         )
+        return dataclasses.replace(plain, seconds=time.perf_counter() - started)
 
     if secure_rng is not None:
         with warnings.catch_warnings():
@@ -174,6 +181,7 @@ def train_round(
             f"sampling rate {dp_loader.sample_rate} differs from the planned {plan.sample_rate}: "  # type: ignore[attr-defined]
             "the site's training set changed since the privacy plan was made"
         )
+    started = time.perf_counter()
     try:
         total, count = _dp_epochs(
             private_model,
@@ -187,6 +195,7 @@ def train_round(
             drop_gen=drop_gen,
             objective=objective,
         )
+        seconds = time.perf_counter() - started
     finally:
         # Leave the caller's model as it was given: no Opacus hooks or per-sample state.
         private_model.remove_hooks()  # type: ignore[operator]
@@ -203,7 +212,7 @@ def train_round(
     epsilon = epsilon_from_events(
         [*history, event], delta=cfg.target_delta, accountant=cfg.accountant
     )
-    return RoundResult(total / max(count, 1), len(train_set), event, epsilon)  # type: ignore[arg-type]
+    return RoundResult(total / max(count, 1), len(train_set), event, epsilon, seconds)  # type: ignore[arg-type]
 
 
 def proximal_step(

@@ -94,7 +94,7 @@ def contain_errors(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
 
 
 def log_evaluation(
-    site_path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float]
+    site_path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float | str]
 ) -> Path:
     """Append this site's own evaluation figures to ``<site>/.fedfuse/eval.jsonl``."""
     return _log_site_figures(
@@ -103,7 +103,7 @@ def log_evaluation(
 
 
 def log_training(
-    site_path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float]
+    site_path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float | str]
 ) -> Path:
     """Append this site's own training figures (loss, records, noise, steps) to
     ``<site>/.fedfuse/train.jsonl``: they stay at the site unless it opts in to share them."""
@@ -113,7 +113,7 @@ def log_training(
 
 
 def _log_site_figures(
-    path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float]
+    path: Path, *, run_id: str, server_round: int, figures: Mapping[str, float | str]
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     row = {

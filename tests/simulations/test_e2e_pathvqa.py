@@ -104,3 +104,13 @@ def test_dp_federation_on_real_data_learns(tmp_path):
     pooled = pooled_test_metrics(cfg, run_dir / "model.pt")
     print(f"pooled test AUROC {pooled['auroc']:.3f} after {len(rounds)} rounds")
     assert pooled["auroc"] > 0.70
+    # Each site's own log says where it trained and how long its local epochs took; the
+    # benchmark reads them (bench/real_data.py compares devices with it). They stay at the site.
+    import torch
+
+    from bench.real_data import site_epoch_time
+
+    timing = site_epoch_time(data, "pathvqa", epochs=cfg.local_epochs)
+    assert timing["device"] == ("cuda" if torch.cuda.is_available() else "cpu"), timing
+    assert 0 < timing["epoch_seconds"] < 600, timing
+    assert all("train-seconds" not in fig for r in rounds for fig in r["sites"].values())

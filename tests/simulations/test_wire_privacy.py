@@ -162,6 +162,11 @@ def test_a_site_that_opts_in_shares_its_own_figures(tmp_path: Path) -> None:
     (row,) = [json.loads(x) for x in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     for site in row["sites"].values():
         assert "eval-loss" in site and "lifetime-epsilon" in site and "train-loss" in site
+        # The local epochs' time and device stay in the site's own log, opted in or not.
+        assert "train-seconds" not in site and "device" not in site
+    for log in (tmp_path / "data").glob("*/.fedfuse/train.jsonl"):
+        (kept,) = [json.loads(x) for x in log.read_text().splitlines()]
+        assert kept["train-seconds"] > 0 and kept["device"] in ("cpu", "cuda")
 
 
 def test_pooled_figures_from_sums_agree_with_the_clear(synth_sites: list[Path]) -> None:
