@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from fedfuse.common.privacy.empirical import audit_from_scores  # noqa: E402
 from fedfuse.simulations.empirical_audit import AuditSettings, run_empirical_audit  # noqa: E402
-from fedfuse.simulations.inprocess import federate_in_process  # noqa: E402
+from fedfuse.simulations.runner import federate_in_process  # noqa: E402
 from tests.support.faults import noise_dropped  # noqa: E402
 
 SETTINGS = {

@@ -7,7 +7,8 @@ Run (from the repository, with the venv active):
         --train-records 300 --epsilons 8 --no-private-baseline   # "small hospitals"
 
 For every seed it runs, each as a user would (the real ``fedfuse simulate`` command: Flower's
-simulation engine, SecAgg+ on, the defaults a user gets plus ``--set``):
+simulation engine, or with ``--engine inprocess`` the same apps without Ray; SecAgg+ on, the
+defaults a user gets plus ``--set``):
 
 - the non-private federation (``--epsilon inf``),
 - the federation at each epsilon of ``--epsilons`` (each site's budget for the whole run),
@@ -123,6 +124,8 @@ def run_federation(
     ]
     if args.rounds:
         cmd += ["--rounds", str(args.rounds)]
+    if args.engine != "simulation":
+        cmd += ["--engine", args.engine]
     for kv in args.set:
         cmd += ["--set", kv]
     t0 = time.time()
@@ -310,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         help="skip the non-private federation and the centralised baseline",
     )
     ap.add_argument("--set", action="append", default=[], help="run-config key=value for every run")
+    ap.add_argument(
+        "--engine",
+        choices=["simulation", "inprocess"],
+        default="simulation",
+        help="fedfuse simulate --engine: Flower's (Ray) or in this process, sites in turn",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/real_data"), help="CSV/PNG folder")
     args = ap.parse_args(argv)
     epsilons = [float(e) for e in args.epsilons.split(",") if e]

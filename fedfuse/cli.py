@@ -172,6 +172,13 @@ def simulate(
         min=0.0,
         help="GPU share per virtual site (default: 0.5 if CUDA, else 0).",
     ),
+    engine: str = typer.Option(
+        "simulation",
+        "--engine",
+        help="simulation: Flower's simulation engine (Ray), the sites in parallel; inprocess: "
+        "the same apps in this process, the sites one after another (no Ray; --cpus-per-site "
+        "and --gpus-per-site do not apply).",
+    ),
     missing_rate: float = typer.Option(
         0.0, "--missing-rate", help="Synthetic data: share of records lacking one modality."
     ),
@@ -250,14 +257,18 @@ def simulate(
     except FedfuseError as exc:
         _fail(str(exc))
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
-    from fedfuse.simulations.runner import check_resources
+    from fedfuse.simulations.runner import ENGINES, check_resources
 
+    if engine not in ENGINES:
+        _fail(f"--engine must be one of: {', '.join(ENGINES)}; found '{engine}'")
     cpus = cpus_per_site if cpus_per_site is not None else scen.cpus_per_site
+    gpus, notes = None, []
     try:  # before any data is made or Ray starts: an impossible request would hang Ray
-        gpus, notes = check_resources(
-            cpus_per_site=cpus,
-            gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
-        )
+        if engine == "simulation":  # (in process, the sites take turns on this process)
+            gpus, notes = check_resources(
+                cpus_per_site=cpus,
+                gpus_per_site=gpus_per_site if gpus_per_site is not None else scen.gpus_per_site,
+            )
     except FedfuseError as exc:
         _fail(str(exc))
     for note in notes:
@@ -286,6 +297,7 @@ def simulate(
         gpus_per_site=gpus,
         track=track,
         track_uri=track_uri,
+        engine=engine,
     )
 
 
@@ -405,6 +417,7 @@ def _run_simulation(
     gpus_per_site: float | None = None,
     track: str = "",
     track_uri: str = "",
+    engine: str = "simulation",
 ) -> None:
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.simulations.runner import simulate as run
@@ -458,6 +471,7 @@ def _run_simulation(
                 verbose=verbose,
                 cpus_per_site=cpus_per_site,
                 gpus_per_site=gpus_per_site,
+                engine=engine,
             )
     except FedfuseError as exc:
         _close_tracker(tracker, where)

@@ -5,7 +5,9 @@ Ray's start-up cost. The ClientApp (mods included) is the real one; every messag
 Flower's protobuf serialisation both ways, as on the wire, and each node keeps its own
 ``Context`` between messages, as a SuperNode does. Sites run one after another. There is no
 clock: a site that ``respond`` silences simply has no reply, which is what a timeout leaves.
-Full federations (``fedfuse simulate``) use Flower's simulation engine instead.
+Full federations use Flower's simulation engine (Ray) by default; ``fedfuse simulate --engine
+inprocess`` runs them over this Grid instead (:func:`run_in_process`), e.g. where Ray cannot be
+installed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -21,16 +22,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import serde
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-
-from fedfuse.client.app import app as client_app
-from fedfuse.client.site import simulation_site_dirs
-from fedfuse.server.app import run_federation
-from fedfuse.server.rundir import RunDirectory
-from fedfuse.simulations.holdout import holdout_evaluator, holdout_site_dir
-from fedfuse.simulations.runner import check_run_status, validate_sites
 
 
 class InProcessGrid(Grid):
@@ -152,30 +146,14 @@ def _wire(msg: Message) -> Message:
     return serde.message_from_proto(serde.message_to_proto(msg))
 
 
-def federate_in_process(
-    cfg: Any,
-    *,
-    num_sites: int,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-    verbose: bool = False,  # noqa: ARG001  (the signature of fedfuse.simulations.runner.simulate)
-) -> Any:
-    """Run the federation of ``cfg`` over ``num_sites`` sites in this process, one after another
-    (the real ServerApp logic and ClientApp over :class:`InProcessGrid`); the run directory.
-
-    What ``fedfuse.simulations.runner.simulate`` does without Ray: for tests that plant a fault in
-    this process (tests/support/faults.py), which Ray's worker processes would not see.
-    """
-    dirs = simulation_site_dirs(cfg.data_dir, holdout=cfg.holdout_site)
-    validate_sites(dirs[:num_sites], cfg, evaluate_only=holdout_site_dir(cfg))
-    if num_sites < cfg.min_sites:
-        cfg = cfg.replace(min_sites=num_sites)
-    run_dir = RunDirectory(cfg.out_dir, cfg)
-    run_federation(
-        InProcessGrid(client_app, num_sites),
-        cfg,
-        run_dir=run_dir,
-        on_round=on_round,
-        holdout=holdout_evaluator(cfg),
+def run_in_process(
+    *, server_app: ServerApp, client_app: ClientApp, num_supernodes: int, **_: object
+) -> None:
+    """``flwr.simulation.run_simulation`` without Ray: the ServerApp runs over an
+    :class:`InProcessGrid` of ``num_supernodes`` nodes in this process, the sites one after
+    another (``fedfuse simulate --engine inprocess``). Backend settings (CPUs and GPUs per
+    site) do not apply: every site trains on this process's device."""
+    grid = InProcessGrid(client_app, num_supernodes)
+    server_app(
+        grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     )
-    check_run_status(run_dir.path)
-    return Path(run_dir.path)

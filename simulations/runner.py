@@ -26,6 +26,11 @@ from fedfuse.common.errors import ConfigError, DataValidationError, FedfuseError
 from fedfuse.server.app import make_server_app
 from fedfuse.server.rundir import RoundCallback, new_run_id
 from fedfuse.simulations.holdout import holdout_evaluator, holdout_site_dir
+from fedfuse.simulations.inprocess import run_in_process
+
+# How a local federation runs (``fedfuse simulate --engine``): Flower's simulation engine (Ray),
+# or the same apps in this process, the sites one after another.
+ENGINES = ("simulation", "inprocess")
 
 
 class FederationFailedError(FedfuseError):
@@ -139,11 +144,18 @@ def simulate(
     verbose: bool = False,
     cpus_per_site: float = 1.0,
     gpus_per_site: float | None = None,
+    engine: str = "simulation",
 ) -> Path:
     """Run the federation described by ``cfg`` over ``num_sites`` virtual sites.
 
-    Returns the run directory. Leaves no process behind (Ray is shut down at the end).
+    ``engine``: ``simulation``, Flower's simulation engine (Ray: the sites in parallel, each
+    with ``cpus_per_site`` CPUs and ``gpus_per_site`` of a GPU), or ``inprocess``, the same
+    ServerApp and ClientApp in this process, the sites one after another
+    (fedfuse.simulations.inprocess). Returns the run directory. Leaves no process behind (Ray
+    is shut down at the end).
     """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine '{engine}' is not one of: {', '.join(ENGINES)}")
     quiet_flower(verbose=verbose)
     dirs = simulation_site_dirs(cfg.data_dir, holdout=cfg.holdout_site)
     if num_sites > len(dirs):
@@ -155,7 +167,12 @@ def simulate(
     holdout = holdout_evaluator(cfg)
     validate_sites(dirs[:num_sites], cfg, evaluate_only=holdout_site_dir(cfg))
     check_out_dir(Path(cfg.out_dir))
-    bconf = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
+    # Ray's resources (in process, every site trains on this process's device)
+    bconf = (
+        backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
+        if engine == "simulation"
+        else {}
+    )
     if num_sites < cfg.min_sites:
         cfg = cfg.replace(min_sites=num_sites)
 
@@ -179,7 +196,7 @@ def simulate(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            run_simulation(
+            (run_simulation if engine == "simulation" else run_in_process)(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_sites,
@@ -188,18 +205,36 @@ def simulate(
             )
     finally:
         flwr_logger.setLevel(old_level)
-        try:
-            # lazy: Ray is the optional simulation extra (a site installs without it)
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except ImportError:
-            pass
+        _shutdown_ray()
     if not (run_dir / "privacy.json").exists():
         raise RuntimeError(f"the federation did not finish; see the log and {run_dir}")
     check_run_status(run_dir)
     return run_dir
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray runtime the simulation engine started (none under ``inprocess``)."""
+    if "ray" not in sys.modules:
+        return  # no engine run in this process started it
+    # lazy: Ray is the optional simulation extra (a site installs without it)
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def federate_in_process(
+    cfg: RunConfig,
+    *,
+    num_sites: int,
+    on_round: RoundCallback | None = None,
+    verbose: bool = False,
+) -> Path:
+    """:func:`simulate` over the in-process engine: for tests and benchmarks that plant a fault
+    in this process (tests/support/faults.py), which Ray's worker processes would not see."""
+    return simulate(
+        cfg, num_sites=num_sites, on_round=on_round, verbose=verbose, engine="inprocess"
+    )
 
 
 def check_run_status(run_dir: Path) -> None:

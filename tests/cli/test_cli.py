@@ -34,6 +34,7 @@ def run(args, cwd, timeout=120):
         (["--sites", "0"], ["--sites", "x>=1"]),
         (["--rounds", "0"], ["--rounds", "x>=1"]),
         (["--set", "nonsense-key=1"], ["Unknown config key", "nonsense-key"]),
+        (["--engine", "threads"], ["--engine must be one of: simulation, inprocess"]),
     ],
 )
 def test_bad_arguments_are_refused_and_nothing_is_written(tmp_path, args, needles):

@@ -25,7 +25,7 @@ from fedfuse.common.provenance import code_digest
 from fedfuse.common.site_state import EVAL_LOG, LEDGER_NAME, STATE_DIR, TRAIN_LOG
 from fedfuse.export import load_model, site_records
 from fedfuse.server.report import SECTIONS, write_report
-from fedfuse.simulations.inprocess import federate_in_process
+from fedfuse.simulations.runner import federate_in_process
 from tests.support.browser import chromium, load
 
 pytestmark = pytest.mark.e2e

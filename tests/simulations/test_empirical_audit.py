@@ -29,7 +29,7 @@ from fedfuse.simulations.empirical_audit import (
     prepare_audit_data,
     run_empirical_audit,
 )
-from fedfuse.simulations.inprocess import federate_in_process
+from fedfuse.simulations.runner import federate_in_process
 from tests.support.faults import noise_dropped
 
 CLASSES = ("no_finding", "pneumonia")

@@ -30,7 +30,7 @@ def noise_dropped() -> Iterator[None]:
     """Within the block, DP-SGD adds no noise (every Opacus optimizer, keyed or secure
     generator) while the site still plans, records and reports its noise multiplier and
     epsilon: the privacy bug the empirical audit must catch. In this process only, so the
-    federation must run in-process (fedfuse.simulations.inprocess.federate_in_process)."""
+    federation must run in-process (fedfuse.simulations.runner.federate_in_process)."""
     saved = (opacus_optimizer._generate_noise, opacus_fast._generate_noise)
     saved_secure = SecureRandom.gaussian_noise
     opacus_optimizer._generate_noise = _no_noise  # type: ignore[assignment]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import flwr.simulation
 import pytest
-from flwr.app import Context, RecordDict
 
 from fedfuse.simulations import runner
-from fedfuse.simulations.inprocess import InProcessGrid
+from fedfuse.simulations.inprocess import run_in_process
 
 # One entry (the number of sites) per federation run in process: a test can check that its
 # federations did not leave for Ray, e.g. after a refactoring that imports the name elsewhere.
@@ -21,17 +20,17 @@ RUNS: list[int] = []
 
 
 def run_simulation_in_process(*, server_app, client_app, num_supernodes, **_: object) -> None:  # noqa: ANN001
-    """The signature of ``flwr.simulation.run_simulation``: the apps over an in-process Grid."""
+    """The signature of ``flwr.simulation.run_simulation``: the apps over an in-process Grid
+    (``fedfuse simulate --engine inprocess``), counted in :data:`RUNS`."""
     RUNS.append(num_supernodes)
-    grid = InProcessGrid(client_app, num_supernodes)
-    server_app(
-        grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    )
+    run_in_process(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes)
 
 
 def patch_simulation(mp: pytest.MonkeyPatch) -> None:
     """Every federation started through :func:`fedfuse.simulations.runner.simulate` (the CLI,
-    experiments, the empirical audit) runs in process while ``mp`` is active. runner imports
-    ``run_simulation`` at its top, so its own name is the one to replace."""
+    experiments, the empirical audit) runs in process while ``mp`` is active, and is counted in
+    :data:`RUNS` (``--engine inprocess`` too). runner imports both engines' functions at its
+    top, so its own names are the ones to replace."""
     mp.setattr(flwr.simulation, "run_simulation", run_simulation_in_process)
     mp.setattr(runner, "run_simulation", run_simulation_in_process)
+    mp.setattr(runner, "run_in_process", run_simulation_in_process)
