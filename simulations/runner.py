@@ -214,8 +214,8 @@ def simulate(
 
 def _shutdown_ray() -> None:
     """Stop the Ray runtime the simulation engine started (none under ``inprocess``)."""
-    if "ray" not in sys.modules:
-        return  # no engine run in this process started it
+    if sys.modules.get("ray") is None:
+        return  # no engine run in this process imported Ray (or it cannot be imported)
     # lazy: Ray is the optional simulation extra (a site installs without it)
     import ray
 
