@@ -60,7 +60,9 @@ def test_fedadam_runs_two_rounds_under_secagg(synth_sites, small_cfg, tmp_path):
         data_dir=str(data), strategy="fedadam", server_learning_rate=0.01, run_name="adam"
     )
     assert cfg.secagg
-    run_dir = simulate(cfg, num_sites=2)
+    # In process (no Ray start-up): the bug was in the strategy, not the engine, and every
+    # message is serialised there as on the wire, where the dtype broke.
+    run_dir = simulate(cfg, num_sites=2, engine="inprocess")
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["num-sites"] == 2 and not r.get("failed") for r in rounds), rounds

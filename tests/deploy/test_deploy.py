@@ -8,13 +8,11 @@ every process those start, is stopped at the end (tests/support/deploy_harness.p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -68,43 +66,12 @@ def test_deploy_readme_block_has_the_secure_commands():
         assert str(port) in joined
 
 
-# --------------------------------------------------------------------------- hooks for merges
-
-
-def secagg_available() -> bool:
-    """SECAGG HOOK: SecAgg+ is on the `secagg` branch; once RunConfig has a `secagg` key the
-    e2e run uses it. Lead: when merged, also put `secagg=true` (or the final spelling) into the
-    README's `flwr run` line and drop this condition."""
-    return "secagg" in RunConfig().to_mapping()
-
-
-def ledger_merged() -> bool:
-    """LEDGER HOOK: the site ledger (client side, node config `ledger-path`) is on another
-    branch. Once `fedfuse.common.privacy.ledger` exists, each site's ledger file must exist and grow
-    by one entry per round."""
-    return importlib.util.find_spec("fedfuse.common.privacy.ledger") is not None
+# --------------------------------------------------------------------------- ledgers
 
 
 def ledger_entries(path: Path) -> int:
-    """Entries in a site's SQLite ledger (table `entries`, else its only table).
-
-    LEDGER HOOK: adapt to the ledger's schema/API if it differs.
-    """
-    if not path.exists():
-        return 0
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        tables = [
-            r[0]
-            for r in con.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
-            )
-        ]
-        table = "entries" if "entries" in tables else (tables[0] if len(tables) == 1 else None)
-        assert table is not None, f"LEDGER HOOK: cannot tell the entries table among {tables}"
-        return int(con.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0])
-    finally:
-        con.close()
+    """Entries in a site's SQLite ledger (0 before the site's first round made the file)."""
+    return len(Ledger(path, create=False).entries()) if path.exists() else 0
 
 
 # --------------------------------------------------------------------------- the federation
@@ -260,13 +227,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def dp_run(federation: Federation) -> dict[str, Any]:
-    """The README's `flwr run` (2 rounds, DP; SecAgg+ once merged), followed to its end."""
+    """The README's `flwr run` as written (2 rounds, DP and SecAgg+ by default), followed to its
+    end."""
     fed = federation
     before = [ledger_entries(fed.ledger(i)) for i in range(2)]
-    line = fed.run_line
-    if secagg_available():
-        line = line.replace("num-rounds=2", "num-rounds=2 secagg=true")
-    fed.sh(line, timeout=RUN_TIMEOUT)
+    fed.sh(fed.run_line, timeout=RUN_TIMEOUT)
     runs = fed.runs_listed()
     assert len(runs) == 1, runs
     run_id, info = next(iter(runs.items()))
@@ -307,9 +272,9 @@ def test_deploy_e2e_two_sites_tls_auth_dp(dp_run):
     assert (run_dir / "privacy.json").exists() and (run_dir / "summary.md").exists()
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 2
-    if ledger_merged():
-        grew = [a - b for a, b in zip(dp_run["ledger-after"], dp_run["ledger-before"], strict=True)]
-        assert grew == [2, 2], dp_run
+    # Each site's ledger holds one entry per round of this run.
+    grew = [a - b for a, b in zip(dp_run["ledger-after"], dp_run["ledger-before"], strict=True)]
+    assert grew == [2, 2], dp_run
 
 
 def _site_line(fed: Federation, *, key: Path, certs: Path | None = None, insecure=False) -> str:
@@ -469,16 +434,14 @@ def test_deploy_resume_continues_at_next_round(federation, dp_run):
     assert json.loads((run_dir / "resumes.json").read_text()) == [1]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"] == 2
     assert "Resumed from a checkpoint after round(s) [1]" in (run_dir / "summary.md").read_text()
-    if ledger_merged():
-        # LEDGER HOOK: a resumed run must account the rounds before the interruption. Without
-        # the ledger the sites' Context.state is new in the resumed Flower run, and round 2's
-        # epsilon covers round 2 alone.
-        # A round 2 retrained after the interruption is a second attempt the ledger counts, so
-        # the resumed spend is at least the uninterrupted one (never reset to round 2 alone).
-        for site in ("site-0", "site-1"):
-            assert rounds[1]["sites"][site]["epsilon"] >= (
-                uninterrupted[1]["sites"][site]["epsilon"] * (1 - 1e-6)
-            )
+    # A resumed run accounts the rounds before the interruption: the sites' Context.state is
+    # new in the resumed Flower run, and the ledger carries the spend across. A round 2
+    # retrained after the interruption is a second attempt the ledger counts, so the resumed
+    # spend is at least the uninterrupted one (never reset to round 2 alone).
+    for site in ("site-0", "site-1"):
+        assert rounds[1]["sites"][site]["epsilon"] >= (
+            uninterrupted[1]["sites"][site]["epsilon"] * (1 - 1e-6)
+        )
     # The resumed round 2 started from the round-1 checkpoint: each site's ledger names the
     # global model every round started from. (The models themselves are not compared with the
     # uninterrupted run's: each site keys its DP noise with its own secret over everything the

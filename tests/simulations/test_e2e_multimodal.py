@@ -16,6 +16,7 @@ from fedfuse.simulations.runner import simulate
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_four_modalities_with_missing_records(tmp_path):
     sites = generate(
         tmp_path / "data",

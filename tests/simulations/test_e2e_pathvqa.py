@@ -44,6 +44,7 @@ def copy_subset(dst: Path) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_dp_federation_on_real_data_learns(tmp_path):
     if not (PATHVQA / "site-0" / "manifest.csv").is_file():
         msg = f"PathVQA sites not found at {PATHVQA} (see its NOTICE.md)"

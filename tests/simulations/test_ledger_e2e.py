@@ -1,6 +1,11 @@
 """Two real federations on the same site data: the ledger composes across runs, a site that
 would exceed its budget refuses in that round, the run goes on without it, and stops when too
-few sites are left."""
+few sites are left.
+
+Both federations run in process (``engine="inprocess"``: the real ServerApp and ClientApp, each
+message serialised as on the wire, without Ray's start-up): what is tested is the sites' ledger
+and the server's handling of refusals, not the engine (tests/simulations/test_e2e_simulation.py
+covers Flower's)."""
 
 from __future__ import annotations
 
@@ -36,7 +41,6 @@ def _independent_epsilon(ledger: Ledger, delta: float) -> float:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tmp_path):
     data = tmp_path / "data"
     for s in synth_sites[:2]:
@@ -51,7 +55,9 @@ def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tm
         "client_clip_norm": 2.0,
         "client_noise_multiplier": 0.5,
     }
-    run1 = simulate(cfg.replace(run_name="first", min_sites=2, **client_dp), num_sites=2)
+    run1 = simulate(
+        cfg.replace(run_name="first", min_sites=2, **client_dp), num_sites=2, engine="inprocess"
+    )
     p1 = json.loads((run1 / "privacy.json").read_text())
     assert p1["status"] == "completed" and p1["level"] == "record+client"
     client = p1["client_level"]
@@ -84,6 +90,7 @@ def test_ledger_across_two_runs_with_refusal_and_stop(synth_sites, small_cfg, tm
             cfg.replace(run_name="second", min_sites=1, num_rounds=3, secagg=False),
             num_sites=2,
             on_round=lower_budgets,
+            engine="inprocess",
         )
     run2 = Path(cfg.out_dir) / "second"
     p2 = json.loads((run2 / "privacy.json").read_text())
