@@ -50,11 +50,11 @@ def site_label(msg: Message, ctxt: Context) -> str | None:
         return node.data_path.name
     config = msg.content.config_records.get("config") if msg.has_content() else None
     if config is not None and node.partition_id is not None and config.get("data-dir"):
-        # lazy: fedfuse.client.site loads the data pipeline (torch); every message of a
-        # deployed site loads this module, and only a simulated site's error reply needs it
-        from fedfuse.client.site import simulation_site_dirs
-
         try:
+            # lazy: fedfuse.client.site loads the data pipeline (torch); every message of a
+            # deployed site loads this module, and only a simulated site's error reply needs it
+            from fedfuse.client.site import simulation_site_dirs
+
             dirs = simulation_site_dirs(
                 str(config["data-dir"]), holdout=str(config.get("holdout-site", ""))
             )

@@ -2,8 +2,10 @@
 
 Flower's simulation engine starts Ray for every federation (10-18 s here); these tests run the
 same ServerApp and ClientApp over :class:`fedfuse.simulations.inprocess.InProcessGrid` instead.
-The engine itself stays covered by tests/simulations/test_e2e_simulation.py and the other
-federations that call :func:`fedfuse.simulations.runner.simulate` directly.
+Flower's engine itself stays covered by the federations that call
+:func:`fedfuse.simulations.runner.simulate` with its default engine: test_e2e_simulation.py,
+test_e2e_pathvqa.py and the empirical audit's DP run (tests/simulations/); other tests pass
+``engine="inprocess"`` where their claim is not the engine's.
 """
 
 from __future__ import annotations
