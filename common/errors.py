@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 
 class FedfuseError(Exception):
     """Base class of every error fedfuse raises on purpose."""
@@ -31,15 +34,78 @@ class DataValidationError(FedfuseError):
     """A site folder failed validation.
 
     ``problems`` lists every problem found (file, row, field, reason), so one run of the
-    validator tells the user everything to fix.
+    validator tells the user everything to fix. The message (:meth:`lines`) shows a problem
+    that recurs in many rows of one file once, with its count and first rows. ``labels`` holds
+    the labels the manifests use where some are not the run's ``classes``; the message then
+    says how to name them.
     """
 
-    def __init__(self, problems: list[str], *, source: str = "") -> None:
+    def __init__(
+        self,
+        problems: list[str],
+        *,
+        source: str = "",
+        labels: Iterable[str] = (),
+        classes: Iterable[str] = (),
+    ) -> None:
         self.problems = list(problems)
         self.source = source
-        head = f"{len(self.problems)} problem(s) in {source}" if source else "invalid site data"
-        body = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{head}; fix them and run again:\n{body}")
+        self.labels = frozenset(labels)
+        self.classes = tuple(classes)
+        body = "\n".join([*(f"  - {line}" for line in self.lines()), *self.advice()])
+        super().__init__(f"{self.head()}; fix them and run again:\n{body}")
+
+    def head(self) -> str:
+        n = len(self.problems)
+        return f"{n:,} problem(s) in {self.source}" if self.source else "invalid site data"
+
+    def lines(self) -> list[str]:
+        """The problems to print: one line for each, except that a problem found in more than
+        :data:`GROUP_AFTER` rows of one file is one line (its count and first rows)."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        order: list[tuple[str, str] | str] = []
+        for problem in self.problems:
+            m = _ROW_PROBLEM.match(problem)
+            if m is None:
+                order.append(problem)
+                continue
+            key = (m["file"], m["what"])
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(m["row"])
+        out = []
+        for item in order:
+            if isinstance(item, str):
+                out.append(item)
+                continue
+            (file, what), rows = item, groups[item]
+            if len(rows) <= GROUP_AFTER:
+                out += [f"{file}:{row}: {what}" for row in rows]
+            else:
+                first = ", ".join(rows[:GROUP_AFTER])
+                out.append(f"{file}: {len(rows):,} rows ({first}, ...): {what}")
+        return out
+
+    def advice(self) -> list[str]:
+        """Lines (``hint: ...``) on what to do beyond fixing each row: how to name the run's
+        classes, where the manifests' labels are unknown to it."""
+        out = []
+        if self.labels:
+            found = ",".join(sorted(self.labels))
+            out.append(
+                f"hint: the labels in those manifests are {', '.join(sorted(self.labels))} and "
+                f"the run's classes {', '.join(self.classes)}. Correct the rows, or, if the "
+                "labels are right, name them as the run's classes (the positive one last where "
+                f"there are two): --set classes={found} (fedfuse simulate and plan), --classes "
+                f"{found} (fedfuse data check)"
+            )
+        return out
+
+
+# A problem in one row of a file: "site-0/manifest.csv:12: label: unknown label 'yes' ...".
+_ROW_PROBLEM = re.compile(r"^(?P<file>[^:\n]+):(?P<row>\d+): (?P<what>.+)$", re.DOTALL)
+GROUP_AFTER = 5  # rows of one file shown one by one before a recurring problem is grouped
 
 
 class PrivacyBudgetExhaustedError(FedfuseError):

@@ -780,7 +780,11 @@ def data_synth(
 
 @data_app.command("check")
 def data_check(
-    site: Path = typer.Argument(..., help="A site folder (holding manifest.csv)."),
+    site: Path = typer.Argument(
+        ...,
+        help="A site folder (holding manifest.csv), or a folder of site folders (as `fedfuse "
+        "simulate --data` takes): each is checked.",
+    ),
     classes: str = typer.Option(
         "no_finding,pneumonia",
         "--classes",
@@ -789,9 +793,11 @@ def data_check(
     task: str = typer.Option("single-label", "--task", help="single-label or multi-label."),
     dicom_frame: int = typer.Option(0, "--dicom-frame", min=0, help="Frame of multi-frame DICOMs."),
 ):
-    """Validate a site folder without changing it; exit 1 listing every problem."""
+    """Validate a site folder (or each of a folder's site folders) without changing it; exit 1
+    listing every problem."""
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.data.check import check_site, summary_lines
+    from fedfuse.common.data.manifest import MANIFEST_NAMES
 
     if task not in ("single-label", "multi-label"):
         _fail(f"--task must be one of single-label, multi-label; found {task!r}")
@@ -800,25 +806,45 @@ def data_check(
         if classes.strip() == "any"
         else tuple(c.strip() for c in classes.split(",") if c.strip())
     )
-    try:
-        m = check_site(
-            site, classes=names, multi_label=task == "multi-label", dicom_frame=dicom_frame
+    sites = [site]
+    if site.is_dir() and not any((site / n).is_file() for n in MANIFEST_NAMES):
+        # A folder of site folders: those holding a manifest, in simulate's order.
+        children = sorted(
+            d
+            for d in site.iterdir()
+            if d.is_dir() and any((d / n).is_file() for n in MANIFEST_NAMES)
         )
-    except DataValidationError as exc:
-        # One line per problem, each naming the site, the file and the row.
-        err_console.print(
-            f"{len(exc.problems)} problem(s) in {exc.source or site}; fix them and run again "
-            "(nothing was changed):",
-            soft_wrap=True,
-            markup=False,
-        )
-        for problem in exc.problems:
-            err_console.print(f"  - {_site_line(site, problem)}", soft_wrap=True, markup=False)
-        raise typer.Exit(1) from None
-    for warning in m.warnings:
-        err_console.print(f"warning: {_site_line(site, warning)}", soft_wrap=True, markup=False)
-    for line in summary_lines(m):
-        console.print(line, markup=False)
+        sites = children or sites
+    failed = 0
+    for one in sites:
+        if len(sites) > 1:
+            console.print(f"{one.name}:", markup=False)
+        try:
+            m = check_site(
+                one, classes=names, multi_label=task == "multi-label", dicom_frame=dicom_frame
+            )
+        except DataValidationError as exc:
+            # One line per problem (a recurring one grouped), each naming the site, file and row.
+            failed += 1
+            err_console.print(
+                f"{len(exc.problems):,} problem(s) in {exc.source or one}; fix them and run "
+                "again (nothing was changed):",
+                soft_wrap=True,
+                markup=False,
+            )
+            for line in exc.lines():
+                err_console.print(f"  - {_site_line(one, line)}", soft_wrap=True, markup=False)
+            for line in exc.advice():
+                err_console.print(line, soft_wrap=True, markup=False)
+            continue
+        for warning in m.warnings:
+            err_console.print(f"warning: {_site_line(one, warning)}", soft_wrap=True, markup=False)
+        for line in summary_lines(m):
+            console.print(line, markup=False)
+    if failed:
+        if len(sites) > 1:
+            err_console.print(f"{failed} of {len(sites)} site folders have problems (above)")
+        raise typer.Exit(1)
 
 
 def _site_line(site: Path, line: str) -> str:

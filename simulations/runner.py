@@ -60,6 +60,8 @@ def validate_sites(
     """Validate every site folder before anything trains; one error lists every problem.
     ``evaluate_only`` (a held-out site) needs readable records, not trainable ones."""
     problems: list[str] = []
+    labels: frozenset[str] = frozenset()  # the manifests' labels, where some are unknown
+    classes: tuple[str, ...] = ()
     for d in [*site_dirs, *([evaluate_only] if evaluate_only else [])]:
         try:
             manifest = manifest_for(d, cfg)
@@ -67,8 +69,12 @@ def validate_sites(
                 check_trainable(manifest)
         except DataValidationError as exc:
             problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
+            labels |= exc.labels
+            classes = classes or exc.classes
     if problems:
-        raise DataValidationError(problems, source=str(site_dirs[0].parent))
+        raise DataValidationError(
+            problems, source=str(site_dirs[0].parent), labels=labels, classes=classes
+        )
 
 
 def _machine_cpus() -> int:

@@ -267,6 +267,8 @@ def load_manifest(
     seen: dict[str, int] = {}
     records: list[Record] = []
     warnings: list[str] = []
+    used: set[str] = set()  # every label the manifest uses
+    unknown = False  # some of them are not the run's classes
     for lineno, raw in rows:
         where = f"{name}:{lineno}"
         for col, cell in raw.items():
@@ -292,9 +294,11 @@ def load_manifest(
                 f"{where}: label: '{label_raw}' has several labels but the task is single-label "
                 "(set task=multi-label for a|b labels)"
             )
+        used.update(labels)
         if classes is not None:
             for lab in labels:
                 if lab not in classes:
+                    unknown = True
                     row_problems.append(
                         f"{where}: label: unknown label '{lab}' (known: {', '.join(classes)})"
                     )
@@ -362,7 +366,12 @@ def load_manifest(
                 )
             )
     if problems:
-        raise DataValidationError(problems, source=str(path))
+        raise DataValidationError(
+            problems,
+            source=str(path),
+            labels=used if unknown else (),
+            classes=classes if unknown and classes is not None else (),
+        )
     return Manifest(
         site_dir=site_dir,
         path=path,
