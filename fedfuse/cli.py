@@ -60,7 +60,7 @@ def _root(
 
 
 data_app = typer.Typer(
-    help="Site data: make synthetic sites, check a site folder.", no_args_is_help=True
+    help="Site data: make synthetic sites, check and split site folders.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
 console = Console(highlight=False, soft_wrap=True)
@@ -793,8 +793,9 @@ def data_check(
     task: str = typer.Option("single-label", "--task", help="single-label or multi-label."),
     dicom_frame: int = typer.Option(0, "--dicom-frame", min=0, help="Frame of multi-frame DICOMs."),
 ):
-    """Validate a site folder (or each of a folder's site folders) without changing it; exit 1
-    listing every problem."""
+    """Validate a site folder, or each of a folder's, without changing it; exit 1 on problems.
+
+    Every problem is listed with its file and row; one found in many rows of a file, once."""
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.data.check import check_site, summary_lines
     from fedfuse.common.data.manifest import MANIFEST_NAMES
@@ -946,8 +947,10 @@ def ledger_reset(
         None, "--ledger-path", help="The ledger file, if the node config keeps it elsewhere."
     ),
 ) -> None:
-    """Start a new, empty ledger on purpose: the old one is kept and the reset is recorded in
-    the new ledger and the site's authenticated head (`fedfuse audit` shows it)."""
+    """Start a new, empty ledger on purpose; the old one is kept and the reset recorded.
+
+    The reset is recorded in the new ledger and the site's authenticated head (`fedfuse
+    audit` shows it)."""
     # lazy: loads torch (seconds); `fedfuse --help` and the light commands start without it
     from fedfuse.common.privacy.anchor import reset_ledger
 

@@ -21,9 +21,10 @@ def report(
         True, "--verify/--no-verify", help="Audit the site ledgers where they are reachable."
     ),
 ) -> None:
-    """One self-contained HTML page for a run: configuration, privacy per site, ledger
-    verification, empirical audit, learning curves, modality contributions, clinical
-    evaluation and what crossed the wire. Opens offline (no script, nothing fetched)."""
+    """One self-contained HTML page for a run; opens offline (no script, nothing fetched).
+
+    The page: configuration, privacy per site, ledger verification, empirical audit, learning
+    curves, modality contributions, clinical evaluation and what crossed the wire."""
 
     path = write_report(run_dir, out, verify_ledgers=verify)
     Console().print(f"Report written to {path}", soft_wrap=True, highlight=False)
@@ -40,9 +41,10 @@ def track(
         show_default=False,
     ),
 ) -> None:
-    """Log a finished run to a tracker, as `fedfuse simulate --track` does during a run: every
-    round's figures and each site's epsilon, the run config, and (MLflow) the report, summary,
-    privacy summary and model as artifacts. Needs the 'track' extra."""
+    """Log a finished run to TensorBoard or MLflow, as `fedfuse simulate --track` does.
+
+    Every round's figures and each site's epsilon, the run config, and (MLflow) the report,
+    summary, privacy summary and model as artifacts. Needs the 'track' extra."""
     track_run(run_dir, to, uri=uri or None)
     where = run_dir / TENSORBOARD_DIR if to == "tensorboard" else uri or "the MLflow store"
     Console().print(f"Run {run_dir.name} logged to {where}", soft_wrap=True, highlight=False)

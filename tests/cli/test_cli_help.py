@@ -24,6 +24,14 @@ def _commands(cmd: click.Command, path: tuple[str, ...] = ()):
 COMMANDS = list(_commands(ROOT))
 
 
+@pytest.mark.parametrize("path,cmd", COMMANDS[1:], ids=[" ".join(p) for p, _ in COMMANDS[1:]])
+def test_every_command_summary_is_one_line(path, cmd):
+    """A command's summary (its help's first paragraph) is what `--help` lists beside its name:
+    a line break inside it shows there as a broken sentence."""
+    summary = (cmd.help or "").strip().split("\n\n")[0]
+    assert summary and "\n" not in summary, (path, summary)
+
+
 def test_version():
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0
