@@ -545,28 +545,53 @@ def _num(x: Any) -> str:
 def _print_privacy(run_dir: Path) -> dict[str, Any]:
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
-    table = Table(title="Privacy spent per site (record-level): this run, and lifetime (ledger)")
-    cols = ("site", "run epsilon", "delta", "target", "noise multiplier", "rounds")
-    for col in (*cols, "lifetime before", "lifetime after", "site budget", "refused"):
-        table.add_column(col)
+    sites = privacy["sites"]
+    # What a site keeps to itself unless it opts in (README: What crosses the wire): a column
+    # of dashes tells a reader nothing, so it is left out and a line says where to look.
+    own = {
+        "noise multiplier": ("noise_multiplier", ".4f"),
+        "lifetime before": ("lifetime_epsilon_start", ".4f"),
+        "lifetime after": ("lifetime_epsilon", ".4f"),
+        "site budget": ("epsilon_budget", "g"),
+    }
+    shown = {
+        c for c, (key, _) in own.items() if any(s.get(key) is not None for s in sites.values())
+    }
+    lifetime = "lifetime after" in shown
+    table = Table(
+        title="Privacy spent per site (record-level): this run, and lifetime (ledger)"
+        if lifetime
+        else "Privacy spent per site in this run (record-level)"
+    )
+    for col in ("site", "run epsilon", "delta", "target", "noise multiplier", "rounds",
+                "lifetime before", "lifetime after", "site budget", "refused"):  # fmt: skip
+        if col not in own or col in shown:
+            table.add_column(col)
 
     def num(x: Any, fmt: str = ".4f") -> str:
         return "-" if x is None else format(float(x), fmt)
 
-    for name, s in privacy["sites"].items():
+    for name, s in sites.items():
+        cells = {c: num(s.get(key), fmt) for c, (key, fmt) in own.items() if c in shown}
         table.add_row(
             name,
             num(s.get("epsilon")),
             num(s.get("delta"), "g"),
             num(s.get("target_epsilon"), "g"),
-            num(s.get("noise_multiplier")),
+            *([cells["noise multiplier"]] if "noise multiplier" in shown else []),
             str(s["rounds"]),
-            num(s.get("lifetime_epsilon_start")),
-            num(s.get("lifetime_epsilon")),
-            num(s.get("epsilon_budget"), "g"),
+            *(cells[c] for c in ("lifetime before", "lifetime after", "site budget") if c in shown),
             ", ".join(f"round {r['round']}" for r in s.get("refused", [])) or "-",
         )
     _table_console().print(table)
+    if len(shown) < len(own):
+        console.print(
+            f"Not shown: {', '.join(c for c in own if c not in shown)}. They stay at each site "
+            "unless it shares them (README: What crosses the wire); `fedfuse audit SITE_FOLDER` "
+            "shows a site's from its own ledger.",
+            soft_wrap=True,
+            highlight=False,
+        )
     client = privacy.get("client_level")
     if client:
         console.print(

@@ -1,5 +1,6 @@
 """The `fedfuse` command as a user runs it (a real subprocess)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,31 @@ def test_data_synth_then_check(tmp_path):
     (tmp_path / "d" / "site-1" / "manifest.csv").write_text("id,image,label\nx,nope.png,a\n")
     res = run(["data", "check", "d/site-1"], tmp_path)
     assert res.returncode == 1 and "nope.png' does not exist" in res.stderr
+
+
+def test_the_privacy_table_leaves_out_what_stays_at_the_sites(tmp_path, capsys):
+    """Noise multipliers, lifetime spend and budgets stay at a site unless it opts in: no
+    column of dashes, but a line saying where they are; a site that shares them shows them."""
+    from fedfuse.cli import _print_privacy
+
+    base = {"epsilon": 1.5, "delta": 1e-5, "target_epsilon": 2.0, "rounds": 2}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "privacy.json").write_text(json.dumps({"sites": {"site-0": base, "site-1": base}}))
+    _print_privacy(run)
+    out = capsys.readouterr().out
+    assert "run epsilon" in out and "1.5000" in out
+    table = out.split("Not shown:")[0]
+    assert "in this run" in table and "lifetime" not in table and "noise" not in table
+    assert (
+        "Not shown: noise multiplier, lifetime before, lifetime after, site budget. They stay "
+        "at each site unless it shares them" in " ".join(out.split())
+    )
+    shared = {**base, "noise_multiplier": 1.1, "lifetime_epsilon_start": 0.5,
+              "lifetime_epsilon": 2.0}  # fmt: skip
+    (run / "privacy.json").write_text(json.dumps({"sites": {"site-0": shared, "site-1": base}}))
+    _print_privacy(run)
+    out = capsys.readouterr().out
+    table = out.split("Not shown:")[0]
+    assert "noise multiplier" in table and "lifetime after" in table and "1.1000" in table
+    assert "Not shown: site budget." in " ".join(out.split())
