@@ -424,15 +424,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict[str, 
             # onnxscript and traces the masked fusion no better. Inputs as model.ts takes
             # them, any batch size.
             names = ["mask", *cfg.modality_names]
-            torch.onnx.export(
-                wrapped,
-                example,
-                str(out_dir / ONNX),
-                dynamo=False,
-                input_names=names,
-                output_names=["logits"],
-                dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]},
-            )
+            with warnings.catch_warnings():
+                # The exporter traces again: the heads' checks of the mask's width against the
+                # modalities become constants, as they should (the width is fixed by the model).
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(
+                    wrapped,
+                    example,
+                    str(out_dir / ONNX),
+                    dynamo=False,
+                    input_names=names,
+                    output_names=["logits"],
+                    dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]},
+                )
             written["onnx"] = out_dir / ONNX
         except Exception as exc:  # noqa: BLE001  (ONNX is optional: TorchScript is the export)
             (out_dir / ONNX).unlink(missing_ok=True)

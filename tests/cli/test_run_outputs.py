@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,8 +168,14 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_export_round_trip_and_model_card(run: Path, tmp_path: Path) -> None:
     site = run.parents[1] / "data" / "site-1"
-    res = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "export")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "export")])
     assert res.exit_code == 0, res.output
+    # Tracing the model's fixed shape checks is expected, not something to show the user.
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], [
+        str(w.message)[:120] for w in caught
+    ]
     export = tmp_path / "export"
     assert (export / "model.ts").is_file()
     # The exported TorchScript model against the training model, record by record.
