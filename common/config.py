@@ -560,7 +560,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
                 return False
             raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"Config key '{key}' must be a {t}; found {value!r}") from None
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(t, f"a {t}")
+        raise ConfigError(f"Config key '{key}' must be {kind}; found {value!r}") from None
     return value
 
 

@@ -77,7 +77,7 @@ def test_round_trip_and_types():
     cfg = RunConfig.from_mapping({"num-rounds": "5", "target-epsilon": "2.5", "fusion": "concat"})
     assert cfg.num_rounds == 5 and cfg.target_epsilon == 2.5
     assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
-    with pytest.raises(ConfigError, match="'num-rounds' must be a int"):
+    with pytest.raises(ConfigError, match="'num-rounds' must be an integer"):
         RunConfig.from_mapping({"num-rounds": 2.5})
 
 

@@ -286,7 +286,7 @@ def test_a_tampered_key_share_is_detected_and_names_its_source() -> None:
         ("modulus-range", 1000, "'modulus-range' must be a power of two in [4, 2**32]"),
         ("modulus-range", 2**33, "'modulus-range' must be a power of two in [4, 2**32]"),
         ("quantization-range", 2**31 + 1, "'quantization-range' must be an integer in [2,"),
-        ("secagg", "maybe", "'secagg' must be a bool"),
+        ("secagg", "maybe", "'secagg' must be true or false"),
     ],
 )
 def test_run_config_secagg_keys_name_the_key(key: str, value, needle: str) -> None:
