@@ -17,7 +17,7 @@ COLUMNS = ["id", "report", "label", "split"]
 
 def _yes_no_site(site: Path, n: int = 40) -> Path:
     """``n`` records labelled no / yes (a real data set's labels, not the run's default)."""
-    rows = [
+    rows: list[dict[str, object]] = [
         {"id": f"r{i}", "report": f"is there fibrosis {i}", "label": ("no", "yes")[i % 2],
          "split": "test" if i >= n - 10 else "train"}
         for i in range(n)
