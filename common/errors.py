@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Self
 
 
 class FedfuseError(Exception):
@@ -54,6 +56,19 @@ class DataValidationError(FedfuseError):
         self.classes = tuple(classes)
         body = "\n".join([*(f"  - {line}" for line in self.lines()), *self.advice()])
         super().__init__(f"{self.head()}; fix them and run again:\n{body}")
+
+    @classmethod
+    def of_sites(cls, errors: Mapping[Path, DataValidationError], *, source: str) -> Self:
+        """One error for several site folders' errors: each problem prefixed with its site's
+        folder name (unless it already names a path), the labels merged."""
+        problems = [
+            p if p.startswith(str(site)) else f"{site.name}/{p}"
+            for site, exc in errors.items()
+            for p in exc.problems
+        ]
+        labels = frozenset().union(*(exc.labels for exc in errors.values()))
+        classes = next((exc.classes for exc in errors.values() if exc.classes), ())
+        return cls(problems, source=source, labels=labels, classes=classes)
 
     def head(self) -> str:
         n = len(self.problems)

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -546,47 +547,40 @@ def _print_privacy(run_dir: Path) -> dict[str, Any]:
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
     sites = privacy["sites"]
+
+    def num(key: str, fmt: str = ".4f") -> Callable[[dict[str, Any]], str]:
+        return lambda s: "-" if s.get(key) is None else format(float(s[key]), fmt)
+
+    columns: dict[str, Callable[[dict[str, Any]], str]] = {
+        "run epsilon": num("epsilon"),
+        "delta": num("delta", "g"),
+        "target": num("target_epsilon", "g"),
+        "noise multiplier": num("noise_multiplier"),
+        "rounds": lambda s: str(s["rounds"]),
+        "lifetime before": num("lifetime_epsilon_start"),
+        "lifetime after": num("lifetime_epsilon"),
+        "site budget": num("epsilon_budget", "g"),
+        "refused": lambda s: ", ".join(f"round {r['round']}" for r in s.get("refused", [])) or "-",
+    }
     # What a site keeps to itself unless it opts in (README: What crosses the wire): a column
     # of dashes tells a reader nothing, so it is left out and a line says where to look.
-    own = {
-        "noise multiplier": ("noise_multiplier", ".4f"),
-        "lifetime before": ("lifetime_epsilon_start", ".4f"),
-        "lifetime after": ("lifetime_epsilon", ".4f"),
-        "site budget": ("epsilon_budget", "g"),
-    }
-    shown = {
-        c for c, (key, _) in own.items() if any(s.get(key) is not None for s in sites.values())
-    }
-    lifetime = "lifetime after" in shown
+    own = ("noise multiplier", "lifetime before", "lifetime after", "site budget")
+    hidden = [c for c in own if all(columns[c](s) == "-" for s in sites.values())]
+    for c in hidden:
+        del columns[c]
     table = Table(
         title="Privacy spent per site (record-level): this run, and lifetime (ledger)"
-        if lifetime
+        if "lifetime after" in columns
         else "Privacy spent per site in this run (record-level)"
     )
-    for col in ("site", "run epsilon", "delta", "target", "noise multiplier", "rounds",
-                "lifetime before", "lifetime after", "site budget", "refused"):  # fmt: skip
-        if col not in own or col in shown:
-            table.add_column(col)
-
-    def num(x: Any, fmt: str = ".4f") -> str:
-        return "-" if x is None else format(float(x), fmt)
-
+    for col in ("site", *columns):
+        table.add_column(col)
     for name, s in sites.items():
-        cells = {c: num(s.get(key), fmt) for c, (key, fmt) in own.items() if c in shown}
-        table.add_row(
-            name,
-            num(s.get("epsilon")),
-            num(s.get("delta"), "g"),
-            num(s.get("target_epsilon"), "g"),
-            *([cells["noise multiplier"]] if "noise multiplier" in shown else []),
-            str(s["rounds"]),
-            *(cells[c] for c in ("lifetime before", "lifetime after", "site budget") if c in shown),
-            ", ".join(f"round {r['round']}" for r in s.get("refused", [])) or "-",
-        )
+        table.add_row(name, *(cell(s) for cell in columns.values()))
     _table_console().print(table)
-    if len(shown) < len(own):
+    if hidden:
         console.print(
-            f"Not shown: {', '.join(c for c in own if c not in shown)}. They stay at each site "
+            f"Not shown: {', '.join(hidden)}. They stay at each site "
             "unless it shares them (README: What crosses the wire); `fedfuse audit SITE_FOLDER` "
             "shows a site's from its own ledger.",
             soft_wrap=True,
@@ -853,8 +847,7 @@ def data_check(
             # One line per problem (a recurring one grouped), each naming the site, file and row.
             failed += 1
             err_console.print(
-                f"{len(exc.problems):,} problem(s) in {exc.source or one}; fix them and run "
-                "again (nothing was changed):",
+                f"{exc.head()}; fix them and run again (nothing was changed):",
                 soft_wrap=True,
                 markup=False,
             )

@@ -59,22 +59,16 @@ def validate_sites(
 ) -> None:
     """Validate every site folder before anything trains; one error lists every problem.
     ``evaluate_only`` (a held-out site) needs readable records, not trainable ones."""
-    problems: list[str] = []
-    labels: frozenset[str] = frozenset()  # the manifests' labels, where some are unknown
-    classes: tuple[str, ...] = ()
+    errors: dict[Path, DataValidationError] = {}
     for d in [*site_dirs, *([evaluate_only] if evaluate_only else [])]:
         try:
             manifest = manifest_for(d, cfg)
             if d != evaluate_only:
                 check_trainable(manifest)
         except DataValidationError as exc:
-            problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
-            labels |= exc.labels
-            classes = classes or exc.classes
-    if problems:
-        raise DataValidationError(
-            problems, source=str(site_dirs[0].parent), labels=labels, classes=classes
-        )
+            errors[d] = exc
+    if errors:
+        raise DataValidationError.of_sites(errors, source=str(site_dirs[0].parent))
 
 
 def _machine_cpus() -> int:

@@ -405,20 +405,14 @@ def count_train_records(site_dirs: list[Path], cfg: Any) -> dict[str, int]:
     Raises one :class:`DataValidationError` listing every site's problems.
     """
     counts: dict[str, int] = {}
-    problems: list[str] = []
-    labels: frozenset[str] = frozenset()  # the manifests' labels, where some are unknown
-    classes: tuple[str, ...] = ()
+    errors: dict[Path, DataValidationError] = {}
     for d in site_dirs:
         try:
             counts[d.name] = len(manifest_for(d, cfg).split("train"))
         except DataValidationError as exc:
-            problems += [f"{d.name}/{p}" if not p.startswith(str(d)) else p for p in exc.problems]
-            labels |= exc.labels
-            classes = classes or exc.classes
-    if problems:
-        raise DataValidationError(
-            problems, source=str(site_dirs[0].parent), labels=labels, classes=classes
-        )
+            errors[d] = exc
+    if errors:
+        raise DataValidationError.of_sites(errors, source=str(site_dirs[0].parent))
     return counts
 
 
